@@ -1,0 +1,146 @@
+"""The gateway's settings: frozen, typed, with a default for everything.
+
+Each field may carry `metadata` read by the loader and the default-file writer:
+`doc` (the comment written by `sn1-gateway init`), `min` / `max` (inclusive bounds) and `env`
+(an environment variable that overrides the file). `Literal` types list the accepted words.
+"""
+
+from __future__ import annotations
+
+import os.path
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+def setting(default: Any, doc: str, **meta: Any) -> Any:
+    """A field with its documentation and bounds, for the loader and for `init`."""
+    return field(default=default, metadata={"doc": doc, **meta})
+
+
+def table(factory: Any, doc: str) -> Any:
+    return field(default_factory=factory, metadata={"doc": doc})
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = setting("127.0.0.1", "address to listen on")
+    port: int = setting(42170, "TCP port to listen on (0 picks a free one)", min=0, max=65535)
+    max_body_bytes: int = setting(1_048_576, "largest request body accepted; larger ones get 413", min=1024)
+    drain_timeout_s: float = setting(
+        10.0, "on SIGINT/SIGTERM, how long in-flight requests may still run", min=0.0, max=600.0
+    )
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    admin_key: str = setting(
+        "", "key for the /api_management endpoints; empty disables them", env="SN1_GATEWAY_ADMIN_KEY"
+    )
+    store: Literal["file", "redis"] = setting("file", "where API keys live: \"file\" or \"redis\"")
+    keys_file: str = setting("keys.toml", "the key store, for store = \"file\" (relative to this file)")
+    redis_url: str = setting("redis://127.0.0.1:6379/0", "the key store, for store = \"redis\"")
+
+
+@dataclass(frozen=True)
+class WalletSettings:
+    name: str = setting("default", "wallet name (the gateway's hotkey signs every outbound request)")
+    hotkey: str = setting("default", "hotkey name inside the wallet")
+    path: str = setting("~/.bittensor/wallets", "folder holding the wallets")
+    uri: str = setting("", "for development only: a keypair URI such as \"//Alice\" instead of a wallet")
+
+
+@dataclass(frozen=True)
+class NeuronSettings:
+    uid: int = setting(0, "the neuron's uid", min=0, max=65535)
+    hotkey: str = setting("", "its hotkey (SS58 address)")
+    axon: str = setting("", "its served \"host:port\"; empty when it serves nothing")
+    incentive: float = setting(0.0, "incentive, 0..1", min=0.0, max=1.0)
+    stake: float = setting(0.0, "stake", min=0.0)
+    validator_permit: bool = setting(False, "whether it holds a validator permit")
+
+
+@dataclass(frozen=True)
+class SubnetSettings:
+    source: Literal["chain", "static", "devnet"] = setting(
+        "chain", "where the metagraph comes from: \"chain\", \"static\" (the neurons below) or \"devnet\""
+    )
+    netuid: int = setting(1, "the subnet's netuid", min=0, max=65535)
+    network: str = setting("finney", "chain network name or websocket endpoint, for source = \"chain\"")
+    sync_interval_s: float = setting(600.0, "how often the metagraph is re-read from the chain", min=1.0)
+    cache_file: str = setting(
+        "metagraph.json", "last good metagraph, served after a restart while the chain is unreachable"
+    )
+    neurons: tuple[NeuronSettings, ...] = setting((), "the metagraph, for source = \"static\"")
+
+
+@dataclass(frozen=True)
+class AvailabilitySettings:
+    source: Literal["validator", "miners", "none"] = setting(
+        "validator", "who says what miners can do: \"validator\", \"miners\" or \"none\""
+    )
+    interval_s: float = setting(120.0, "how often availabilities are polled", min=1.0)
+    concurrency: int = setting(16, "parallel polls, for source = \"miners\"", min=1, max=1024)
+    timeout_s: float = setting(10.0, "timeout of one poll", min=0.1)
+
+
+@dataclass(frozen=True)
+class FanoutSettings:
+    miners: int = setting(5, "miners asked per request", min=1, max=64)
+    top_pool: int = setting(50, "sample from this many eligible miners, best incentive first", min=1)
+    validator_stake_limit: float = setting(
+        1000.0, "neurons with a validator permit and at least this stake are never asked", min=0.0
+    )
+    connect_timeout_s: float = setting(10.0, "connect timeout towards a miner", min=0.1)
+    first_token_timeout_s: float = setting(
+        15.0, "budget for the first content token of the whole fan-out", min=0.1
+    )
+    max_inflight: int = setting(512, "requests served at once; more get 503", min=1)
+    failure_threshold: int = setting(
+        3, "consecutive failures that open a miner's circuit breaker", min=1, max=1000
+    )
+    breaker_cooldown_s: float = setting(60.0, "how long an open breaker skips its miner", min=0.1)
+    mixture_deadline_s: float = setting(
+        20.0, "mixture of miners: how long the first round may take", min=0.1
+    )
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    enabled: bool = setting(True, "forward every miner's answer to a validator for scoring")
+    validator: str = setting("", "fixed validator axon \"host:port\"; empty: choose from the metagraph")
+    validator_hotkey: str = setting("", "its hotkey, when validator is set")
+    min_validator_stake: float = setting(
+        1000.0, "validators chosen from the metagraph hold at least this stake", min=0.0
+    )
+    spool_dir: str = setting("spool", "undelivered payloads wait here (relative to this file)")
+    spool_max_bytes: int = setting(
+        256 * 1024 * 1024, "largest spool; beyond it the oldest payloads are dropped and counted", min=4096
+    )
+    queue_size: int = setting(1024, "payloads held in memory before they spill to the spool", min=1)
+    timeout_s: float = setting(10.0, "timeout of one delivery", min=0.1)
+
+
+@dataclass(frozen=True)
+class DevnetSettings:
+    miners: int = setting(5, "simulated miners started by `serve --devnet`", min=1, max=256)
+    faults: tuple[str, ...] = setting(
+        (), "fault mode per miner, in uid order: \"\", \"slow_first_token\", \"http_500\", ..."
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings = table(ServerSettings, "the HTTP server")
+    auth: AuthSettings = table(AuthSettings, "API keys and the admin key")
+    wallet: WalletSettings = table(WalletSettings, "the gateway's hotkey, used to sign every outbound request")
+    subnet: SubnetSettings = table(SubnetSettings, "the subnet and its metagraph")
+    availability: AvailabilitySettings = table(AvailabilitySettings, "what each miner says it can do")
+    fanout: FanoutSettings = table(FanoutSettings, "how requests are spread over miners")
+    scoring: ScoringSettings = table(ScoringSettings, "organic scoring: every answer goes to a validator")
+    devnet: DevnetSettings = table(DevnetSettings, "the local simulated subnet")
+    base_dir: str = field(default=".", metadata={"internal": True})
+
+    def resolve(self, path: str) -> str:
+        """A path from the file, relative to the file's folder (or the working folder without one)."""
+        expanded = os.path.expanduser(path)
+        return expanded if os.path.isabs(expanded) else os.path.join(self.base_dir, expanded)

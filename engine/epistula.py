@@ -1,0 +1,205 @@
+"""Epistula request signing (gateway -> miners and validators) and verification (the devnet).
+
+Signed message: f"{sha256_hex(body)}.{uuid}.{timestamp_ms}.{signed_for}", sr25519 over exactly the
+bytes sent. See PROTOCOL.md section 1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+import uuid as uuidlib
+from collections import OrderedDict
+from collections.abc import Callable, Container, Mapping
+from typing import Any
+
+from bittensor_core import Keypair
+
+VERSION = "2"
+MAX_AGE_MS = 8_000
+MAX_FUTURE_SKEW_MS = 2_000
+MAX_HEADER_VALUE = 256
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
+# Body fields that are never copied into headers.
+_NOT_ROUTED = frozenset({"messages", "model", "stream"})
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Signer:
+    """Signs outbound requests with the gateway's hotkey."""
+
+    def __init__(self, keypair: Keypair, *, clock_ms: Callable[[], int] = _now_ms) -> None:
+        self.keypair = keypair
+        self.ss58 = keypair.ss58_address
+        self._clock_ms = clock_ms
+
+    def headers(self, body: bytes, signed_for: str) -> dict[str, str]:
+        """The Epistula headers for sending `body` (the exact bytes) to `signed_for`."""
+        timestamp = str(self._clock_ms())
+        request_id = str(uuidlib.uuid4())
+        message = f"{hashlib.sha256(body).hexdigest()}.{request_id}.{timestamp}.{signed_for}"
+        signature = self.keypair.sign(message.encode())
+        return {
+            "Epistula-Version": VERSION,
+            "Epistula-Timestamp": timestamp,
+            "Epistula-Uuid": request_id,
+            "Epistula-Signed-By": self.ss58,
+            "Epistula-Signed-For": signed_for,
+            "Epistula-Request-Signature": "0x" + signature.hex(),
+        }
+
+
+class EpistulaError(Exception):
+    """A request that fails verification; `status` is what the receiver answers."""
+
+    status = 400
+    code = "invalid_signature"
+
+
+class MissingHeaders(EpistulaError):
+    code = "missing_headers"
+
+
+class WrongReceiver(EpistulaError):
+    code = "wrong_receiver"
+
+
+class UnknownSigner(EpistulaError):
+    status = 401
+    code = "unknown_signer"
+
+
+class StaleRequest(EpistulaError):
+    code = "stale"
+
+
+class FutureRequest(EpistulaError):
+    code = "from_the_future"
+
+
+class ReplayedRequest(EpistulaError):
+    code = "replayed"
+
+
+class BadSignature(EpistulaError):
+    code = "bad_signature"
+
+
+class Verifier:
+    """Checks inbound Epistula requests for one receiver, with replay protection inside the window."""
+
+    def __init__(
+        self,
+        own_hotkey: str,
+        known_signers: Container[str],
+        *,
+        clock_ms: Callable[[], int] = _now_ms,
+        max_age_ms: int = MAX_AGE_MS,
+        max_future_ms: int = MAX_FUTURE_SKEW_MS,
+        max_remembered: int = 100_000,
+    ) -> None:
+        self.own_hotkey = own_hotkey
+        self.known_signers = known_signers
+        self._clock_ms = clock_ms
+        self.max_age_ms = max_age_ms
+        self.max_future_ms = max_future_ms
+        self.max_remembered = max_remembered
+        self._seen: OrderedDict[str, int] = OrderedDict()  # uuid -> timestamp, oldest first
+        self._keypairs: dict[str, Keypair] = {}
+
+    def verify(self, headers: Mapping[str, str], body: bytes) -> str:
+        """Verify; return the signer's address or raise a specific `EpistulaError`."""
+        get = {k.lower(): v for k, v in headers.items()}.get
+        names = ("timestamp", "uuid", "signed-by", "signed-for", "request-signature")
+        values = [get(f"epistula-{n}") for n in names]
+        if any(v is None or v == "" for v in values):
+            missing = [f"Epistula-{n.title()}" for n, v in zip(names, values, strict=True) if not v]
+            raise MissingHeaders(f"missing headers: {', '.join(missing)}")
+        timestamp_text, request_id, signed_by, signed_for, signature_text = (str(v) for v in values)
+        if signed_for != self.own_hotkey:
+            raise WrongReceiver(f"signed for {signed_for}, not for this receiver ({self.own_hotkey})")
+        if signed_by not in self.known_signers:
+            raise UnknownSigner(f"unknown signer {signed_by}")
+        try:
+            timestamp = int(timestamp_text)
+        except ValueError:
+            raise StaleRequest(f"timestamp {timestamp_text!r} is not integer milliseconds") from None
+        now = self._clock_ms()
+        if now - timestamp > self.max_age_ms:
+            raise StaleRequest(f"timestamp is {now - timestamp} ms old (limit {self.max_age_ms} ms)")
+        if timestamp - now > self.max_future_ms:
+            raise FutureRequest(f"timestamp is {timestamp - now} ms in the future")
+        self._forget_before(now - self.max_age_ms - self.max_future_ms)
+        if request_id in self._seen:
+            raise ReplayedRequest(f"uuid {request_id} was already used")
+        if not signature_text.startswith("0x"):
+            raise BadSignature("signature must be 0x-prefixed hex")
+        try:
+            signature = bytes.fromhex(signature_text[2:])
+        except ValueError:
+            raise BadSignature("signature is not hex") from None
+        message = f"{hashlib.sha256(body).hexdigest()}.{request_id}.{timestamp_text}.{signed_for}"
+        try:
+            ok = self._keypair(signed_by).verify(message.encode(), signature)
+        except Exception as exc:  # the binding raises plain errors on malformed input
+            raise BadSignature(f"signature cannot be checked: {exc}") from exc
+        if not ok:
+            raise BadSignature("signature does not match")
+        self._seen[request_id] = timestamp
+        if len(self._seen) > self.max_remembered:
+            self._seen.popitem(last=False)
+        return signed_by
+
+    def _keypair(self, ss58: str) -> Keypair:
+        keypair = self._keypairs.get(ss58)
+        if keypair is None:
+            keypair = self._keypairs[ss58] = Keypair(ss58_address=ss58)
+        return keypair
+
+    def _forget_before(self, cutoff_ms: int) -> None:
+        while self._seen:
+            request_id, timestamp = next(iter(self._seen.items()))
+            if timestamp >= cutoff_ms:
+                break
+            del self._seen[request_id]
+
+
+def header_value(value: Any) -> str | None:
+    """A body field as a safe single-line header value, or None when it cannot be one."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, str):
+        text = value
+    elif isinstance(value, int | float):
+        text = repr(value)
+    elif isinstance(value, dict | list):
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=True)
+    else:
+        return None
+    if _UNSAFE.search(text) or len(text) > MAX_HEADER_VALUE:
+        return None
+    try:
+        text.encode("latin-1")
+    except UnicodeEncodeError:
+        return None
+    return text
+
+
+def routing_headers(body: Mapping[str, Any], *, client_timeout_s: float | None = None) -> dict[str, str]:
+    """Plain headers that deployed miners route on: each top-level field but messages/model/stream."""
+    headers: dict[str, str] = {}
+    for key, value in body.items():
+        if key in _NOT_ROUTED or not _HEADER_NAME.match(key) or key.lower().startswith("epistula"):
+            continue
+        text = header_value(value)
+        if text is not None:
+            headers[key] = text
+    if client_timeout_s is not None:
+        headers["X-Client-Timeout"] = f"{client_timeout_s:g}"
+    return headers

@@ -1,0 +1,144 @@
+"""Assembly of the running gateway: actors in dependency order, then the HTTP server.
+
+`run(settings)` owns one root nursery. Shutdown is graceful: the server stops accepting, in-flight
+requests get up to `server.drain_timeout_s`, then the actors are cancelled and persist what they hold.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import httpx
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from actors.subnet import MetagraphSource, StaticSource, SubnetActor
+from config.settings import Settings
+from engine.services import Services
+from engine.snapshot import SnapshotCell
+from engine.subnet import SubnetSnapshot
+from engine.supervisor import Supervisor
+
+log = logging.getLogger("sn1_gateway")
+
+
+@dataclass
+class Gateway:
+    """A running gateway, as handed back by `run` through `task_status`."""
+
+    urls: list[str]
+    services: Services
+    _shutdown: trio.Event = field(default_factory=trio.Event)
+    _stopped: trio.Event = field(default_factory=trio.Event, repr=False)
+
+    @property
+    def url(self) -> str:
+        return self.urls[0]
+
+    @property
+    def stopping(self) -> bool:
+        return self._shutdown.is_set()
+
+    def shutdown(self) -> None:
+        """Stop accepting; in-flight requests finish up to the drain deadline."""
+        self.services.draining = True
+        self._shutdown.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+def hypercorn_config(settings: Settings) -> HypercornConfig:
+    config = HypercornConfig()
+    host = settings.server.host
+    config.bind = [f"[{host}]:{settings.server.port}" if ":" in host else f"{host}:{settings.server.port}"]
+    config.graceful_timeout = settings.server.drain_timeout_s
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.keep_alive_timeout = 75
+    return config
+
+
+def make_http_client(settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
+    """The one pooled outbound client, towards miners and validators."""
+    return httpx.AsyncClient(
+        transport=transport,
+        timeout=httpx.Timeout(60.0, connect=settings.fanout.connect_timeout_s),
+        limits=httpx.Limits(max_connections=4096, max_keepalive_connections=512, keepalive_expiry=60),
+        follow_redirects=False,
+        trust_env=False,
+    )
+
+
+def metagraph_source(settings: Settings) -> MetagraphSource:
+    if settings.subnet.source == "static":
+        return StaticSource(settings)
+    raise NotImplementedError(f"subnet.source = {settings.subnet.source!r} is not available yet")
+
+
+async def run(
+    settings: Settings,
+    *,
+    source: MetagraphSource | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+    supervisor: Supervisor | None = None,
+    task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the gateway until `Gateway.shutdown()` is called (or the caller cancels)."""
+    from web.app import create_app  # the web layer sits above the engine
+
+    supervisor = supervisor or Supervisor()
+    subnet_cell: SnapshotCell[SubnetSnapshot] = SnapshotCell(SubnetSnapshot(netuid=settings.subnet.netuid))
+    async with make_http_client(settings, transport), trio.open_nursery() as actors:
+        subnet_actor = SubnetActor(
+            source or metagraph_source(settings),
+            subnet_cell,
+            interval_s=settings.subnet.sync_interval_s,
+            cache_path=settings.resolve(settings.subnet.cache_file) if settings.subnet.source == "chain" else None,
+        )
+        await supervisor.start(actors, "subnet", subnet_actor)
+        services = Services(settings=settings, supervisor=supervisor, subnet=subnet_cell)
+        services.health["subnet"] = subnet_actor.health
+
+        app = create_app(services)
+        shutdown, stopped = trio.Event(), trio.Event()
+        try:
+            async with trio.open_nursery() as server:
+                urls = await server.start(
+                    partial(serve, app, hypercorn_config(settings), shutdown_trigger=shutdown.wait)
+                )
+                task_status.started(Gateway(list(urls), services, shutdown, stopped))
+            log.info("HTTP server stopped; stopping actors")
+        finally:
+            actors.cancel_scope.cancel()
+            stopped.set()
+
+
+async def serve_until_signalled(
+    settings: Settings, *, on_ready: Callable[[Gateway], None] | None = None, **run_kw: object
+) -> None:
+    """Run the gateway; the first SIGINT/SIGTERM drains and stops it, a second one exits at once."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            gateway: Gateway = await nursery.start(partial(run, settings, **run_kw))  # type: ignore[arg-type]
+            if on_ready is not None:
+                on_ready(gateway)
+
+            async def watch() -> None:
+                async for signum in signals:
+                    if gateway.stopping:
+                        log.warning("second %s: exiting now", signal.Signals(signum).name)
+                        os._exit(130)
+                    log.info("%s: draining (up to %.0fs); send it again to exit now",
+                             signal.Signals(signum).name, settings.server.drain_timeout_s)
+                    gateway.shutdown()
+
+            nursery.start_soon(watch)
+            await gateway.wait_stopped()
+            nursery.cancel_scope.cancel()

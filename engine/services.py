@@ -1,0 +1,31 @@
+"""What the HTTP layer is handed: the settings and a handle to each running actor."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from config.settings import Settings
+from engine.snapshot import SnapshotCell
+from engine.subnet import SubnetSnapshot
+from engine.supervisor import Supervisor
+
+
+@dataclass
+class Services:
+    settings: Settings
+    supervisor: Supervisor
+    subnet: SnapshotCell[SubnetSnapshot]
+    # name -> a function giving that component's details for /health/ready
+    health: dict[str, Callable[[], dict[str, Any]]] = field(default_factory=dict)
+    draining: bool = False
+
+    def readiness(self) -> dict[str, Any]:
+        ready = self.supervisor.ready() and not self.draining
+        return {
+            "ready": ready,
+            "draining": self.draining,
+            "actors": self.supervisor.report(),
+            **{name: describe() for name, describe in self.health.items()},
+        }

@@ -1,0 +1,110 @@
+"""Starting long-lived actors in order and restarting them when they crash.
+
+An actor is any object with `async def run(self, *, task_status)`: it sets itself up, calls
+`task_status.started(handle)` once it can serve, then loops. The supervisor keeps the same actor
+object across restarts, so handles given out earlier stay valid.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import trio
+
+log = logging.getLogger("sn1_gateway.supervisor")
+
+ActorStatus = Literal["starting", "running", "restarting", "failed", "stopped"]
+
+
+class Actor(Protocol):
+    async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None: ...
+
+
+@dataclass
+class ActorState:
+    name: str
+    status: ActorStatus = "starting"
+    restarts: int = 0
+    last_error: str | None = None
+    since: float = 0.0
+    next_attempt_in_s: float | None = None
+
+    def as_dict(self, now: float) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "restarts": self.restarts,
+            "last_error": self.last_error,
+            "for_s": round(now - self.since, 3),
+        }
+
+
+def describe_error(exc: BaseException) -> str:
+    """A one-line description of a crash, looking inside single-member exception groups."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+@dataclass
+class Supervisor:
+    """Restarts crashed actors with exponential back-off; a stable run resets the back-off."""
+
+    base_backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+    stable_after_s: float = 60.0
+    max_restarts: int | None = None
+    states: dict[str, ActorState] = field(default_factory=dict)
+
+    def ready(self) -> bool:
+        return bool(self.states) and all(s.status == "running" for s in self.states.values())
+
+    def report(self) -> dict[str, dict[str, Any]]:
+        now = trio.current_time()
+        return {name: state.as_dict(now) for name, state in self.states.items()}
+
+    async def start(self, nursery: trio.Nursery, name: str, actor: Actor) -> Any:
+        """Start `actor` under supervision; return its handle once it first serves."""
+        if name in self.states:
+            raise ValueError(f"an actor named {name!r} is already supervised")
+        self.states[name] = ActorState(name=name, since=trio.current_time())
+        return await nursery.start(self._supervise, name, actor)
+
+    async def _supervise(
+        self, name: str, actor: Actor, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        state = self.states[name]
+        backoff = self.base_backoff_s
+        first = True
+        while True:
+            started_at = trio.current_time()
+            error: Exception | None = None
+            try:
+                async with trio.open_nursery() as inner:
+                    handle = await inner.start(actor.run)
+                    state.status, state.since = "running", trio.current_time()
+                    if first:
+                        first = False
+                        task_status.started(handle)
+            except Exception as exc:  # an ExceptionGroup of plain errors too; Cancelled passes through
+                error = exc
+            if error is None:
+                state.status, state.since = "stopped", trio.current_time()
+                return
+            state.last_error = describe_error(error)
+            state.restarts += 1
+            if trio.current_time() - started_at >= self.stable_after_s:
+                backoff = self.base_backoff_s
+            if self.max_restarts is not None and state.restarts > self.max_restarts:
+                state.status, state.since = "failed", trio.current_time()
+                log.error("actor %s failed for good after %d restarts: %s", name, state.restarts - 1,
+                          state.last_error)
+                if first:
+                    raise error
+                return
+            state.status, state.since = "restarting", trio.current_time()
+            log.warning("actor %s crashed (%s); restarting in %.1fs", name, state.last_error, backoff)
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, self.max_backoff_s)

@@ -1,0 +1,18 @@
+"""The Quart-Trio application factory. Everything a route needs comes from `services`."""
+
+from __future__ import annotations
+
+from quart_trio import QuartTrio
+
+from engine.services import Services
+from web import health
+from web.errors import install_error_handlers
+
+
+def create_app(services: Services) -> QuartTrio:
+    app = QuartTrio("sn1_gateway")
+    app.config["MAX_CONTENT_LENGTH"] = services.settings.server.max_body_bytes
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
+    install_error_handlers(app)
+    app.register_blueprint(health.blueprint(services))
+    return app

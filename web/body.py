@@ -1,0 +1,42 @@
+"""Reading request bodies and parameters into plain values, with 400s that name the parameter."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from quart import request
+
+from web.errors import ApiError
+
+
+async def json_body(*, allow_empty: bool = False) -> Any:
+    """The request body as JSON; invalid JSON is a 400 (a body over the limit is a 413)."""
+    raw = await request.get_data(cache=False)
+    if not raw.strip():
+        if allow_empty:
+            return None
+        raise ApiError(400, "The request body is empty; a JSON body is required.", code="invalid_json")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"The request body is not valid JSON: {exc}", code="invalid_json") from exc
+
+
+def int_arg(name: str, raw: str | None, *, default: int | None = None, low: int | None = None,
+            high: int | None = None) -> int:
+    """An integer query parameter within bounds; anything else is a 400 naming it."""
+    if raw is None or raw == "":
+        if default is None:
+            raise ApiError(400, f"The query parameter '{name}' is required.", param=name, code="missing_parameter")
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, f"'{name}' must be an integer, not {raw!r}.", param=name,
+                       code="invalid_parameter") from None
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"between {low} and {high}" if low is not None and high is not None else (
+            f"at least {low}" if low is not None else f"at most {high}")
+        raise ApiError(400, f"'{name}' must be {bounds}, not {value}.", param=name, code="invalid_parameter")
+    return value
