@@ -13,6 +13,7 @@ import trio
 
 from config.loading import ConfigError, default_settings, load_settings
 from config.settings import Settings
+from engine.hotkey import HotkeyError
 
 DEFAULT_CONFIG = "sn1-gateway.toml"
 
@@ -44,7 +45,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     if args.devnet:
         settings = dataclasses.replace(
-            settings, subnet=dataclasses.replace(settings.subnet, source="static", neurons=())
+            settings,
+            subnet=dataclasses.replace(settings.subnet, source="static", neurons=()),
+            wallet=dataclasses.replace(settings.wallet, uri=settings.wallet.uri or "//Alice"),
         )
 
     def on_ready(gateway: Gateway) -> None:
@@ -108,6 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except HotkeyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ from hypercorn.trio import serve
 
 from actors.subnet import MetagraphSource, StaticSource, SubnetActor
 from config.settings import Settings
+from engine.epistula import Signer
+from engine.hotkey import load_hotkey
 from engine.services import Services
 from engine.snapshot import SnapshotCell
 from engine.subnet import SubnetSnapshot
@@ -94,8 +96,9 @@ async def run(
     from web.app import create_app  # the web layer sits above the engine
 
     supervisor = supervisor or Supervisor()
+    signer = Signer(await trio.to_thread.run_sync(load_hotkey, settings.wallet))
     subnet_cell: SnapshotCell[SubnetSnapshot] = SnapshotCell(SubnetSnapshot(netuid=settings.subnet.netuid))
-    async with make_http_client(settings, transport), trio.open_nursery() as actors:
+    async with make_http_client(settings, transport) as http, trio.open_nursery() as actors:
         subnet_actor = SubnetActor(
             source or metagraph_source(settings),
             subnet_cell,
@@ -103,7 +106,9 @@ async def run(
             cache_path=settings.resolve(settings.subnet.cache_file) if settings.subnet.source == "chain" else None,
         )
         await supervisor.start(actors, "subnet", subnet_actor)
-        services = Services(settings=settings, supervisor=supervisor, subnet=subnet_cell)
+        services = Services(
+            settings=settings, supervisor=supervisor, subnet=subnet_cell, signer=signer, http=http
+        )
         services.health["subnet"] = subnet_actor.health
 
         app = create_app(services)

@@ -6,7 +6,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
+
 from config.settings import Settings
+from engine.epistula import Signer
 from engine.snapshot import SnapshotCell
 from engine.subnet import SubnetSnapshot
 from engine.supervisor import Supervisor
@@ -17,6 +20,8 @@ class Services:
     settings: Settings
     supervisor: Supervisor
     subnet: SnapshotCell[SubnetSnapshot]
+    signer: Signer
+    http: httpx.AsyncClient
     # name -> a function giving that component's details for /health/ready
     health: dict[str, Callable[[], dict[str, Any]]] = field(default_factory=dict)
     draining: bool = False
