@@ -108,12 +108,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Command = args.func
     try:
         return func(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except HotkeyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except (ConfigError, HotkeyError, ExceptionGroup) as exc:
+        problem = operator_error(exc)
+        if problem is None:
+            raise
+        print(f"error: {problem}", file=sys.stderr)
+        return 2 if isinstance(problem, ConfigError) else 1
+
+
+def operator_error(exc: BaseException) -> ConfigError | HotkeyError | None:
+    """The operator-facing error behind `exc`, looking inside exception groups from nurseries."""
+    if isinstance(exc, ConfigError | HotkeyError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := operator_error(inner)) is not None:
+                return found
+    return None
 
 
 if __name__ == "__main__":
