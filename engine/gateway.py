@@ -18,6 +18,10 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
+from actors.availability import AvailabilityActor
+from actors.breaker import MinerHealth
+from actors.fanout import FanoutPool
+from actors.selection import Selector
 from actors.subnet import MetagraphSource, StaticSource, SubnetActor
 from config.settings import Settings
 from engine.epistula import Signer
@@ -106,10 +110,25 @@ async def run(
             cache_path=settings.resolve(settings.subnet.cache_file) if settings.subnet.source == "chain" else None,
         )
         await supervisor.start(actors, "subnet", subnet_actor)
+        availability_actor = AvailabilityActor(settings, subnet_cell, http, signer)
+        availability = await supervisor.start(actors, "availability", availability_actor)
+        miner_health = MinerHealth(
+            failure_threshold=settings.fanout.failure_threshold, cooldown_s=settings.fanout.breaker_cooldown_s
+        )
+        selector = Selector(
+            subnet_cell, availability, miner_health,
+            validator_stake_limit=settings.fanout.validator_stake_limit, top_pool=settings.fanout.top_pool,
+        )
+        fanout = await supervisor.start(actors, "fanout", FanoutPool(
+            http, signer, miner_health, submit=None, max_jobs=settings.fanout.max_inflight,
+        ))
         services = Services(
-            settings=settings, supervisor=supervisor, subnet=subnet_cell, signer=signer, http=http
+            settings=settings, supervisor=supervisor, subnet=subnet_cell, signer=signer, http=http,
+            availability=availability, miner_health=miner_health, selector=selector, fanout=fanout,
         )
         services.health["subnet"] = subnet_actor.health
+        services.health["availability"] = availability_actor.health
+        services.health["fanout"] = fanout.statistics
 
         app = create_app(services)
         shutdown, stopped = trio.Event(), trio.Event()

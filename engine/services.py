@@ -8,6 +8,10 @@ from typing import Any
 
 import httpx
 
+from actors.availability import AvailabilitySnapshot
+from actors.breaker import MinerHealth
+from actors.fanout import FanoutPool
+from actors.selection import Selector
 from config.settings import Settings
 from engine.epistula import Signer
 from engine.snapshot import SnapshotCell
@@ -22,6 +26,10 @@ class Services:
     subnet: SnapshotCell[SubnetSnapshot]
     signer: Signer
     http: httpx.AsyncClient
+    availability: SnapshotCell[AvailabilitySnapshot]
+    miner_health: MinerHealth
+    selector: Selector
+    fanout: FanoutPool
     # name -> a function giving that component's details for /health/ready
     health: dict[str, Callable[[], dict[str, Any]]] = field(default_factory=dict)
     draining: bool = False

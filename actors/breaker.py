@@ -1,0 +1,117 @@
+"""Per-miner health: EWMAs of time to first token and of failures, and a circuit breaker.
+
+Updated by every fan-out; read on the hot path without awaiting. A miner that fails
+`failure_threshold` times in a row is skipped for `cooldown_s` (open), then let through for one trial
+(half-open): success closes the breaker, failure opens it again for twice as long (capped).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import trio
+
+BreakerState = Literal["closed", "open", "half_open"]
+ALPHA = 0.2  # weight of the newest observation in the EWMAs
+MAX_COOLDOWN_FACTOR = 16
+
+
+@dataclass(slots=True)
+class MinerRecord:
+    ttft_ewma_s: float | None = None
+    failure_ewma: float = 0.0
+    consecutive_failures: int = 0
+    successes: int = 0
+    failures: int = 0
+    opened_at: float | None = None
+    cooldown_s: float = 0.0
+    trial_in_flight: bool = False
+    last_error: str | None = None
+
+
+class MinerHealth:
+    def __init__(
+        self,
+        *,
+        failure_threshold: int,
+        cooldown_s: float,
+        clock: Callable[[], float] = trio.current_time,
+    ) -> None:
+        self.failure_threshold = failure_threshold
+        self.cooldown_s = cooldown_s
+        self.clock = clock
+        self._miners: dict[int, MinerRecord] = {}
+
+    def state(self, uid: int) -> BreakerState:
+        record = self._miners.get(uid)
+        if record is None or record.opened_at is None:
+            return "closed"
+        if self.clock() - record.opened_at < record.cooldown_s:
+            return "open"
+        return "half_open"
+
+    def allows(self, uid: int) -> bool:
+        """Whether the miner may be asked now (closed, or half-open with no trial running)."""
+        state = self.state(uid)
+        return state == "closed" or (state == "half_open" and not self._miners[uid].trial_in_flight)
+
+    def asking(self, uid: int) -> None:
+        """Note that the miner is being asked; a half-open miner gets one trial at a time."""
+        if self.state(uid) == "half_open":
+            self._miners[uid].trial_in_flight = True
+
+    def ttft(self, uid: int) -> float | None:
+        record = self._miners.get(uid)
+        return None if record is None else record.ttft_ewma_s
+
+    def succeeded(self, uid: int, ttft_s: float | None) -> None:
+        record = self._miners.setdefault(uid, MinerRecord())
+        record.successes += 1
+        record.consecutive_failures = 0
+        record.failure_ewma *= 1 - ALPHA
+        if ttft_s is not None:
+            record.ttft_ewma_s = ttft_s if record.ttft_ewma_s is None else (
+                ALPHA * ttft_s + (1 - ALPHA) * record.ttft_ewma_s)
+        record.opened_at = None
+        record.cooldown_s = 0.0
+        record.trial_in_flight = False
+
+    def failed(self, uid: int, error: str) -> None:
+        record = self._miners.setdefault(uid, MinerRecord())
+        was_trial = self.state(uid) == "half_open"
+        record.failures += 1
+        record.consecutive_failures += 1
+        record.failure_ewma = ALPHA + (1 - ALPHA) * record.failure_ewma
+        record.last_error = error
+        record.trial_in_flight = False
+        if was_trial:
+            record.cooldown_s = min(record.cooldown_s * 2, self.cooldown_s * MAX_COOLDOWN_FACTOR)
+            record.opened_at = self.clock()
+        elif record.consecutive_failures >= self.failure_threshold and record.opened_at is None:
+            record.cooldown_s = self.cooldown_s
+            record.opened_at = self.clock()
+
+    def released(self, uid: int) -> None:
+        """The miner was asked but neither succeeded nor failed (the request was cancelled)."""
+        record = self._miners.get(uid)
+        if record is not None:
+            record.trial_in_flight = False
+
+    def report(self) -> dict[str, dict[str, Any]]:
+        now = self.clock()
+        out = {}
+        for uid, r in sorted(self._miners.items()):
+            state = self.state(uid)
+            out[str(uid)] = {
+                "breaker": state,
+                "ttft_ewma_s": None if r.ttft_ewma_s is None else round(r.ttft_ewma_s, 4),
+                "failure_ewma": round(r.failure_ewma, 4),
+                "consecutive_failures": r.consecutive_failures,
+                "successes": r.successes,
+                "failures": r.failures,
+                "retry_in_s": round(r.opened_at + r.cooldown_s - now, 1) if state == "open" and r.opened_at else None,
+                "last_error": r.last_error,
+            }
+        return out

@@ -1,0 +1,314 @@
+"""FanoutPool: asks several miners the same request at once and tells the caller about the winner.
+
+Each request becomes a `FanoutJob` whose miner streams run in the pool's own nursery, not in the
+HTTP handler: the client's response ends when the winner ends, while the other miners go on (bounded by
+the request's timeout) so that every answer can be scored. When all of a job's miners are done, the
+job's `OrganicResult` goes to the scoring forwarder.
+
+Modes:
+- "stream": the winner is the first miner to send a content chunk; its chunks are passed on as they
+  arrive.
+- "complete": the winner is the first miner to finish a valid answer.
+- "all": no winner; the caller waits for `finished` (mixture of miners, first round).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import httpx
+import trio
+
+from actors.breaker import MinerHealth
+from engine.epistula import Signer, routing_headers
+from engine.organic import MinerAnswer, OrganicResult
+from engine.sse import DONE, iter_sse_data
+from engine.subnet import Neuron
+
+log = logging.getLogger("sn1_gateway.fanout")
+
+Mode = Literal["stream", "complete", "all"]
+JOB_EVENTS = 64  # winner events buffered towards the handler; beyond that the winner's stream waits
+
+
+def request_timeout_s(body: dict[str, Any]) -> float:
+    """The predecessor's budget: 30 s, plus 10 s per doubling of max_new_tokens beyond 512."""
+    params = body.get("sampling_parameters")
+    limit = params.get("max_new_tokens") if isinstance(params, dict) else None
+    if not isinstance(limit, int | float) or isinstance(limit, bool):
+        limit = body.get("max_tokens")
+    if not isinstance(limit, int | float) or isinstance(limit, bool) or limit <= 0:
+        limit = 256
+    return float(max(30, 10 * max(0, math.floor(math.log2(limit / 256))) + 30))
+
+
+class MinerFailure(Exception):
+    """One miner's answer is unusable; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A chunk of the winner's stream."""
+
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    """The winner finished; `finish_reason` as it sent it (None if it only sent [DONE])."""
+
+    finish_reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Broken:
+    """The winner failed after it had started answering."""
+
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """Every miner failed before any usable answer."""
+
+    errors: dict[int, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Complete:
+    """A whole valid answer (mode "complete")."""
+
+    answer: MinerAnswer
+
+
+Event = Chunk | End | Broken | Failed | Complete
+
+
+def content_of(chunk: dict[str, Any]) -> tuple[str, str | None]:
+    """The text delta and finish_reason of an OpenAI chat chunk (empty text when there is none)."""
+    choices = chunk.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return "", None
+    choice = choices[0]
+    delta = choice.get("delta")
+    if not isinstance(delta, dict):
+        delta = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    text = delta.get("content") if isinstance(delta, dict) else None
+    finish = choice.get("finish_reason")
+    return (text if isinstance(text, str) else ""), (finish if isinstance(finish, str) else None)
+
+
+@dataclass
+class FanoutJob:
+    request_id: str
+    task: str
+    body: dict[str, Any]
+    miners: list[Neuron]
+    mode: Mode
+    timeout_s: float
+    started: float = field(default_factory=trio.current_time)
+    answers: list[MinerAnswer] = field(default_factory=list)
+    winner: int | None = None
+    finished: trio.Event = field(default_factory=trio.Event)
+    client_gone: bool = False
+    _pending: int = 0
+    _send: trio.MemorySendChannel[Event] = field(init=False)
+    receive: trio.MemoryReceiveChannel[Event] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._send, self.receive = trio.open_memory_channel[Event](JOB_EVENTS)
+        self.answers = [MinerAnswer(uid=n.uid, hotkey=n.hotkey) for n in self.miners]
+        self._pending = len(self.miners)
+
+    @property
+    def winner_answer(self) -> MinerAnswer | None:
+        return None if self.winner is None else self.answers[self.winner]
+
+    def errors(self) -> dict[int, str]:
+        return {a.uid: a.error or "no answer" for a in self.answers if a.error or not a.chunks}
+
+    async def _emit(self, event: Event) -> None:
+        if self.client_gone:
+            return
+        try:
+            await self._send.send(event)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.client_gone = True  # the handler left (client disconnect, timeout): keep collecting
+
+    def result(self) -> OrganicResult:
+        return OrganicResult(
+            request_id=self.request_id, task=self.task, body=self.body, answers=tuple(self.answers),
+            created_at=time.time(),
+        )
+
+
+class FanoutPool:
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        signer: Signer,
+        health: MinerHealth,
+        submit: Callable[[OrganicResult], None] | None,
+        *,
+        max_jobs: int = 4096,
+    ) -> None:
+        self.http = http
+        self.signer = signer
+        self.health = health
+        self.submit = submit
+        self.max_jobs = max_jobs
+        self._nursery: trio.Nursery | None = None
+        self.jobs_running = 0
+        self.jobs_total = 0
+        self.jobs_refused = 0
+        self.results_unscored = 0  # results with nowhere to go (no scoring forwarder)
+
+    async def run(self, *, task_status: trio.TaskStatus[FanoutPool] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started(self)
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+
+    def start(self, body: dict[str, Any], miners: Sequence[Neuron], *, mode: Mode, task: str,
+              request_id: str | None = None) -> FanoutJob:
+        """Start asking `miners`; returns at once. Raises `PoolBusy` when the pool cannot take it."""
+        if self._nursery is None:
+            raise PoolBusy("the fan-out pool is restarting")
+        if self.jobs_running >= self.max_jobs:
+            self.jobs_refused += 1
+            raise PoolBusy(f"{self.jobs_running} fan-outs are running already")
+        job = FanoutJob(
+            request_id=request_id or uuid.uuid4().hex, task=task, body=body, miners=list(miners),
+            mode=mode, timeout_s=request_timeout_s(body),
+        )
+        self.jobs_running += 1
+        self.jobs_total += 1
+        self._nursery.start_soon(self._run_job, job)
+        return job
+
+    async def _run_job(self, job: FanoutJob) -> None:
+        body_bytes = json.dumps(job.body, separators=(",", ":")).encode()
+        routing = routing_headers(job.body, client_timeout_s=job.timeout_s)
+        try:
+            async with trio.open_nursery() as nursery:
+                for i in range(len(job.miners)):
+                    nursery.start_soon(self._ask, job, i, body_bytes, routing)
+        finally:
+            self.jobs_running -= 1
+            job._send.close()
+            job.finished.set()
+            if self.submit is not None:
+                self.submit(job.result())
+            else:
+                self.results_unscored += 1
+
+    async def _ask(self, job: FanoutJob, i: int, body_bytes: bytes, routing: dict[str, str]) -> None:
+        neuron, answer = job.miners[i], job.answers[i]
+        headers = {**routing, **self.signer.headers(body_bytes, neuron.hotkey),
+                   "Content-Type": "application/json", "Accept": "text/event-stream"}
+        outcome = "cancelled"
+        try:
+            with trio.move_on_after(job.timeout_s) as scope:
+                await self._stream(job, i, body_bytes, headers)
+            if scope.cancelled_caught:
+                raise MinerFailure(f"no complete answer within {job.timeout_s:g}s")
+            if not answer.completed and answer.finish_reason is None:
+                raise MinerFailure("stream ended without a finish_reason or [DONE]")
+            if not answer.chunks:
+                raise MinerFailure("answered no content")
+            outcome = "ok"
+        except MinerFailure as exc:
+            answer.error, outcome = str(exc), "failed"
+        except httpx.HTTPError as exc:
+            answer.error, outcome = describe_http_error(exc), "failed"
+        finally:
+            if outcome == "ok":
+                self.health.succeeded(neuron.uid, answer.timings[0] if answer.timings else None)
+            elif outcome == "failed":
+                self.health.failed(neuron.uid, answer.error or "failed")
+            else:
+                self.health.released(neuron.uid)
+        await self._settle(job, i)
+
+    async def _stream(self, job: FanoutJob, i: int, body_bytes: bytes, headers: dict[str, str]) -> None:
+        neuron, answer = job.miners[i], job.answers[i]
+        url = f"http://{neuron.axon}/v1/chat/completions"
+        async with self.http.stream("POST", url, content=body_bytes, headers=headers) as response:
+            if response.status_code != 200:
+                raise MinerFailure(f"HTTP {response.status_code}")
+            async for data in iter_sse_data(response.aiter_lines()):
+                if data == DONE:
+                    answer.completed = True
+                    return
+                try:
+                    chunk = json.loads(data)
+                except ValueError:
+                    raise MinerFailure("sent a chunk that is not valid JSON") from None
+                if not isinstance(chunk, dict):
+                    raise MinerFailure("sent a chunk that is not a JSON object")
+                text, finish = content_of(chunk)
+                answer.raw_chunks.append(chunk)
+                if text:
+                    answer.chunks.append(text)
+                    answer.timings.append(round(trio.current_time() - job.started, 6))
+                if finish is not None:
+                    answer.finish_reason = finish
+                if job.mode == "stream":
+                    await self._forward(job, i, chunk, text, finish)
+
+    async def _forward(self, job: FanoutJob, i: int, chunk: dict[str, Any], text: str, finish: str | None) -> None:
+        if job.winner is None and text:
+            job.winner = i
+        if job.winner != i:
+            return
+        await job._emit(Chunk(chunk))
+        if finish is not None:
+            await job._emit(End(finish))
+            job.client_gone = True  # the client's answer is whole; the rest is for scoring only
+
+    async def _settle(self, job: FanoutJob, i: int) -> None:
+        """One miner is done: tell the handler what that changes."""
+        answer = job.answers[i]
+        job._pending -= 1
+        if job.mode == "stream" and job.winner == i:
+            if answer.error:
+                await job._emit(Broken(answer.error))
+            else:
+                await job._emit(End(answer.finish_reason))
+        elif job.mode == "complete" and job.winner is None and not answer.error:
+            job.winner = i
+            await job._emit(Complete(answer))
+        if job._pending == 0 and job.winner is None and job.mode != "all":
+            await job._emit(Failed(job.errors()))
+
+    def statistics(self) -> dict[str, Any]:
+        return {"running": self.jobs_running, "total": self.jobs_total, "refused": self.jobs_refused,
+                "unscored": self.results_unscored}
+
+
+class PoolBusy(Exception):
+    """The pool refuses new work (overloaded or restarting)."""
+
+
+def describe_http_error(exc: httpx.HTTPError) -> str:
+    kinds = {
+        httpx.ConnectError: "connection failed",
+        httpx.ConnectTimeout: "connect timed out",
+        httpx.ReadTimeout: "read timed out",
+        httpx.RemoteProtocolError: "broke the HTTP protocol (stopped mid-stream?)",
+        httpx.ReadError: "connection broke while reading",
+    }
+    for kind, text in kinds.items():
+        if isinstance(exc, kind):
+            return text
+    return f"{type(exc).__name__}: {exc}".rstrip(": ")
