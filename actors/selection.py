@@ -106,15 +106,16 @@ class Selector:
             self.health.asking(neuron.uid)
         return chosen
 
-    def best(self, task: str, model: str | None, *, prefer: Sequence[int] = ()) -> Neuron:
-        """One healthy miner with high incentive (for a mixture's final answer)."""
+    def best(self, task: str, model: str | None, *, exclude: Sequence[int] = ()) -> Neuron:
+        """One healthy miner with the highest incentive (a mixture's final answer), preferring one
+        not in `exclude`."""
         index = self.index()
         eligible = index.eligible(task, model) or index.miners()
         healthy = [n for n in eligible if self.health.allows(n.uid)]
         if not healthy:
             raise self._none_error(index, task, model)
-        preferred = [n for n in healthy if n.uid in set(prefer)]
-        chosen = (preferred or healthy)[0]
+        skip = set(exclude)
+        chosen = next((n for n in healthy if n.uid not in skip), healthy[0])
         self.health.asking(chosen.uid)
         return chosen
 

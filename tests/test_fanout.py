@@ -1,0 +1,204 @@
+"""The fan-out pool against scripted miners (httpx.MockTransport, autojump clock)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from bittensor_core import Keypair
+
+from actors.breaker import MinerHealth
+from actors.fanout import Broken, Chunk, Complete, End, Failed, FanoutPool, request_timeout_s
+from engine.epistula import Signer
+from engine.organic import OrganicResult
+from engine.subnet import Neuron
+
+Script = list[tuple[float, str]]  # (delay before, SSE text)
+
+
+def chunk(text: str | None, finish: str | None = None) -> str:
+    delta = {} if text is None else {"content": text}
+    return "data: " + json.dumps({"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}) + "\n\n"
+
+
+DONE = "data: [DONE]\n\n"
+
+
+def answer(words: list[str], *, first_delay: float = 0.0, step: float = 0.01, finish: str = "stop") -> Script:
+    script: Script = [(first_delay, chunk(words[0]))]
+    script += [(step, chunk(w)) for w in words[1:]]
+    return [*script, (0.0, chunk(None, finish)), (0.0, DONE)]
+
+
+class Miners:
+    """A MockTransport whose miners follow scripts, keyed by axon port."""
+
+    def __init__(self) -> None:
+        self.scripts: dict[int, Script | int] = {}  # port -> script, or an HTTP status to answer
+        self.header_delay: dict[int, float] = {}
+        self.received: list[httpx.Request] = []
+
+    def transport(self) -> httpx.MockTransport:
+        return httpx.MockTransport(self.handle)
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        self.received.append(request)
+        port = request.url.port or 80
+        await trio.sleep(self.header_delay.get(port, 0.0))
+        script = self.scripts[port]
+        if isinstance(script, int):
+            if script == 0:
+                raise httpx.ConnectError("connection refused", request=request)
+            return httpx.Response(script, json={"detail": "boom"})
+
+        async def body() -> AsyncIterator[bytes]:
+            for delay, text in script:
+                await trio.sleep(delay)
+                if text == "BREAK":
+                    raise httpx.ReadError("connection reset", request=request)
+                yield text.encode()
+
+        return httpx.Response(200, content=body(), headers={"content-type": "text/event-stream"})
+
+
+def neuron(uid: int) -> Neuron:
+    return Neuron(uid=uid, hotkey=Keypair.create_from_uri(f"//miner{uid}").ss58_address,
+                  axon=f"127.0.0.1:{9000 + uid}", incentive=0.1)
+
+
+@pytest.fixture
+def miners() -> Miners:
+    return Miners()
+
+
+@pytest.fixture
+def results() -> list[OrganicResult]:
+    return []
+
+
+@pytest.fixture
+async def pool(miners: Miners, results: list[OrganicResult], nursery: trio.Nursery) -> FanoutPool:
+    http = httpx.AsyncClient(transport=miners.transport())
+    health = MinerHealth(failure_threshold=2, cooldown_s=30.0)
+    started: FanoutPool = await nursery.start(
+        FanoutPool(http, Signer(Keypair.create_from_uri("//Gateway")), health, results.append).run
+    )
+    return started
+
+
+BODY: dict[str, Any] = {"model": None, "messages": [{"role": "user", "content": "hi"}], "stream": True,
+                        "seed": 7, "task": "InferenceTask", "sampling_parameters": {"max_new_tokens": 16}}
+
+
+async def collect(job: Any) -> list[Any]:
+    events = []
+    async for event in job.receive:
+        events.append(event)
+        if isinstance(event, End | Broken | Failed | Complete):
+            break
+    return events
+
+
+async def finished(job: Any) -> None:
+    with trio.fail_after(120):
+        await job.finished.wait()
+
+
+async def test_winner_is_first_content_not_first_headers(
+        pool: FanoutPool, miners: Miners, results: list[OrganicResult], autojump_clock: Any) -> None:
+    # uid 1 sends headers at once but its first text only after 2 s; uid 2 is slower to answer but
+    # sends text first.
+    miners.scripts[9001] = [(0.0, chunk(None)), *answer(["slow", "one"], first_delay=2.0)]
+    miners.header_delay[9002] = 0.3
+    miners.scripts[9002] = answer(["fast", "one"], first_delay=0.1)
+    job = pool.start(BODY, [neuron(1), neuron(2)], mode="stream", task="InferenceTask")
+    events = await collect(job)
+    texts = [e.data["choices"][0]["delta"].get("content") for e in events if isinstance(e, Chunk)]
+    assert [t for t in texts if t] == ["fast", "one"]
+    assert job.miners[job.winner or 0].uid == 2
+    await finished(job)
+    (result,) = results
+    assert {a.uid: a.text for a in result.answers} == {1: "slowone", 2: "fastone"}
+
+
+async def test_finish_reason_is_passed_on(pool: FanoutPool, miners: Miners, autojump_clock: Any) -> None:
+    miners.scripts[9001] = answer(["a", "b"], finish="length")
+    events = await collect(pool.start(BODY, [neuron(1)], mode="stream", task="InferenceTask"))
+    finishes = [e.data["choices"][0]["finish_reason"] for e in events if isinstance(e, Chunk)]
+    assert finishes[-1] == "length"
+    assert isinstance(events[-1], End) and events[-1].finish_reason == "length"
+
+
+async def test_winner_breaking_mid_stream_is_reported(pool: FanoutPool, miners: Miners, autojump_clock: Any) -> None:
+    miners.scripts[9001] = [(0.0, chunk("par")), (0.1, chunk("tial")), (0.1, "BREAK")]
+    miners.scripts[9002] = answer(["late"], first_delay=5.0)
+    events = await collect(pool.start(BODY, [neuron(1), neuron(2)], mode="stream", task="InferenceTask"))
+    assert [type(e) for e in events] == [Chunk, Chunk, Broken]
+    assert "connection" in events[-1].error
+
+
+async def test_all_fail_lists_each_reason(pool: FanoutPool, miners: Miners, autojump_clock: Any) -> None:
+    miners.scripts[9001] = 500
+    miners.scripts[9002] = 0
+    miners.scripts[9003] = [(0.0, "data: {not json\n\n")]
+    events = await collect(pool.start(BODY, [neuron(1), neuron(2), neuron(3)], mode="stream", task="InferenceTask"))
+    (failed,) = events
+    assert isinstance(failed, Failed)
+    assert failed.errors[1] == "HTTP 500"
+    assert failed.errors[2] == "connection failed"
+    assert "not valid JSON" in failed.errors[3]
+
+
+async def test_complete_mode_takes_first_finished_answer(
+        pool: FanoutPool, miners: Miners, autojump_clock: Any) -> None:
+    miners.scripts[9001] = answer(["first", "token", "but", "slow"], first_delay=0.01, step=1.0)
+    miners.scripts[9002] = answer(["quick", "whole"], first_delay=0.2, step=0.01)
+    (event,) = await collect(pool.start(BODY, [neuron(1), neuron(2)], mode="complete", task="InferenceTask"))
+    assert isinstance(event, Complete) and event.answer.uid == 2 and event.answer.text == "quickwhole"
+
+
+async def test_client_gone_collection_goes_on(
+        pool: FanoutPool, miners: Miners, results: list[OrganicResult], autojump_clock: Any) -> None:
+    miners.scripts[9001] = answer(["x"] * 50, step=0.1)
+    miners.scripts[9002] = answer(["y"] * 5, first_delay=3.0)
+    job = pool.start(BODY, [neuron(1), neuron(2)], mode="stream", task="InferenceTask")
+    first = await job.receive.receive()
+    assert isinstance(first, Chunk)
+    await job.receive.aclose()  # the client disconnected
+    await finished(job)
+    answers = {a.uid: a for a in results[0].answers}
+    assert answers[1].text == "x" * 50 and answers[1].error is None
+    assert answers[2].text == "yyyyy"
+    assert len(answers[1].timings) == 50 and answers[1].timings == sorted(answers[1].timings)
+
+
+async def test_requests_are_signed_with_routing_headers(pool: FanoutPool, miners: Miners, autojump_clock: Any) -> None:
+    miners.scripts[9001] = answer(["ok"])
+    await collect(pool.start(BODY, [neuron(1)], mode="stream", task="InferenceTask"))
+    (request,) = miners.received
+    assert request.headers["task"] == "InferenceTask"
+    assert request.headers["seed"] == "7"
+    assert request.headers["Epistula-Signed-For"] == neuron(1).hotkey
+    assert json.loads(request.content) == BODY
+
+
+async def test_failing_miner_opens_its_breaker(pool: FanoutPool, miners: Miners, autojump_clock: Any) -> None:
+    miners.scripts[9001] = 500
+    miners.scripts[9002] = answer(["ok"])
+    for _ in range(2):
+        job = pool.start(BODY, [neuron(1), neuron(2)], mode="stream", task="InferenceTask")
+        await collect(job)
+        await finished(job)
+    assert pool.health.state(1) == "open" and pool.health.state(2) == "closed"
+    await trio.sleep(31)
+    assert pool.health.state(1) == "half_open" and pool.health.allows(1)
+
+
+def test_timeout_budget_follows_max_new_tokens() -> None:
+    assert request_timeout_s({}) == 30
+    assert request_timeout_s({"sampling_parameters": {"max_new_tokens": 1024}}) == 50
+    assert request_timeout_s({"max_tokens": 4096}) == 70
