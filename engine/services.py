@@ -11,6 +11,7 @@ import httpx
 from actors.availability import AvailabilitySnapshot
 from actors.breaker import MinerHealth
 from actors.fanout import FanoutPool
+from actors.keystore import FileKeyStore, KeyStore
 from actors.selection import Selector
 from config.settings import Settings
 from engine.epistula import Signer
@@ -30,6 +31,8 @@ class Services:
     miner_health: MinerHealth
     selector: Selector
     fanout: FanoutPool
+    # API keys and limits; the default, an empty in-memory store, is for tests that build Services
+    keys: KeyStore = field(default_factory=FileKeyStore)
     # name -> a function giving that component's details for /health/ready
     health: dict[str, Callable[[], dict[str, Any]]] = field(default_factory=dict)
     draining: bool = False

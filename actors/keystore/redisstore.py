@@ -1,0 +1,312 @@
+"""The `redis` key store: keys, limits and usage in Redis, shared by every gateway process using it.
+
+Authorising a request is one round trip (a Lua script that checks the key, applies the limit and
+counts the request atomically), so a revocation or a limit change made anywhere applies to the next
+request everywhere. Token usage is summed in memory and added every second by the background task.
+
+Layout, under the `sn1gw:` prefix: `key:{<id>}` a hash (prefix, rate_limit, created_at, requests,
+tokens, last_used_at), `rl:{<id>}` the limiter's bucket (expires once full again), `keys` the set of ids.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import trio
+
+from actors.keystore import limiter
+from actors.keystore.records import (
+    Denial,
+    Grant,
+    ImportReport,
+    KeyInfo,
+    KeyNotFound,
+    KeyStoreError,
+    KeyStoreUnavailable,
+    LegacyKey,
+    candidate_ids,
+    check_rate_limit,
+    display_prefix,
+    key_id_of,
+    new_api_key,
+)
+
+if TYPE_CHECKING:
+    from coredis import Redis
+    from coredis.commands.script import Script
+
+log = logging.getLogger("sn1_gateway.keys")
+
+NAMESPACE = "sn1gw"
+MAX_PENDING_KEYS = 65_536  # distinct keys with unflushed token usage; beyond it usage is dropped, counted
+
+_ADD_TOKENS = """
+for i, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then redis.call('HINCRBY', key, 'tokens', ARGV[i]) end
+end
+return 0
+"""
+
+# KEYS: hash, set of ids; ARGV: id, prefix, rate_limit, created_at, requests. 0 if the key exists.
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'prefix', ARGV[2], 'rate_limit', ARGV[3], 'created_at', ARGV[4],
+           'requests', ARGV[5], 'tokens', 0)
+redis.call('SADD', KEYS[2], ARGV[1])
+return 1
+"""
+
+_MODIFY = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'rate_limit', ARGV[1])
+return 1
+"""
+
+# KEYS: hash, bucket, set of ids; ARGV: id.
+_DELETE = """
+if redis.call('DEL', KEYS[1]) == 0 then return 0 end
+redis.call('DEL', KEYS[2])
+redis.call('SREM', KEYS[3], ARGV[1])
+return 1
+"""
+
+
+def describe_url(url: str) -> str:
+    """The URL without credentials, for logs and health reports."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+def _info(key_id: str, fields: dict[str, str]) -> KeyInfo | None:
+    if "rate_limit" not in fields:
+        return None
+    last_used = fields.get("last_used_at")
+    return KeyInfo(
+        id=key_id,
+        prefix=fields.get("prefix", ""),
+        rate_limit=int(fields["rate_limit"]),
+        created_at=float(fields.get("created_at", 0.0)),
+        requests=int(fields.get("requests", 0)),
+        tokens=int(fields.get("tokens", 0)),
+        last_used_at=None if last_used is None else int(last_used) / 1000,
+    )
+
+
+class RedisKeyStore:
+    backend = "redis"
+
+    def __init__(
+        self,
+        client: Redis[str],
+        *,
+        url: str = "",
+        timeout_s: float = 2.0,
+        flush_interval_s: float = 1.0,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.client = client
+        self.url = describe_url(url)
+        self.timeout_s = timeout_s
+        self.flush_interval_s = flush_interval_s
+        self.wall_clock = wall_clock
+        self._check: Script[str] = client.register_script(limiter.CHECK_SCRIPT)
+        self._add_tokens: Script[str] = client.register_script(_ADD_TOKENS)
+        self._create: Script[str] = client.register_script(_CREATE)
+        self._modify: Script[str] = client.register_script(_MODIFY)
+        self._delete: Script[str] = client.register_script(_DELETE)
+        self._pending: dict[str, int] = {}
+        self.dropped_usage = 0
+        self.failures = 0
+        self.last_error: str | None = None
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(cls, url: str, **kw: Any) -> AsyncIterator[RedisKeyStore]:
+        """A store on `url`, checked with a PING (failing at once with a KeyStoreError if unreachable)."""
+        import coredis
+        from coredis.exceptions import RedisError
+
+        timeout_s = kw.get("timeout_s", 2.0)
+        try:
+            client = coredis.Redis.from_url(
+                url, decode_responses=True, connect_timeout=timeout_s, stream_timeout=timeout_s
+            )
+        except ValueError as exc:
+            raise KeyStoreError(f"auth.redis_url: not a usable Redis URL ({exc})") from None
+        problem: str | None = None
+        async with client:
+            try:
+                with trio.fail_after(timeout_s):
+                    await client.ping()
+            except (RedisError, OSError, trio.TooSlowError) as exc:
+                problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            else:
+                store = cls(client, url=url, **kw)
+                try:
+                    yield store
+                finally:
+                    with trio.CancelScope(shield=True), trio.move_on_after(timeout_s):
+                        try:
+                            await store.flush()
+                        except KeyStoreUnavailable as exc:
+                            log.warning("key store: usage not saved at shutdown: %s", exc)
+        if problem is not None:
+            raise KeyStoreError(f"auth.redis_url: cannot reach Redis at {describe_url(url)} ({problem})")
+
+    # -- naming ---------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _key(key_id: str) -> str:
+        return f"{NAMESPACE}:key:{{{key_id}}}"
+
+    @staticmethod
+    def _bucket(key_id: str) -> str:
+        return f"{NAMESPACE}:rl:{{{key_id}}}"
+
+    _ids = f"{NAMESPACE}:keys"
+
+    async def _run(self, script: Script[str], keys: list[str], args: list[str | int | float]) -> Any:
+        """One script call, bounded in time; Redis problems become KeyStoreUnavailable."""
+        from coredis.exceptions import RedisError
+
+        try:
+            with trio.fail_after(self.timeout_s):
+                return await script(keys=keys, args=args)
+        except (RedisError, OSError, trio.TooSlowError) as exc:
+            raise self._unavailable(exc) from exc
+
+    def _unavailable(self, exc: BaseException) -> KeyStoreUnavailable:
+        self.failures += 1
+        self.last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return KeyStoreUnavailable(f"Redis at {self.url}: {self.last_error}")
+
+    # -- the hot path -------------------------------------------------------------------------------
+
+    async def check(self, api_key: str) -> Grant | Denial:
+        key_id = key_id_of(api_key)
+        reply = await self._run(self._check, [self._key(key_id), self._bucket(key_id)], [])
+        status, limit, remaining, reset_ms, retry_ms = (int(v) for v in reply[:5])
+        if status == 1:
+            return Grant(key_id, str(reply[5]), limit, remaining, limiter.ceil_seconds(reset_ms))
+        if status == 3:
+            return Denial("rate_limited", limit, limiter.ceil_seconds(reset_ms),
+                          max(1, limiter.ceil_seconds(retry_ms)))
+        if status == 2:
+            return Denial("blocked", retry_after_s=60)
+        return Denial("unknown")
+
+    def record_usage_nowait(self, key_id: str, *, tokens: int) -> None:
+        if tokens <= 0:
+            return
+        if key_id not in self._pending and len(self._pending) >= MAX_PENDING_KEYS:
+            self.dropped_usage += 1
+            return
+        self._pending[key_id] = self._pending.get(key_id, 0) + tokens
+
+    # -- reading --------------------------------------------------------------------------------------
+
+    async def info(self, key_id: str) -> KeyInfo | None:
+        from coredis.exceptions import RedisError
+
+        try:
+            with trio.fail_after(self.timeout_s):
+                fields = await self.client.hgetall(self._key(key_id))
+        except (RedisError, OSError, trio.TooSlowError) as exc:
+            raise self._unavailable(exc) from exc
+        info = _info(key_id, dict(fields))
+        pending = self._pending.get(key_id, 0)
+        if info is not None and pending:
+            info = KeyInfo(info.id, info.prefix, info.rate_limit, info.created_at, info.requests,
+                           info.tokens + pending, info.last_used_at)
+        return info
+
+    async def list_keys(self) -> list[KeyInfo]:
+        from coredis.exceptions import RedisError
+
+        try:
+            with trio.fail_after(self.timeout_s):
+                ids = sorted(await self.client.smembers(self._ids))
+        except (RedisError, OSError, trio.TooSlowError) as exc:
+            raise self._unavailable(exc) from exc
+        found = [info for key_id in ids if (info := await self.info(key_id)) is not None]
+        return sorted(found, key=lambda i: (i.created_at, i.id))
+
+    # -- changes --------------------------------------------------------------------------------------
+
+    async def create(self, rate_limit: int) -> tuple[str, KeyInfo]:
+        check_rate_limit(rate_limit)
+        api_key = new_api_key()
+        info = KeyInfo(key_id_of(api_key), display_prefix(api_key), rate_limit, self.wall_clock())
+        await self._run(self._create, [self._key(info.id), self._ids],
+                        [info.id, info.prefix, rate_limit, repr(info.created_at), 0])
+        return api_key, info
+
+    async def modify(self, ref: str, rate_limit: int) -> KeyInfo:
+        check_rate_limit(rate_limit)
+        for key_id in candidate_ids(ref):
+            if await self._run(self._modify, [self._key(key_id)], [rate_limit]):
+                info = await self.info(key_id)
+                if info is not None:
+                    return info
+        raise KeyNotFound("no such API key")
+
+    async def delete(self, ref: str) -> KeyInfo:
+        for key_id in candidate_ids(ref):
+            info = await self.info(key_id)
+            if info is not None and await self._run(
+                self._delete, [self._key(key_id), self._bucket(key_id), self._ids], [key_id]
+            ):
+                self._pending.pop(key_id, None)
+                return info
+        raise KeyNotFound("no such API key")
+
+    async def import_keys(self, entries: list[LegacyKey]) -> ImportReport:
+        added = 0
+        now = repr(self.wall_clock())
+        for entry in entries:
+            key_id = key_id_of(entry.key)
+            added += int(await self._run(
+                self._create, [self._key(key_id), self._ids],
+                [key_id, display_prefix(entry.key), entry.rate_limit, now, entry.usage],
+            ))
+        return ImportReport(added, len(entries) - added)
+
+    # -- background -------------------------------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Add the token usage summed since the last flush (kept for the next one if Redis fails)."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        ids = list(pending)
+        try:
+            await self._run(self._add_tokens, [self._key(i) for i in ids], [pending[i] for i in ids])
+        except BaseException:
+            for key_id, tokens in pending.items():
+                self._pending[key_id] = self._pending.get(key_id, 0) + tokens
+            raise
+
+    async def maintain(self) -> None:
+        while True:
+            await trio.sleep(self.flush_interval_s)
+            try:
+                await self.flush()
+            except KeyStoreUnavailable as exc:
+                log.warning("key store: usage flush failed: %s", exc)
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "url": self.url,
+            "unflushed_usage_keys": len(self._pending),
+            "dropped_usage": self.dropped_usage,
+            "failures": self.failures,
+            "last_error": self.last_error,
+        }

@@ -1,0 +1,88 @@
+"""Client authentication: the API key of the current request, checked and counted against its limit.
+
+Routes that need a key call `grant = await authorize(services)` first and add `grant.headers`
+(X-RateLimit-Limit / -Remaining / -Reset) to their response. The key is never logged or echoed.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+import trio
+from quart import request
+from werkzeug.datastructures import Headers
+
+from actors.keystore import Denial, Grant, KeyStoreUnavailable
+from engine.services import Services
+from web.errors import ApiError
+
+__all__ = ["Grant", "admin_required", "api_key_of", "authorize", "store_unavailable"]
+
+MISSING_KEY = (
+    "Missing API key: send it in the 'api-key' header, or as 'Authorization: Bearer <key>'."
+)
+STORE_TIMEOUT_S = 5.0
+
+
+def api_key_of(headers: Headers) -> str | None:
+    """The key from `api-key`, else from `Authorization: Bearer`; None when neither is present."""
+    key = headers.get("api-key", "").strip()
+    if key:
+        return key
+    scheme, _, credentials = headers.get("authorization", "").strip().partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return None
+
+
+def store_unavailable() -> ApiError:
+    return ApiError(503, "The API key store is unavailable; try again shortly.", code="key_store_unavailable")
+
+
+async def authorize(services: Services) -> Grant:
+    """Authorise the current request and count it: a Grant, or an ApiError (401, 429 or 503)."""
+    api_key = api_key_of(request.headers)
+    if api_key is None:
+        raise ApiError(401, MISSING_KEY, code="missing_api_key")
+    try:
+        with trio.fail_after(STORE_TIMEOUT_S):
+            verdict = await services.keys.check(api_key)
+    except (KeyStoreUnavailable, trio.TooSlowError) as exc:
+        raise store_unavailable() from exc
+    if isinstance(verdict, Grant):
+        return verdict
+    raise denial_error(verdict)
+
+
+def denial_error(denial: Denial) -> ApiError:
+    if denial.reason == "unknown":
+        return ApiError(401, "Invalid API key: it is unknown or has been revoked.", code="invalid_api_key")
+    headers = {
+        "Retry-After": str(denial.retry_after_s),
+        "X-RateLimit-Limit": str(denial.limit),
+        "X-RateLimit-Remaining": "0",
+        "X-RateLimit-Reset": str(denial.reset_s),
+    }
+    if denial.reason == "blocked":
+        return ApiError(429, "This API key is blocked: its rate limit is 0 requests per minute.",
+                        code="key_blocked", headers=headers)
+    return ApiError(
+        429,
+        f"Rate limit of {denial.limit} requests per minute exceeded; retry in {denial.retry_after_s} s.",
+        code="rate_limit_exceeded",
+        headers=headers,
+    )
+
+
+def admin_required(services: Services) -> None:
+    """The `admin-key` header must match `auth.admin_key` (compared in constant time).
+
+    With no admin key configured the admin endpoints are off: 403. A missing or wrong key: 401.
+    """
+    expected = services.settings.auth.admin_key
+    if not expected:
+        raise ApiError(403, "The admin endpoints are disabled: no admin key is configured (auth.admin_key).",
+                       code="admin_disabled")
+    given = request.headers.get("admin-key", "")
+    if not hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8")):
+        raise ApiError(401, "Missing or wrong admin key (the 'admin-key' header).", code="invalid_admin_key")
