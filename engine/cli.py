@@ -11,6 +11,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 import trio
 
+from actors.keystore import KeyStoreError
+from actors.keystore import commands as keys_commands
 from config.loading import ConfigError, default_settings, load_settings
 from config.settings import Settings
 from engine.hotkey import HotkeyError
@@ -96,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("file", metavar="FILE")
     check.set_defaults(func=cmd_check_config)
+
+    keys_commands.add_parser(sub, settings_from)
     return parser
 
 
@@ -108,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Command = args.func
     try:
         return func(args)
-    except (ConfigError, HotkeyError, ExceptionGroup) as exc:
+    except (ConfigError, HotkeyError, KeyStoreError, ExceptionGroup) as exc:
         problem = operator_error(exc)
         if problem is None:
             raise
@@ -116,9 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2 if isinstance(problem, ConfigError) else 1
 
 
-def operator_error(exc: BaseException) -> ConfigError | HotkeyError | None:
+def operator_error(exc: BaseException) -> ConfigError | HotkeyError | KeyStoreError | None:
     """The operator-facing error behind `exc`, looking inside exception groups from nurseries."""
-    if isinstance(exc, ConfigError | HotkeyError):
+    if isinstance(exc, ConfigError | HotkeyError | KeyStoreError):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:

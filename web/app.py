@@ -5,7 +5,7 @@ from __future__ import annotations
 from quart_trio import QuartTrio
 
 from engine.services import Services
-from web import health
+from web import health, keys
 from web.errors import install_error_handlers
 
 
@@ -15,4 +15,5 @@ def create_app(services: Services) -> QuartTrio:
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
     install_error_handlers(app)
     app.register_blueprint(health.blueprint(services))
+    app.register_blueprint(keys.blueprint(services))
     return app
