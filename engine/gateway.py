@@ -22,7 +22,6 @@ from actors.availability import AvailabilityActor
 from actors.breaker import MinerHealth
 from actors.fanout import FanoutPool
 from actors.keystore import KeyStoreActor, open_keystore
-from actors.scoring import ScoringForwarder
 from actors.selection import Selector
 from actors.subnet import MetagraphSource, StaticSource, SubnetActor
 from config.settings import Settings
@@ -126,22 +125,18 @@ async def run(
             subnet_cell, availability, miner_health,
             validator_stake_limit=settings.fanout.validator_stake_limit, top_pool=settings.fanout.top_pool,
         )
-        scoring = await supervisor.start(actors, "scoring", ScoringForwarder(
-            settings, http=http, signer=signer, subnet=subnet_cell,
-        ))
         fanout = await supervisor.start(actors, "fanout", FanoutPool(
-            http, signer, miner_health, submit=scoring.submit_nowait, max_jobs=settings.fanout.max_inflight,
+            http, signer, miner_health, submit=None, max_jobs=settings.fanout.max_inflight,
         ))
         services = Services(
             settings=settings, supervisor=supervisor, subnet=subnet_cell, signer=signer, http=http,
             availability=availability, miner_health=miner_health, selector=selector, fanout=fanout,
-            keys=keys, scoring=scoring,
+            keys=keys,
         )
         services.health["keys"] = keys.health
         services.health["subnet"] = subnet_actor.health
         services.health["availability"] = availability_actor.health
         services.health["fanout"] = fanout.statistics
-        services.health["scoring"] = scoring.statistics
 
         app = create_app(services)
         shutdown, stopped = trio.Event(), trio.Event()
