@@ -169,6 +169,8 @@ class FanoutPool:
         self.jobs_total = 0
         self.jobs_refused = 0
         self.results_unscored = 0  # results with nowhere to go (no scoring forwarder)
+        self._idle = trio.Event()
+        self._idle.set()
 
     async def run(self, *, task_status: trio.TaskStatus[FanoutPool] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -180,7 +182,7 @@ class FanoutPool:
             self._nursery = None
 
     def start(self, body: dict[str, Any], miners: Sequence[Neuron], *, mode: Mode, task: str,
-              request_id: str | None = None) -> FanoutJob:
+              request_id: str | None = None, timeout_s: float | None = None) -> FanoutJob:
         """Start asking `miners`; returns at once. Raises `PoolBusy` when the pool cannot take it."""
         if self._nursery is None:
             raise PoolBusy("the fan-out pool is restarting")
@@ -189,8 +191,10 @@ class FanoutPool:
             raise PoolBusy(f"{self.jobs_running} fan-outs are running already")
         job = FanoutJob(
             request_id=request_id or uuid.uuid4().hex, task=task, body=body, miners=list(miners),
-            mode=mode, timeout_s=request_timeout_s(body),
+            mode=mode, timeout_s=timeout_s or request_timeout_s(body),
         )
+        if self.jobs_running == 0:
+            self._idle = trio.Event()
         self.jobs_running += 1
         self.jobs_total += 1
         self._nursery.start_soon(self._run_job, job)
@@ -205,6 +209,8 @@ class FanoutPool:
                     nursery.start_soon(self._ask, job, i, body_bytes, routing)
         finally:
             self.jobs_running -= 1
+            if self.jobs_running == 0:
+                self._idle.set()
             job._send.close()
             job.finished.set()
             if self.submit is not None:
@@ -231,6 +237,9 @@ class FanoutPool:
             answer.error, outcome = str(exc), "failed"
         except httpx.HTTPError as exc:
             answer.error, outcome = describe_http_error(exc), "failed"
+        except Exception as exc:  # a defect must cost one miner's answer, not every request in the pool
+            log.exception("unexpected error asking uid %d", neuron.uid)
+            answer.error, outcome = f"gateway error: {type(exc).__name__}", "failed"
         finally:
             if outcome == "ok":
                 self.health.succeeded(neuron.uid, answer.timings[0] if answer.timings else None)
@@ -290,6 +299,10 @@ class FanoutPool:
             await job._emit(Complete(answer))
         if job._pending == 0 and job.winner is None and job.mode != "all":
             await job._emit(Failed(job.errors()))
+
+    async def wait_idle(self) -> None:
+        """Wait until no fan-out is running (background collections included)."""
+        await self._idle.wait()
 
     def statistics(self) -> dict[str, Any]:
         return {"running": self.jobs_running, "total": self.jobs_total, "refused": self.jobs_refused,

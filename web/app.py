@@ -5,7 +5,7 @@ from __future__ import annotations
 from quart_trio import QuartTrio
 
 from engine.services import Services
-from web import health, keys
+from web import availability, chat, health, keys, retrieval
 from web.errors import install_error_handlers
 
 
@@ -16,4 +16,7 @@ def create_app(services: Services) -> QuartTrio:
     install_error_handlers(app)
     app.register_blueprint(health.blueprint(services))
     app.register_blueprint(keys.blueprint(services))
+    app.register_blueprint(chat.blueprint(services))
+    app.register_blueprint(retrieval.blueprint(services))
+    app.register_blueprint(availability.blueprint(services))
     return app

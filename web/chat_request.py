@@ -119,7 +119,8 @@ def parse_chat_request(data: Any, *, rng: random.Random | None = None) -> ChatRe
     task = data.get("task", "InferenceTask")
     if not isinstance(task, str) or task not in KNOWN_TASKS:
         raise bad("task", f"Unknown task {task!r}; known tasks: {', '.join(KNOWN_TASKS)}.")
-    params = data.get("sampling_parameters") or {}
+    params = data.get("sampling_parameters")
+    params = {} if params is None else params
     if not isinstance(params, dict):
         raise bad("sampling_parameters", "'sampling_parameters' must be an object.")
     mixture = _bool(data.get("mixture"), "mixture") or _bool(params.get("mixture"), "sampling_parameters.mixture")

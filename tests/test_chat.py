@@ -1,0 +1,223 @@
+"""`/v1/chat/completions` through the real HTTP server, with scripted miners behind the gateway.
+
+The gateway's outbound client uses a MockTransport (the scripted miners); the test talks to the
+gateway over real loopback HTTP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from bittensor_core import Keypair
+
+from config.settings import (
+    AuthSettings,
+    AvailabilitySettings,
+    FanoutSettings,
+    NeuronSettings,
+    ServerSettings,
+    Settings,
+    SubnetSettings,
+    WalletSettings,
+)
+from engine.gateway import Gateway, run
+from tests.scripted_miners import Miners, answer, chunk
+
+UIDS = (1, 2, 3)
+
+
+def settings_for(tmp_path: Path, **fanout: Any) -> Settings:
+    neurons = tuple(
+        NeuronSettings(uid=uid, hotkey=Keypair.create_from_uri(f"//miner{uid}").ss58_address,
+                       axon=f"127.0.0.1:{9000 + uid}", incentive=0.1 * uid)
+        for uid in UIDS
+    )
+    return dataclasses.replace(
+        Settings(),
+        server=ServerSettings(port=0),
+        auth=AuthSettings(keys_file=str(tmp_path / "keys.toml"), admin_key="admin"),
+        wallet=WalletSettings(uri="//Gateway"),
+        subnet=SubnetSettings(source="static", neurons=neurons),
+        availability=AvailabilitySettings(source="none"),
+        fanout=FanoutSettings(**{"miners": 3, "first_token_timeout_s": 5.0, **fanout}),
+        base_dir=str(tmp_path),
+    )
+
+
+@dataclasses.dataclass
+class Stack:
+    gateway: Gateway
+    miners: Miners
+    key: str
+    client: httpx.AsyncClient
+
+    async def chat(self, **body: Any) -> httpx.Response:
+        body.setdefault("messages", [{"role": "user", "content": "hello"}])
+        return await self.client.post("/v1/chat/completions", json=body)
+
+
+@pytest.fixture
+async def stack(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Stack]:
+    miners = Miners()
+    gateway: Gateway = await nursery.start(lambda task_status: run(
+        settings_for(tmp_path), transport=miners.transport(), task_status=task_status))
+    key, _ = await gateway.services.keys.create(1000)
+    async with httpx.AsyncClient(base_url=gateway.url, headers={"api-key": key}, timeout=30) as client:
+        yield Stack(gateway, miners, key, client)
+    gateway.shutdown()
+
+
+def sse_events(text: str) -> list[Any]:
+    events = []
+    for block in text.split("\n\n"):
+        if block.startswith("data: "):
+            data = block[6:]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+async def test_stream_passes_on_winner_chunks_and_finish_reason(stack: Stack) -> None:
+    stack.miners.scripts[9001] = answer(["never"], first_delay=3.0)
+    stack.miners.scripts[9002] = answer(["Hel", "lo"], first_delay=0.05, finish="length")
+    stack.miners.scripts[9003] = 500
+    response = await stack.chat(stream=True, model="my-model")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert int(response.headers["X-RateLimit-Limit"]) == 1000
+    events = sse_events(response.text)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "Hello"
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert {c["id"] for c in chunks} == {chunks[0]["id"]} and chunks[0]["id"].startswith("chatcmpl-")
+    assert {c["model"] for c in chunks} == {"my-model"}
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
+
+
+async def test_non_stream_answer(stack: Stack) -> None:
+    for port in (9001, 9002, 9003):
+        stack.miners.scripts[port] = answer(["An", " answer"], first_delay=0.01 * (port - 9000))
+    response = await stack.chat(stream=False, temperature=0.2, max_tokens=64, seed=5)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "An answer"}
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"]["completion_tokens"] == 2
+    sent = json.loads(stack.miners.received[0].content)
+    assert sent["seed"] == 5 and sent["stream"] is True and sent["task"] == "InferenceTask"
+    assert sent["sampling_parameters"]["temperature"] == 0.2
+    assert sent["sampling_parameters"]["max_new_tokens"] == 64
+
+
+async def test_mid_stream_break_is_an_error_event_without_done(stack: Stack) -> None:
+    stack.miners.scripts[9001] = [(0.0, chunk("par")), (0.05, chunk("tial")), (0.05, "BREAK")]
+    response = await stack.chat(stream=True, uids=[1])
+    assert response.status_code == 200
+    events = sse_events(response.text)
+    assert "[DONE]" not in events
+    assert events[-1]["error"]["code"] == "miner_stream_broken"
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == "partial"
+
+
+async def test_all_miners_failing_is_502_with_reasons(stack: Stack) -> None:
+    stack.miners.scripts[9001] = 500
+    stack.miners.scripts[9002] = 0
+    stack.miners.scripts[9003] = [(0.0, "data: {broken\n\n")]
+    response = await stack.chat(stream=True)
+    assert response.status_code == 502
+    error = response.json()["error"]
+    assert error["code"] == "miners_failed"
+    assert set(error["details"]) == {"1", "2", "3"} and error["details"]["1"] == "HTTP 500"
+
+
+async def test_no_first_token_in_budget_is_504(stack: Stack) -> None:
+    for port in (9001, 9002, 9003):
+        stack.miners.scripts[port] = answer(["late"], first_delay=8.0)
+    response = await stack.chat(stream=True)
+    assert response.status_code == 504
+    assert response.json()["error"]["type"] == "timeout_error"
+
+
+async def test_explicit_uids_are_honoured_and_checked(stack: Stack) -> None:
+    for port in (9001, 9002, 9003):
+        stack.miners.scripts[port] = answer([f"from {port}"])
+    response = await stack.chat(uids=[3])
+    assert response.json()["choices"][0]["message"]["content"] == "from 9003"
+    assert {r.url.port for r in stack.miners.received} == {9003}
+    response = await stack.chat(uids=[3, 42])
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "uids"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": "hi"}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+        ({"temperature": 5}, "temperature"),
+        ({"stream": "yes"}, "stream"),
+        ({"task": "NoSuchTask"}, "task"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"uids": ["a"]}, "uids"),
+        ({"sampling_parameters": []}, "sampling_parameters"),
+    ],
+)
+async def test_bad_requests_name_the_parameter(stack: Stack, body: dict[str, Any], param: str) -> None:
+    response = await stack.chat(**body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+    assert stack.miners.received == []
+
+
+async def test_missing_key_is_401(stack: Stack) -> None:
+    response = await stack.client.post("/v1/chat/completions", json={"messages": []}, headers={"api-key": ""})
+    assert response.status_code == 401
+
+
+async def test_mixture_combines_first_round_answers(stack: Stack) -> None:
+    stack.miners.scripts[9001] = answer(["one"])
+    stack.miners.scripts[9002] = answer(["two"])
+    stack.miners.scripts[9003] = answer(["combined"])
+    response = await stack.chat(uids=[1, 2], mixture=True)
+    assert response.status_code == 200, response.text
+    final = [json.loads(r.content) for r in stack.miners.received if r.url.port == 9003]
+    assert len(final) == 1, "the final answer comes from a further miner"
+    last = final[0]["messages"][-1]
+    assert last["role"] == "assistant"
+    assert "1. one" in last["content"] or "1. two" in last["content"]
+    assert "2. " in last["content"] and "combine" in last["content"]
+    assert response.json()["choices"][0]["message"]["content"] == "combined"
+
+
+async def test_mixture_flag_inside_sampling_parameters(stack: Stack) -> None:
+    for port in (9001, 9002, 9003):
+        stack.miners.scripts[port] = answer([f"m{port}"])
+    response = await stack.chat(stream=True, sampling_parameters={"mixture": True, "max_new_tokens": 32})
+    assert response.status_code == 200
+    assert len(stack.miners.received) == 4  # three in the first round, one to combine
+    assert sse_events(response.text)[-1] == "[DONE]"
+
+
+async def test_client_disconnect_keeps_collecting_for_scoring(stack: Stack) -> None:
+    stack.miners.scripts[9001] = answer(["tok"] * 40, step=0.05)
+    stack.miners.scripts[9002] = answer(["other"] * 3, first_delay=0.5)
+    stack.miners.scripts[9003] = answer(["third"], first_delay=0.6)
+    pool = stack.gateway.services.fanout
+    async with stack.client.stream("POST", "/v1/chat/completions",
+                                   json={"messages": [{"role": "user", "content": "x"}], "stream": True}) as r:
+        async for _line in r.aiter_lines():
+            break  # the client goes away after the first bytes
+    assert pool.jobs_running == 1
+    with trio.fail_after(10):
+        await pool.wait_idle()
+    assert pool.health.report()["1"]["successes"] == 1  # the stream was read to its end

@@ -1,0 +1,53 @@
+"""Miner availability, answered from the availability snapshot (no request reaches a miner)."""
+
+from __future__ import annotations
+
+from quart import Blueprint, Response, request
+
+from actors.availability import KNOWN_TASKS
+from engine.services import Services
+from web.body import int_arg, json_body
+from web.errors import ApiError, json_response
+
+
+def blueprint(services: Services) -> Blueprint:
+    bp = Blueprint("availability", __name__, url_prefix="/miner_availabilities")
+
+    @bp.post("/miner_availabilities")
+    async def miner_availabilities() -> Response:
+        data = await json_body(allow_empty=True)
+        subnet = services.subnet.get()
+        if data is None or data == []:
+            uids = [n.uid for n in subnet.neurons]
+        elif isinstance(data, list) and all(isinstance(u, int) and not isinstance(u, bool) for u in data):
+            uids = data
+        else:
+            raise ApiError(400, "The body must be a JSON array of integer uids, or null for all.",
+                           code="invalid_request")
+        snapshot = services.availability.get()
+        answer = {}
+        for uid in uids:
+            found = snapshot.miners.get(uid)
+            answer[str(uid)] = None if found is None else found.as_wire()
+        return json_response(answer)
+
+    @bp.get("/get_available_miners")
+    async def get_available_miners() -> Response:
+        task = request.args.get("task") or None
+        if task is not None and task not in KNOWN_TASKS:
+            raise ApiError(400, f"Unknown task {task!r}; known tasks: {', '.join(KNOWN_TASKS)}.",
+                           param="task", code="invalid_parameter")
+        model = request.args.get("model") or None
+        k = int_arg("k", request.args.get("k"), default=10, low=1, high=65536)
+        index = services.selector.index()
+        snapshot = services.availability.get()
+        miners = index.miners()
+        if task is not None:
+            miners = index.eligible(task, model)
+        elif model is not None:
+            miners = tuple(n for n in miners if (found := snapshot.miners.get(n.uid)) and model in found.models)
+        elif not snapshot.everyone:
+            miners = tuple(n for n in miners if snapshot.miners.get(n.uid) is not None)
+        return json_response([n.uid for n in miners[:k]])
+
+    return bp

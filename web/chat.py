@@ -1,0 +1,234 @@
+"""`POST /v1/chat/completions`, `GET /v1/models` and the miners' status page.
+
+A chat request is fanned out to several miners. Streaming: the first miner to send content wins and
+its chunks are passed on (one stable id, the requested model name, the miner's finish_reason), then
+`[DONE]`; a winner that breaks mid-stream ends the stream with an error event and no `[DONE]`.
+Non-streaming: the first complete valid answer. Mixture of miners: a first round answered by several
+miners (never waiting past its deadline), then one healthy, high-incentive miner combines them.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import trio
+from quart import Blueprint, Response
+
+from actors.fanout import Broken, Chunk, Complete, End, Event, Failed, FanoutJob, PoolBusy
+from actors.selection import SelectionError
+from engine.organic import MinerAnswer
+from engine.services import Services
+from engine.sse import DONE_EVENT, encode_event
+from web.auth import Grant, authorize
+from web.body import json_body
+from web.chat_request import ChatRequest, parse_chat_request
+from web.errors import ApiError, json_response
+
+DEFAULT_MODEL_NAME = "sn1"
+MIXTURE_PREAMBLE = "I have received the following answers from other assistants:"
+MIXTURE_CLOSING = "I will now combine them into one concise reply."
+
+
+def mixture_message(answers: list[str]) -> dict[str, str]:
+    numbered = "\n\n".join(f"{i}. {text.strip()}" for i, text in enumerate(answers, 1))
+    return {"role": "assistant", "content": f"{MIXTURE_PREAMBLE}\n\n{numbered}\n\n{MIXTURE_CLOSING}"}
+
+
+def start_job(services: Services, request: ChatRequest, body: dict[str, Any], *, mode: str,
+              k: int | None = None, final: bool = False, exclude: tuple[int, ...] = ()) -> FanoutJob:
+    """Choose the miners and start asking them; selection and overload become client errors."""
+    try:
+        if final:
+            miners = [services.selector.best(request.task, request.model, exclude=exclude)]
+        elif request.uids is not None:
+            miners = services.selector.explicit(request.uids)
+        else:
+            miners = services.selector.pick(request.task, request.model, k or services.settings.fanout.miners)
+        return services.fanout.start(body, miners, mode=mode, task=request.task)  # type: ignore[arg-type]
+    except SelectionError as exc:
+        raise ApiError(exc.status, str(exc), code=exc.code, param=exc.param) from exc
+    except PoolBusy as exc:
+        raise ApiError(503, f"The gateway is at capacity ({exc}); retry shortly.", code="overloaded",
+                       headers={"Retry-After": "1"}) from exc
+
+
+def failed_error(event: Failed) -> ApiError:
+    reasons = {str(uid): error for uid, error in event.errors.items()}
+    return ApiError(502, f"All {len(reasons)} miners failed before answering.", code="miners_failed",
+                    details=reasons)
+
+
+async def first_event(job: FanoutJob, budget_s: float, *, what: str) -> Event:
+    """The job's first event within `budget_s`; 504 when none came (the job goes on for scoring)."""
+    with trio.move_on_after(budget_s):
+        try:
+            return await job.receive.receive()
+        except trio.EndOfChannel:
+            raise ApiError(502, "The miners' answers ended without a result.", code="miners_failed") from None
+    await job.receive.aclose()
+    raise ApiError(504, f"No miner produced {what} within {budget_s:g}s.", code="miner_timeout")
+
+
+class ChatStream:
+    """Turns the winner's chunks into the client's OpenAI chunks."""
+
+    def __init__(self, model: str | None) -> None:
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = model
+        self.sent_role = False
+        self.sent_finish = False
+
+    def chunk(self, raw: Mapping[str, Any]) -> dict[str, Any]:
+        if self.model is None:
+            self.model = raw.get("model") if isinstance(raw.get("model"), str) else DEFAULT_MODEL_NAME
+        choices = raw.get("choices")
+        choice = dict(choices[0]) if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+        delta = dict(choice.get("delta") or {}) if isinstance(choice.get("delta"), dict) else {}
+        if not self.sent_role:
+            delta.setdefault("role", "assistant")
+            self.sent_role = True
+        choice.update({"index": 0, "delta": delta, "finish_reason": choice.get("finish_reason")})
+        if choice["finish_reason"] is not None:
+            self.sent_finish = True
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model, "choices": [choice]}
+
+    def finish(self, reason: str | None) -> dict[str, Any]:
+        self.sent_finish = True
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model or DEFAULT_MODEL_NAME,
+                "choices": [{"index": 0, "delta": {}, "finish_reason": reason or "stop"}]}
+
+
+def usage_of(answer: MinerAnswer | None) -> dict[str, int] | None:
+    """Token counts where known: the miner's own `usage` if it sent one, else one token per chunk."""
+    if answer is None:
+        return None
+    for raw in reversed(answer.raw_chunks):
+        usage = raw.get("usage")
+        if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+            return {k: v for k, v in usage.items() if isinstance(v, int)}
+    return {"completion_tokens": len(answer.chunks)}
+
+
+def record_usage(services: Services, grant: Grant, answer: MinerAnswer | None) -> None:
+    usage = usage_of(answer)
+    services.keys.record_usage_nowait(grant.key_id, tokens=(usage or {}).get("completion_tokens", 0))
+
+
+async def stream_response(services: Services, grant: Grant, request: ChatRequest, job: FanoutJob) -> Response:
+    event = await first_event(job, services.settings.fanout.first_token_timeout_s, what="a first token")
+    if isinstance(event, Failed):
+        raise failed_error(event)
+    out = ChatStream(request.model)
+
+    async def events() -> AsyncIterator[bytes]:
+        current: Event | None = event
+        async with job.receive:
+            while True:
+                if current is None:
+                    try:
+                        current = await job.receive.receive()
+                    except trio.EndOfChannel:
+                        current = Broken("the answer ended unexpectedly")
+                if isinstance(current, Chunk):
+                    yield encode_event(out.chunk(current.data))
+                elif isinstance(current, End):
+                    if not out.sent_finish:
+                        yield encode_event(out.finish(current.finish_reason))
+                    if request.include_usage and (usage := usage_of(job.winner_answer)) is not None:
+                        yield encode_event({**out.finish(None), "choices": [], "usage": usage})
+                    yield DONE_EVENT
+                    record_usage(services, grant, job.winner_answer)
+                    return
+                elif isinstance(current, Broken | Failed):
+                    message = current.error if isinstance(current, Broken) else "every miner failed"
+                    yield encode_event(ApiError(502, f"The miner's answer broke off: {message}",
+                                                code="miner_stream_broken").body())
+                    record_usage(services, grant, job.winner_answer)
+                    return
+                current = None
+
+    headers = {**grant.headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+               "X-Request-Id": job.request_id}
+    response = Response(events(), content_type="text/event-stream", headers=headers)
+    response.timeout = None  # streams may outlive Quart's default response timeout
+    return response
+
+
+async def complete_response(services: Services, grant: Grant, request: ChatRequest, job: FanoutJob) -> Response:
+    event = await first_event(job, job.timeout_s, what="a complete answer")
+    await job.receive.aclose()
+    if isinstance(event, Failed):
+        raise failed_error(event)
+    if not isinstance(event, Complete):
+        raise ApiError(502, "The miners' answers ended without a result.", code="miners_failed")
+    answer = event.answer
+    out = ChatStream(request.model)
+    if out.model is None:
+        first = answer.raw_chunks[0] if answer.raw_chunks else {}
+        out.model = first.get("model") if isinstance(first.get("model"), str) else DEFAULT_MODEL_NAME
+    body: dict[str, Any] = {
+        "id": out.id, "object": "chat.completion", "created": out.created, "model": out.model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
+                     "finish_reason": answer.finish_reason or "stop", "logprobs": None}],
+    }
+    if (usage := usage_of(answer)) is not None:
+        body["usage"] = usage
+    record_usage(services, grant, answer)
+    return json_response(body, headers={**grant.headers, "X-Request-Id": job.request_id})
+
+
+async def mixture_job(services: Services, request: ChatRequest) -> FanoutJob:
+    """First round to several miners (up to the deadline), then one miner combines the answers."""
+    first_round = start_job(services, request, request.miner_body, mode="all")
+    with trio.move_on_after(services.settings.fanout.mixture_deadline_s):
+        await first_round.finished.wait()
+    await first_round.receive.aclose()
+    answers = [a for a in first_round.answers if a.chunks and not a.error]
+    if not answers:  # past the deadline: take what has arrived, whole or not
+        answers = [a for a in first_round.answers if a.chunks]
+    if not answers:
+        raise ApiError(502, "No miner answered the mixture's first round.", code="miners_failed",
+                       details={str(uid): e for uid, e in first_round.errors().items()})
+    final_body = dict(request.miner_body)
+    final_body["messages"] = [*request.messages, mixture_message([a.text for a in answers])]
+    asked = tuple(a.uid for a in first_round.answers)
+    return start_job(services, request, final_body, mode="stream" if request.stream else "complete",
+                     final=True, exclude=asked)
+
+
+def blueprint(services: Services) -> Blueprint:
+    bp = Blueprint("chat", __name__)
+
+    @bp.post("/v1/chat/completions")
+    @bp.post("/chat/completions")
+    async def chat_completions() -> Response:
+        grant = await authorize(services)
+        request = parse_chat_request(await json_body())
+        if request.mixture:
+            job = await mixture_job(services, request)
+        else:
+            job = start_job(services, request, request.miner_body,
+                            mode="stream" if request.stream else "complete")
+        if request.stream:
+            return await stream_response(services, grant, request, job)
+        return await complete_response(services, grant, request, job)
+
+    @bp.get("/v1/models")
+    async def models() -> Response:
+        grant = await authorize(services)
+        names = services.availability.get().models()
+        data = [{"id": name, "object": "model", "created": 0, "owned_by": "sn1"} for name in names]
+        return json_response({"object": "list", "data": data}, headers=grant.headers)
+
+    @bp.get("/status/miners")
+    async def miners_status() -> Response:
+        return json_response({"miners": services.miner_health.report(),
+                              "fanout": services.fanout.statistics()})
+
+    return bp
