@@ -1,0 +1,79 @@
+"""A gateway on real loopback HTTP whose miners are scripted (MockTransport behind the gateway)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from bittensor_core import Keypair
+
+from config.settings import (
+    AuthSettings,
+    AvailabilitySettings,
+    FanoutSettings,
+    NeuronSettings,
+    ServerSettings,
+    Settings,
+    SubnetSettings,
+    WalletSettings,
+)
+from engine.gateway import Gateway, run
+from tests.scripted_miners import Miners
+
+UIDS = (1, 2, 3)
+
+
+def settings_for(tmp_path: Path, **fanout: Any) -> Settings:
+    neurons = tuple(
+        NeuronSettings(uid=uid, hotkey=Keypair.create_from_uri(f"//miner{uid}").ss58_address,
+                       axon=f"127.0.0.1:{9000 + uid}", incentive=0.1 * uid)
+        for uid in UIDS
+    )
+    return dataclasses.replace(
+        Settings(),
+        server=ServerSettings(port=0),
+        auth=AuthSettings(keys_file=str(tmp_path / "keys.toml"), admin_key="admin"),
+        wallet=WalletSettings(uri="//Gateway"),
+        subnet=SubnetSettings(source="static", neurons=neurons),
+        availability=AvailabilitySettings(source="none"),
+        fanout=FanoutSettings(**{"miners": 3, "first_token_timeout_s": 5.0, **fanout}),
+        base_dir=str(tmp_path),
+    )
+
+
+@dataclasses.dataclass
+class Stack:
+    gateway: Gateway
+    miners: Miners
+    key: str
+    client: httpx.AsyncClient
+
+    async def chat(self, **body: Any) -> httpx.Response:
+        body.setdefault("messages", [{"role": "user", "content": "hello"}])
+        return await self.client.post("/v1/chat/completions", json=body)
+
+
+@pytest.fixture
+async def stack(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Stack]:
+    miners = Miners()
+    gateway: Gateway = await nursery.start(lambda task_status: run(
+        settings_for(tmp_path), transport=miners.transport(), task_status=task_status))
+    key, _ = await gateway.services.keys.create(1000)
+    async with httpx.AsyncClient(base_url=gateway.url, headers={"api-key": key}, timeout=30) as client:
+        yield Stack(gateway, miners, key, client)
+    gateway.shutdown()
+
+
+def sse_events(text: str) -> list[Any]:
+    events = []
+    for block in text.split("\n\n"):
+        if block.startswith("data: "):
+            data = block[6:]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
