@@ -1,0 +1,334 @@
+"""The key store's file backend and the rate limiter: exact limits, hashed storage, crash safety."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import trio
+import trio.lowlevel
+import trio.testing
+
+from actors.keystore import (
+    FileKeyStore,
+    KeyNotFound,
+    KeyStoreError,
+    KeyStoreUnavailable,
+    LegacyKey,
+    keyfile,
+    limiter,
+)
+from actors.keystore.legacy import LegacyFormatError, parse_legacy_keys
+from actors.keystore.records import Denial, Grant, InvalidRateLimit, display_prefix, key_id_of
+from tests.keys_support import wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- the limiter --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("limit", [1, 3, 7, 10, 59, 60, 61, 199, 997, 1000, 100_003])
+def test_a_burst_against_a_fresh_key_lets_exactly_the_limit_through(limit: int) -> None:
+    level: int | None = None
+    passed = 0
+    for _ in range(limit + 5):
+        outcome = limiter.take(level, 1_000, limit, 1_000)
+        if outcome.allowed:
+            level = outcome.level
+            passed += 1
+    assert passed == limit
+
+
+def test_the_bucket_refills_at_the_limit_per_minute() -> None:
+    # 6/min: after the burst, one more every 10 s, never early.
+    first = limiter.take(None, 0, 6, 0)
+    level = first.level
+    for _ in range(5):
+        level = limiter.take(level, 0, 6, 0).level
+    denied = limiter.take(level, 0, 6, 9_999)
+    assert not denied.allowed and denied.retry_after_ms == 1
+    allowed = limiter.take(level, 0, 6, 10_000)
+    assert allowed.allowed and allowed.remaining == 0
+    # After a full idle minute the whole limit is back, not more.
+    rested = limiter.take(level, 0, 6, 3_600_000)
+    assert rested.allowed and rested.remaining == 5 and rested.reset_ms == 10_000
+
+
+# -- the in-memory store (the same code as the file store, without the file) ---------------------------
+
+
+async def test_200_concurrent_checks_on_a_key_with_limit_n_pass_exactly_n(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = FileKeyStore()
+    key, _ = await store.create(37)
+    results: list[Grant | Denial] = []
+
+    async def one() -> None:
+        await trio.lowlevel.checkpoint()
+        results.append(await store.check(key))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(200):
+            nursery.start_soon(one)
+    grants = [r for r in results if isinstance(r, Grant)]
+    denials = [r for r in results if isinstance(r, Denial)]
+    assert len(grants) == 37
+    assert sorted(g.remaining for g in grants) == list(range(37))
+    assert {d.reason for d in denials} == {"rate_limited"} and len(denials) == 163
+    assert all(d.retry_after_s >= 1 for d in denials)
+    # Sixty seconds later the whole limit is available again.
+    await trio.sleep(60)
+    assert isinstance(await store.check(key), Grant)
+    assert (await store.info(key_id_of(key))).requests == 38  # type: ignore[union-attr]
+
+
+async def test_unknown_blocked_and_revoked_keys_are_denied(autojump_clock: trio.testing.MockClock) -> None:
+    store = FileKeyStore()
+    assert await store.check("sn1-nope") == Denial("unknown")
+    blocked, _ = await store.create(0)
+    verdict = await store.check(blocked)
+    assert isinstance(verdict, Denial) and verdict.reason == "blocked"
+    key, info = await store.create(5)
+    assert isinstance(await store.check(key), Grant)
+    await store.delete(info.id)  # by id
+    assert await store.check(key) == Denial("unknown")
+    with pytest.raises(KeyNotFound):
+        await store.delete(key)
+
+
+async def test_rate_limit_must_be_a_non_negative_integer() -> None:
+    store = FileKeyStore()
+    for bad in (-1, 1.5, "10", True, 10**9):
+        with pytest.raises(InvalidRateLimit):
+            await store.create(bad)  # type: ignore[arg-type]
+    key, _ = await store.create(1)
+    with pytest.raises(InvalidRateLimit):
+        await store.modify(key, -3)
+
+
+async def test_a_lower_limit_applies_to_the_next_request(autojump_clock: trio.testing.MockClock) -> None:
+    store = FileKeyStore()
+    key, _ = await store.create(100)
+    for _ in range(3):
+        assert isinstance(await store.check(key), Grant)
+    await store.modify(key, 2)
+    # The 97 requests still available are cut to the new limit at once.
+    grant = await store.check(key)
+    assert isinstance(grant, Grant) and grant.limit == 2 and grant.remaining == 1
+    assert isinstance(await store.check(key), Grant)
+    denial = await store.check(key)
+    assert isinstance(denial, Denial) and denial.limit == 2 and denial.retry_after_s == 30
+
+
+# -- the file ------------------------------------------------------------------------------------------
+
+
+async def test_keys_are_stored_hashed_with_usage_and_survive_a_restart(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    path = tmp_path / "keys.toml"
+    store = await FileKeyStore.open(path)
+    key, info = await store.create(10)
+    other, _ = await store.create(3)
+    for _ in range(4):
+        grant = await store.check(key)
+        assert isinstance(grant, Grant)
+    store.record_usage_nowait(grant.key_id, tokens=250)
+    store.record_usage_nowait(grant.key_id, tokens=12)
+    await store.flush()
+
+    text = path.read_text()
+    assert key not in text and other not in text
+    assert key[8:20] not in text  # nothing of the key beyond its display prefix
+    assert info.id == key_id_of(key) and f"[keys.{info.id}]" in text
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+    reopened = await FileKeyStore.open(path)
+    saved = await reopened.info(info.id)
+    assert saved is not None
+    assert (saved.prefix, saved.rate_limit, saved.requests, saved.tokens) == (key[:8], 10, 4, 262)
+    assert saved.last_used_at is not None
+    assert isinstance(await reopened.check(key), Grant)
+
+
+async def test_a_corrupt_file_is_a_clear_error_not_an_empty_store(tmp_path: Path) -> None:
+    path = tmp_path / "keys.toml"
+    path.write_text("version = 1\n[keys.abc\nprefix = ")
+    with pytest.raises(KeyStoreError, match=r"keys\.toml: not a valid keys file"):
+        await FileKeyStore.open(path)
+    path.write_text("version = 1\n[keys.abc]\nprefix = 'x'\nrate_limit = 1\ncreated_at = 2026-01-01T00:00:00Z\n")
+    with pytest.raises(KeyStoreError, match=r"keys\.abc: a key id is"):
+        await FileKeyStore.open(path)
+    key_id = "a" * 64
+    path.write_text(f"version = 1\n[keys.{key_id}]\nprefix = 'x'\nrate_limit = -4\n"
+                    "created_at = 2026-01-01T00:00:00Z\n")
+    with pytest.raises(KeyStoreError, match=rf"keys\.{key_id}\.rate_limit"):
+        await FileKeyStore.open(path)
+    assert not (tmp_path / "missing.toml").exists()
+    assert await (await FileKeyStore.open(tmp_path / "missing.toml")).list_keys() == []
+
+
+async def test_changes_by_another_writer_are_picked_up_and_usage_is_merged_not_overwritten(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    path = tmp_path / "keys.toml"
+    server = await FileKeyStore.open(path)
+    key, info = await server.create(5)
+    for _ in range(3):
+        assert isinstance(await server.check(key), Grant)
+
+    cli = await FileKeyStore.open(path)  # another writer, as `sn1-gateway keys` is
+    await cli.modify(key, 9)
+    new_key, _ = await cli.create(4)
+
+    # The server flushes its usage before it has noticed the change: the change must survive.
+    await server.flush()
+    on_disk = keyfile.read(path).keys
+    assert on_disk[info.id].rate_limit == 9 and on_disk[info.id].requests == 3
+    assert key_id_of(new_key) in on_disk
+    assert isinstance(await server.check(new_key), Grant)
+
+    await cli.delete(key)
+    assert await server.reload_if_changed()
+    assert await server.check(key) == Denial("unknown")
+    assert not await server.reload_if_changed()
+
+
+async def test_maintain_reloads_within_a_second_and_flushes_usage(tmp_path: Path) -> None:
+    path = tmp_path / "keys.toml"
+    server = await FileKeyStore.open(path, flush_interval_s=0.5)
+    writer = await FileKeyStore.open(path)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.maintain)
+            key, info = await writer.create(2)
+
+            async def granted() -> bool:
+                return isinstance(await server.check(key), Grant)
+
+            assert await wait_until(granted) < 1.0
+            server.record_usage_nowait(info.id, tokens=7)
+
+            async def flushed() -> bool:
+                return keyfile.read(path).keys[info.id].tokens == 7
+
+            await wait_until(flushed)
+            assert keyfile.read(path).keys[info.id].requests == 1
+
+            await writer.delete(key)
+
+            async def revoked() -> bool:
+                return await server.check(key) == Denial("unknown")
+
+            assert await wait_until(revoked) < 1.0
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_file_corrupted_while_serving_keeps_the_last_good_keys(tmp_path: Path) -> None:
+    path = tmp_path / "keys.toml"
+    server = await FileKeyStore.open(path, watch_interval_s=0.02, flush_interval_s=0.05)
+    key, _ = await server.create(50)
+    path.write_text("garbage = [")
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.maintain)
+
+            async def noticed() -> bool:
+                return server.health()["last_error"] is not None
+
+            await wait_until(noticed)
+            assert "not a valid keys file" in server.health()["last_error"]
+            assert isinstance(await server.check(key), Grant)
+            with pytest.raises(KeyStoreUnavailable):
+                await server.create(1)
+            await trio.sleep(0.3)  # usage flushes fail and keep their counts
+            nursery.cancel_scope.cancel()
+    assert path.read_text() == "garbage = ["
+    assert server.health()["unflushed_usage"]
+
+
+async def test_import_of_the_predecessors_file(tmp_path: Path) -> None:
+    text = '{"abcdefghijklmnopqrstuvwxyz012345": {"rate_limit": 10, "usage": 42}, "shortkey": {"rate_limit": 0}}'
+    entries = parse_legacy_keys(text, "api_keys.json")
+    assert entries == [LegacyKey("abcdefghijklmnopqrstuvwxyz012345", 10, 42), LegacyKey("shortkey", 0, 0)]
+    store = await FileKeyStore.open(tmp_path / "keys.toml")
+    report = await store.import_keys(entries)
+    assert (report.added, report.skipped) == (2, 0)
+    assert (await store.import_keys(entries)).skipped == 2
+    info = await store.info(key_id_of("abcdefghijklmnopqrstuvwxyz012345"))
+    assert info is not None and (info.prefix, info.rate_limit, info.requests) == ("abcdefgh", 10, 42)
+    assert display_prefix("shortkey") == "sh"
+    assert "shortkey" not in (tmp_path / "keys.toml").read_text()
+
+    for bad, message in [
+        ("[1, 2]", "expected an object"),
+        ('{"k1234567": {"rate_limit": -1}}', r"entry 1 \(k1\.\.\.\): rate_limit"),
+        ('{"k1234567": {"rate_limit": 1, "usage": "x"}}', "usage"),
+        ("{", "not valid JSON"),
+    ]:
+        with pytest.raises(LegacyFormatError, match=message):
+            parse_legacy_keys(bad, "api_keys.json")
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys
+    from dataclasses import replace
+    from pathlib import Path
+
+    from actors.keystore import keyfile
+    from actors.keystore.records import KeyInfo
+
+    path = Path(sys.argv[1])
+    round = 0
+    print("writing", flush=True)
+    while True:
+        round += 1
+
+        def change(keys, round=round):
+            # Every write sets every key to the same generation; a torn or mixed file would show.
+            for key_id in list(keys):
+                keys[key_id] = replace(keys[key_id], rate_limit=round, requests=round)
+            if len(keys) < 400:
+                key_id = f"{len(keys):064x}"
+                keys[key_id] = KeyInfo(key_id, "sn1-test", round, 1.0e9, requests=round)
+
+        keyfile.transact(path, change)
+    """
+)
+
+
+def test_a_writer_killed_at_random_moments_always_leaves_a_loadable_file(tmp_path: Path) -> None:
+    path = tmp_path / "keys.toml"
+    script = tmp_path / "writer.py"
+    script.write_text(CHILD)
+    rng = random.Random(1234)
+    generations = []
+    for _ in range(12):
+        child = subprocess.Popen([sys.executable, str(script), str(path)], cwd=ROOT, stdout=subprocess.PIPE)
+        assert child.stdout is not None and child.stdout.readline() == b"writing\n"
+        trio_free_sleep = rng.uniform(0.02, 0.25)
+        try:
+            child.wait(timeout=trio_free_sleep)
+        except subprocess.TimeoutExpired:
+            os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        child.stdout.close()
+        assert child.returncode == -signal.SIGKILL
+        snapshot = keyfile.read(path)  # raises on a torn file
+        values = {(info.rate_limit, info.requests) for info in snapshot.keys.values()}
+        assert len(values) <= 1, "a file mixing two writes"
+        if values:
+            generations.append(values.pop()[0])
+    assert len(generations) >= 10 and max(generations) > 1
+    # The next writer cleans up the temporary files of writers killed mid-write.
+    keyfile.transact(path, lambda keys: None)
+    assert list(tmp_path.glob(".keys.toml.*.tmp")) == []
