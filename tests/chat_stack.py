@@ -42,7 +42,7 @@ def settings_for(tmp_path: Path, **fanout: Any) -> Settings:
         wallet=WalletSettings(uri="//Gateway"),
         subnet=SubnetSettings(source="static", neurons=neurons),
         availability=AvailabilitySettings(source="none"),
-        fanout=FanoutSettings(**{"miners": 3, "first_token_timeout_s": 5.0, **fanout}),
+        fanout=FanoutSettings(**{"miners": 3, "first_token_timeout_s": 1.5, **fanout}),
         base_dir=str(tmp_path),
     )
 

@@ -75,7 +75,7 @@ async def test_all_miners_failing_is_502_with_reasons(stack: Stack) -> None:
 
 async def test_no_first_token_in_budget_is_504(stack: Stack) -> None:
     for port in (9001, 9002, 9003):
-        stack.miners.scripts[port] = answer(["late"], first_delay=8.0)
+        stack.miners.scripts[port] = answer(["late"], first_delay=3.0)
     response = await stack.chat(stream=True)
     assert response.status_code == 504
     assert response.json()["error"]["type"] == "timeout_error"
