@@ -41,14 +41,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
+def start_redis(port: int) -> subprocess.Popen[bytes]:
+    """A redis-server on 127.0.0.1:`port`, answering PING (blocking, up to 10 s)."""
     exe = shutil.which("redis-server")
     if exe is None:
         if os.environ.get("CI"):
             pytest.fail("redis-server is not installed, and CI is set: .ci/run should have installed it")
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    port = free_port()
     proc = subprocess.Popen(
         [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
          "--daemonize", "no", "--loglevel", "warning"],
@@ -56,25 +55,36 @@ def redis_server() -> Iterator[RedisServer]:
         stderr=subprocess.DEVNULL,
     )
     server = RedisServer(port)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                if server.command("PING").startswith(b"+PONG"):
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not start on port {port}")
-            time.sleep(0.02)
-        yield server
-    finally:
-        proc.terminate()
+    deadline = time.monotonic() + 10
+    while True:
         try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            if server.command("PING").startswith(b"+PONG"):
+                return proc
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_redis(proc)
+            raise RuntimeError(f"redis-server did not start on port {port}")
+        time.sleep(0.02)
+
+
+def stop_redis(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    port = free_port()
+    proc = start_redis(port)
+    try:
+        yield RedisServer(port)
+    finally:
+        stop_redis(proc)
 
 
 @pytest.fixture
