@@ -173,3 +173,14 @@ async def test_a_corrupt_keys_file_stops_the_gateway_at_start(tmp_path: Path) ->
         async with running_gateway(settings_in(tmp_path)):
             pytest.fail("the gateway started on a corrupt keys file")
     assert (tmp_path / "keys.toml").read_text() == "[keys\n"
+
+
+async def test_usage_is_saved_when_the_gateway_stops(tmp_path: Path) -> None:
+    async with running_gateway(settings_in(tmp_path)) as (gateway, client):
+        key = (await client.post("/create-api-key/", params={"rate_limit": 50}, headers=ADMIN)).json()["api_key"]
+        for _ in range(3):
+            assert (await client.get("/api_management/whoami", headers={"Authorization": f"Bearer {key}"})
+                    ).status_code == 200
+        gateway.services.keys.record_usage_nowait(key_id_of(key), tokens=123)
+    saved = keyfile.read(tmp_path / "keys.toml").keys[key_id_of(key)]
+    assert (saved.requests, saved.tokens) == (3, 123)

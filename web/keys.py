@@ -32,13 +32,12 @@ def not_found() -> ApiError:
 
 def blueprint(services: Services) -> Blueprint:
     bp = Blueprint("keys", __name__)
-    store = services.keys
 
     async def create_key() -> Response:
         admin_required(services)
         rate_limit = rate_limit_arg()
         try:
-            api_key, info = await store.create(rate_limit)
+            api_key, info = await services.keys.create(rate_limit)
         except KeyStoreUnavailable as exc:
             raise store_unavailable() from exc
         log.info("API key %s (id %s) created, rate limit %d/min", info.prefix, info.id[:16], rate_limit)
@@ -48,7 +47,7 @@ def blueprint(services: Services) -> Blueprint:
         admin_required(services)
         rate_limit = rate_limit_arg()
         try:
-            info = await store.modify(api_key, rate_limit)
+            info = await services.keys.modify(api_key, rate_limit)
         except KeyNotFound:
             raise not_found() from None
         except KeyStoreUnavailable as exc:
@@ -59,7 +58,7 @@ def blueprint(services: Services) -> Blueprint:
     async def delete_key(api_key: str) -> Response:
         admin_required(services)
         try:
-            info = await store.delete(api_key)
+            info = await services.keys.delete(api_key)
         except KeyNotFound:
             raise not_found() from None
         except KeyStoreUnavailable as exc:
@@ -80,7 +79,7 @@ def blueprint(services: Services) -> Blueprint:
     async def list_keys() -> Response:
         admin_required(services)
         try:
-            keys = await store.list_keys()
+            keys = await services.keys.list_keys()
         except KeyStoreUnavailable as exc:
             raise store_unavailable() from exc
         return json_response({"object": "list", "data": [info.as_dict() for info in keys]})
@@ -89,7 +88,7 @@ def blueprint(services: Services) -> Blueprint:
     async def whoami() -> Response:
         grant = await authorize(services)
         try:
-            info = await store.info(grant.key_id)
+            info = await services.keys.info(grant.key_id)
         except KeyStoreUnavailable as exc:
             raise store_unavailable() from exc
         if info is None:  # deleted between the check and now

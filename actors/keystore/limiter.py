@@ -9,13 +9,12 @@ at some N). The Redis backend runs the same arithmetic in Lua (`CHECK_SCRIPT`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 UNIT = 60_000  # one request, in level units: the milliseconds in the one-minute window
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
     allowed: bool
     level: int  # the bucket's level after this request
     remaining: int  # requests that could be sent right now
