@@ -195,3 +195,10 @@ async def test_two_gateway_processes_share_one_limit_and_see_a_revocation_at_onc
             listed = json.loads((await cli("keys", "list", "--json", "--config", config, cwd=tmp_path)).stdout)
             assert [entry["id"] for entry in listed] == [key_id_of(key)]
             assert listed[0]["usage"]["requests"] == 11
+
+
+async def test_a_redis_url_that_is_not_one_is_refused() -> None:
+    for url in ("http://127.0.0.1:6379/0", "redis://", "127.0.0.1:6379", "redis://h:port/0"):
+        with pytest.raises(KeyStoreError, match=r"auth\.redis_url"):
+            async with RedisKeyStore.connect(url):
+                pytest.fail(f"accepted {url}")

@@ -68,6 +68,8 @@ def signature(path: Path) -> Signature | None:
         st = os.stat(path)
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        raise KeyStoreError(f"{path}: cannot be read: {exc}") from exc
     return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 

@@ -134,6 +134,12 @@ class RedisKeyStore:
         from coredis.exceptions import RedisError
 
         timeout_s = kw.get("timeout_s", 2.0)
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+            raise KeyStoreError(
+                f"auth.redis_url: expected redis://host:port/db (or rediss://, unix://), found "
+                f"{describe_url(url)!r}"
+            )
         try:
             client = coredis.Redis.from_url(
                 url, decode_responses=True, connect_timeout=timeout_s, stream_timeout=timeout_s
