@@ -65,6 +65,12 @@ class StaticSource:
 
 
 class SubnetActor:
+    """Reads the metagraph every `interval_s`; after a failure it retries sooner (`retry_s`, doubling).
+
+    A read that takes longer than `fetch_timeout_s` counts as a failure; its worker thread is
+    abandoned (the source refuses to start another read while one is still running).
+    """
+
     def __init__(
         self,
         source: MetagraphSource,
@@ -73,10 +79,14 @@ class SubnetActor:
         interval_s: float,
         cache_path: str | None = None,
         wall_clock: Callable[[], float] = time.time,
+        retry_s: float = 10.0,
+        fetch_timeout_s: float = 120.0,
     ) -> None:
         self.source = source
         self.cell = cell
         self.interval_s = interval_s
+        self.retry_s = retry_s
+        self.fetch_timeout_s = fetch_timeout_s
         self.cache_path = Path(cache_path) if cache_path else None
         self.wall_clock = wall_clock
         self.last_error: str | None = None
@@ -87,20 +97,30 @@ class SubnetActor:
                   ) -> None:
         if self.cell.get().fetched_at is None and self.cache_path is not None:
             await self._load_cache()
-        await self.sync_once()
+        ok = await self.sync_once()
         task_status.started(self.cell)
+        retry = self.retry_s
         while True:
-            await trio.sleep(self.interval_s)
-            await self.sync_once()
+            if ok:
+                retry = self.retry_s
+                await trio.sleep(self.interval_s)
+            else:
+                await trio.sleep(min(retry, self.interval_s))
+                retry = min(retry * 2, self.interval_s)
+            ok = await self.sync_once()
 
     async def sync_once(self) -> bool:
         """Fetch once; on failure keep the last good snapshot. Returns whether it succeeded."""
         try:
-            snapshot = await trio.to_thread.run_sync(self.source.fetch, abandon_on_cancel=True)
-        except SubnetUnavailable as exc:
+            with trio.fail_after(self.fetch_timeout_s):
+                snapshot = await trio.to_thread.run_sync(self.source.fetch, abandon_on_cancel=True)
+        except (SubnetUnavailable, trio.TooSlowError) as exc:
             self.failures += 1
-            self.last_error = str(exc)
-            log.warning("metagraph from %s unavailable (%s); serving the last good one", self.source.name, exc)
+            self.last_error = (
+                str(exc) if isinstance(exc, SubnetUnavailable) else f"no answer within {self.fetch_timeout_s:g}s"
+            )
+            log.warning("metagraph from %s unavailable (%s); serving the last good one",
+                        self.source.name, self.last_error)
             return False
         self.cell.publish(snapshot)
         self.syncs += 1
@@ -122,12 +142,20 @@ class SubnetActor:
         path = self.cache_path
         try:
             text = await trio.to_thread.run_sync(path.read_text)
-            snapshot = SubnetSnapshot.from_dict(json.loads(text))
+            cached = SubnetSnapshot.from_dict(json.loads(text))
         except FileNotFoundError:
             return
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("ignoring the unreadable metagraph cache %s: %s", path, exc)
             return
+        if cached.netuid != self.cell.get().netuid:
+            log.warning("ignoring the metagraph cache %s: it holds netuid %d, not %d",
+                        path, cached.netuid, self.cell.get().netuid)
+            return
+        # Marked as coming from the cache, so /health/ready shows what is being served.
+        snapshot = SubnetSnapshot.of(
+            cached.netuid, cached.neurons, block=cached.block, fetched_at=cached.fetched_at, source="cache"
+        )
         self.cell.publish(snapshot)
         log.info("serving the cached metagraph from %s (%d neurons)", path, len(snapshot.neurons))
 

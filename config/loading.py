@@ -7,6 +7,9 @@ and what was found, so an operator can fix a typo without reading code.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import json
+import math
 import os
 import typing
 from collections.abc import Mapping
@@ -26,14 +29,22 @@ class ConfigError(Exception):
 
 
 def describe(value: object) -> str:
+    """A value as the operator wrote it, in TOML spelling, with its kind: `a string "8o"`."""
     kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
     kind = kinds.get(type(value))
     if kind is None:
         kind = "a table" if isinstance(value, Mapping) else "an array" if isinstance(value, list) else "a value"
-    text = repr(value) if not isinstance(value, Mapping | list) else ""
+    if isinstance(value, Mapping | list):
+        return kind
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, str):
+        text = json.dumps(value, ensure_ascii=False)
+    else:
+        text = str(value)
     if len(text) > 60:
         text = text[:57] + "..."
-    return f"{kind} {text}".strip()
+    return f"{kind} {text}"
 
 
 def _expected(tp: Any) -> str:
@@ -75,6 +86,8 @@ def _convert(tp: Any, value: Any, where: str, meta: Mapping[str, Any]) -> Any:
     if not ok:
         raise ConfigError(f"{where}: expected {_expected(tp)}, found {describe(value)}")
     plain: Any = tp(value)
+    if tp is float and not math.isfinite(plain):
+        raise ConfigError(f"{where}: expected a finite number, found {describe(value)}")
     low, high = meta.get("min"), meta.get("max")
     if (low is not None and plain < low) or (high is not None and plain > high):
         bounds = (
@@ -90,8 +103,11 @@ def _build(cls: type[T], data: Mapping[str, Any], where: str) -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}  # type: ignore[arg-type]
     for key in data:
         if key not in fields:
+            dotted = f"{where}.{key}" if where else key
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
             known = ", ".join(fields)
-            raise ConfigError(f"{where}.{key}: unknown key (known keys here: {known})".lstrip("."))
+            raise ConfigError(f"{dotted}: unknown key ({hint}expected one of: {known})")
     values = {}
     for name, f in fields.items():
         if name in data:

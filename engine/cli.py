@@ -67,6 +67,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     except FileExistsError:
         print(f"{args.file}: already exists; use --force to replace it", file=sys.stderr)
         return 1
+    except OSError as exc:
+        print(f"{args.file}: cannot be written: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     print(f"wrote {path}; check it with: sn1-gateway check-config {path}")
     return 0
 

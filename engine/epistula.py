@@ -12,8 +12,8 @@ import re
 import time
 import uuid as uuidlib
 from collections import OrderedDict
-from collections.abc import Callable, Container, Mapping
-from typing import Any
+from collections.abc import Callable, Container, Iterable, Mapping
+from typing import Any, Protocol
 
 from bittensor_core import Keypair
 
@@ -21,10 +21,18 @@ VERSION = "2"
 MAX_AGE_MS = 8_000
 MAX_FUTURE_SKEW_MS = 2_000
 MAX_HEADER_VALUE = 256
-_HEADER_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+_HEADER_NAME = re.compile(r"[A-Za-z0-9_\-]{1,64}")  # with fullmatch: a `$` anchor lets "task\n" through
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
+MAX_ROUTING_HEADERS = 32
 # Body fields that are never copied into headers.
 _NOT_ROUTED = frozenset({"messages", "model", "stream"})
+# Header names a client's body field must never set: HTTP framing, hop-by-hop, credentials, and the
+# headers the gateway sets itself (compared in lower case; `epistula-*` is refused by prefix).
+_RESERVED_HEADERS = frozenset({
+    "host", "content-length", "content-type", "content-encoding", "transfer-encoding", "connection",
+    "keep-alive", "upgrade", "te", "trailer", "expect", "proxy-authorization", "proxy-connection",
+    "authorization", "cookie", "accept", "accept-encoding", "user-agent", "x-client-timeout",
+})
 
 
 def _now_ms() -> int:
@@ -91,6 +99,12 @@ class BadSignature(EpistulaError):
     code = "bad_signature"
 
 
+class HeaderItems(Protocol):
+    """Request headers as any framework hands them: a mapping, or werkzeug's `Headers`."""
+
+    def items(self) -> Iterable[tuple[str, str]]: ...
+
+
 class Verifier:
     """Checks inbound Epistula requests for one receiver, with replay protection inside the window."""
 
@@ -113,7 +127,7 @@ class Verifier:
         self._seen: OrderedDict[str, int] = OrderedDict()  # uuid -> timestamp, oldest first
         self._keypairs: dict[str, Keypair] = {}
 
-    def verify(self, headers: Mapping[str, str], body: bytes) -> str:
+    def verify(self, headers: HeaderItems, body: bytes) -> str:
         """Verify; return the signer's address or raise a specific `EpistulaError`."""
         get = {k.lower(): v for k, v in headers.items()}.get
         names = ("timestamp", "uuid", "signed-by", "signed-for", "request-signature")
@@ -192,14 +206,25 @@ def header_value(value: Any) -> str | None:
 
 
 def routing_headers(body: Mapping[str, Any], *, client_timeout_s: float | None = None) -> dict[str, str]:
-    """Plain headers that deployed miners route on: each top-level field but messages/model/stream."""
+    """Plain headers that deployed miners route on: each top-level field but messages/model/stream.
+
+    The body comes from a client, so names are limited to plain tokens that cannot set framing,
+    credentials or the gateway's own headers, values to one bounded line, and the count is capped.
+    """
     headers: dict[str, str] = {}
+    taken: set[str] = set()
     for key, value in body.items():
-        if key in _NOT_ROUTED or not _HEADER_NAME.match(key) or key.lower().startswith("epistula"):
+        if len(headers) >= MAX_ROUTING_HEADERS:
+            break
+        if not isinstance(key, str) or key in _NOT_ROUTED or not _HEADER_NAME.fullmatch(key):
+            continue
+        lower = key.lower()
+        if lower in _RESERVED_HEADERS or lower.startswith("epistula") or lower in taken:
             continue
         text = header_value(value)
         if text is not None:
             headers[key] = text
+            taken.add(lower)
     if client_timeout_s is not None:
         headers["X-Client-Timeout"] = f"{client_timeout_s:g}"
     return headers

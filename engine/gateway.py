@@ -12,6 +12,7 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TYPE_CHECKING
 
 import httpx
 import trio
@@ -31,6 +32,9 @@ from engine.services import Services
 from engine.snapshot import SnapshotCell
 from engine.subnet import SubnetSnapshot
 from engine.supervisor import Supervisor
+
+if TYPE_CHECKING:
+    from quart_trio import QuartTrio
 
 log = logging.getLogger("sn1_gateway")
 
@@ -86,6 +90,10 @@ def make_http_client(settings: Settings, transport: httpx.AsyncBaseTransport | N
 def metagraph_source(settings: Settings) -> MetagraphSource:
     if settings.subnet.source == "static":
         return StaticSource(settings)
+    if settings.subnet.source == "chain":
+        from actors.chain import ChainSource  # imports bittensor's chain client only when used
+
+        return ChainSource(settings.subnet.netuid, settings.subnet.network)
     raise NotImplementedError(f"subnet.source = {settings.subnet.source!r} is not available yet")
 
 
@@ -95,9 +103,14 @@ async def run(
     source: MetagraphSource | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
     supervisor: Supervisor | None = None,
+    app_hook: Callable[[QuartTrio], None] | None = None,
     task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the gateway until `Gateway.shutdown()` is called (or the caller cancels)."""
+    """Run the gateway until `Gateway.shutdown()` is called (or the caller cancels).
+
+    `app_hook`, when given, is called with the application before it serves: the extension point
+    for tests and embedders to add routes or middleware (it gets the app with every route in place).
+    """
     from web.app import create_app  # the web layer sits above the engine
 
     supervisor = supervisor or Supervisor()
@@ -139,6 +152,8 @@ async def run(
         services.health["fanout"] = fanout.statistics
 
         app = create_app(services)
+        if app_hook is not None:
+            app_hook(app)
         shutdown, stopped = trio.Event(), trio.Event()
         try:
             async with trio.open_nursery() as server:

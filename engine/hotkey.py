@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from bittensor_core import Keypair
 
@@ -25,11 +26,20 @@ def load_hotkey(wallet: WalletSettings) -> Keypair:
     path = os.path.expanduser(wallet.path)
     keyfile = os.path.join(path, wallet.name, "hotkeys", wallet.hotkey)
     try:
-        return bt.Wallet(wallet.name, wallet.hotkey, path).hotkey
+        hotkey_file = bt.Wallet(wallet.name, wallet.hotkey, path).hotkey_file
+        if hotkey_file.is_encrypted() and not sys.stdin.isatty() and not os.environ.get(hotkey_file.env_var_name()):
+            # bittensor would ask for the password on a terminal there is none of, or read stdin
+            raise HotkeyError(
+                f"the hotkey at {keyfile} is encrypted and there is no terminal to ask for its password; "
+                f"use an unencrypted hotkey (as validators usually do) or set {hotkey_file.env_var_name()}"
+            )
+        return hotkey_file.get_keypair()
     except FileNotFoundError as exc:
         raise HotkeyError(
             f"no hotkey at {keyfile} (wallet.name = {wallet.name!r}, wallet.hotkey = {wallet.hotkey!r}, "
             f"wallet.path = {wallet.path!r}); create one with btcli, or set wallet.uri for development"
         ) from exc
-    except Exception as exc:  # unreadable, encrypted without a password, corrupt
+    except HotkeyError:
+        raise
+    except Exception as exc:  # unreadable, a bad password, corrupt: the binding raises assorted errors
         raise HotkeyError(f"cannot load the hotkey at {keyfile}: {exc}") from exc

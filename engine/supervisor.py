@@ -29,15 +29,18 @@ class ActorState:
     restarts: int = 0
     last_error: str | None = None
     since: float = 0.0
-    next_attempt_in_s: float | None = None
+    retry_at: float | None = None  # trio time of the next start attempt, while restarting
 
     def as_dict(self, now: float) -> dict[str, Any]:
-        return {
+        report: dict[str, Any] = {
             "status": self.status,
             "restarts": self.restarts,
             "last_error": self.last_error,
             "for_s": round(now - self.since, 3),
         }
+        if self.status == "restarting" and self.retry_at is not None:
+            report["next_attempt_in_s"] = round(max(0.0, self.retry_at - now), 3)
+        return report
 
 
 def describe_error(exc: BaseException) -> str:
@@ -84,7 +87,7 @@ class Supervisor:
             try:
                 async with trio.open_nursery() as inner:
                     handle = await inner.start(actor.run)
-                    state.status, state.since = "running", trio.current_time()
+                    state.status, state.since, state.retry_at = "running", trio.current_time(), None
                     if first:
                         first = False
                         task_status.started(handle)
@@ -105,6 +108,8 @@ class Supervisor:
                     raise error
                 return
             state.status, state.since = "restarting", trio.current_time()
-            log.warning("actor %s crashed (%s); restarting in %.1fs", name, state.last_error, backoff)
+            state.retry_at = state.since + backoff
+            log.warning("actor %s crashed (%s); restarting in %.1fs", name, state.last_error, backoff,
+                        exc_info=error)
             await trio.sleep(backoff)
             backoff = min(backoff * 2, self.max_backoff_s)

@@ -1,0 +1,125 @@
+"""The `sn1-gateway` command line: init, check-config, and how operator errors end a command."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from config.loading import load_settings
+from config.settings import Settings
+from config.template import render_default
+from engine.cli import main
+
+GOOD = """
+[server]
+port = 0
+[wallet]
+uri = "//Alice"
+[subnet]
+source = "static"
+[availability]
+source = "none"
+[scoring]
+enabled = false
+"""
+
+
+def test_init_writes_the_commented_default_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "gw.toml"
+    assert main(["init", str(path)]) == 0
+    assert path.read_text(encoding="utf-8") == render_default()
+    assert path.read_text(encoding="utf-8").startswith("# sn1-gateway configuration.")
+    assert f"check it with: sn1-gateway check-config {path}" in capsys.readouterr().out
+    assert load_settings(path, environ={}).server == Settings().server
+
+
+def test_init_without_a_name_writes_sn1_gateway_toml_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["init"]) == 0
+    assert (tmp_path / "sn1-gateway.toml").read_text(encoding="utf-8") == render_default()
+
+
+def test_init_refuses_to_overwrite_without_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "gw.toml"
+    path.write_text("# my settings\n", encoding="utf-8")
+    assert main(["init", str(path)]) == 1
+    assert f"{path}: already exists; use --force to replace it" in capsys.readouterr().err
+    assert path.read_text(encoding="utf-8") == "# my settings\n"
+    assert main(["init", "--force", str(path)]) == 0
+    assert path.read_text(encoding="utf-8") == render_default()
+
+
+def test_init_into_a_missing_folder_is_one_line_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "no" / "such" / "gw.toml"
+    assert main(["init", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"{path}: cannot be written: No such file or directory\n"
+
+
+def test_check_config_accepts_a_good_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "gw.toml"
+    path.write_text(GOOD, encoding="utf-8")
+    assert main(["check-config", str(path)]) == 0
+    assert capsys.readouterr().out == f"{path}: OK\n"
+
+
+def test_check_config_exits_2_with_one_line_naming_the_problem(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "gw.toml"
+    path.write_text("[fanout]\nminers = \"five\"\n", encoding="utf-8")
+    assert main(["check-config", str(path)]) == 2
+    assert capsys.readouterr().err == (
+        f'error: {path}: fanout.miners: expected an integer, found a string "five"\n'
+    )
+
+
+def test_check_config_of_a_missing_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", str(tmp_path / "absent.toml")]) == 2
+    assert "absent.toml: no such file" in capsys.readouterr().err
+
+
+def test_serve_with_a_bad_file_exits_2_before_starting(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "gw.toml"
+    path.write_text("[server]\nport = -1\n", encoding="utf-8")
+    assert main(["serve", "--config", str(path)]) == 2
+    assert "server.port: expected an integer between 0 and 65535, found an integer -1" in capsys.readouterr().err
+
+
+def test_serve_with_a_missing_wallet_exits_1_naming_the_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "gw.toml"
+    wallets = tmp_path / "wallets"
+    path.write_text(GOOD.replace('uri = "//Alice"', f'path = "{wallets}"\nname = "val"'), encoding="utf-8")
+    assert main(["serve", "--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: no hotkey at ")
+    assert str(wallets / "val" / "hotkeys" / "default") in err
+    assert "Traceback" not in err
+
+
+def test_serve_with_an_unknown_chain_network_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "gw.toml"
+    path.write_text(GOOD.replace('source = "static"', 'source = "chain"\nnetwork = "fineny"'), encoding="utf-8")
+    assert main(["serve", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: subnet.network: Unknown network 'fineny'")
+
+
+def test_the_console_script_reports_config_errors_with_status_2(tmp_path: Path) -> None:
+    path = tmp_path / "gw.toml"
+    path.write_text("[server]\nhots = \"0.0.0.0\"\n", encoding="utf-8")
+    script = Path(sys.executable).with_name("sn1-gateway")
+    done = subprocess.run([str(script), "check-config", str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr == f"error: {path}: server.hots: unknown key (did you mean 'host'? expected one of: " \
+                          "host, port, max_body_bytes, drain_timeout_s)\n"
+    assert done.stdout == ""
