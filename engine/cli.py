@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -16,6 +17,9 @@ from actors.keystore import commands as keys_commands
 from config.loading import ConfigError, default_settings, load_settings
 from config.settings import Settings
 from engine.hotkey import HotkeyError
+
+if TYPE_CHECKING:
+    from engine.gateway import Gateway
 
 DEFAULT_CONFIG = "sn1-gateway.toml"
 
@@ -41,21 +45,44 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return load_settings(path)
 
 
+def on_ready(gateway: Gateway) -> None:
+    """The banner printed once the gateway serves (`serve`, and `serve --devnet`)."""
+    print(f"sn1-gateway listening on {gateway.url}  (Ctrl-C to stop)", flush=True)
+    settings = gateway.services.settings
+    if settings.subnet.source == "devnet":
+        neurons = gateway.services.subnet.get().neurons
+        miners = sum(1 for n in neurons if not n.validator_permit)
+        print(f"devnet: {miners} simulated miners; validator at {settings.scoring.validator}", flush=True)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    from engine.gateway import Gateway, serve_until_signalled
+    from engine.gateway import serve_until_signalled
 
     settings = settings_from(args)
     if args.devnet:
-        settings = dataclasses.replace(
-            settings,
-            subnet=dataclasses.replace(settings.subnet, source="static", neurons=()),
-            wallet=dataclasses.replace(settings.wallet, uri=settings.wallet.uri or "//Alice"),
-        )
+        from devnet.network import serve_with_devnet
 
-    def on_ready(gateway: Gateway) -> None:
-        print(f"sn1-gateway listening on {gateway.url}  (Ctrl-C to stop)", flush=True)
+        trio.run(partial(serve_with_devnet, settings, on_ready=on_ready))
+    else:
+        trio.run(partial(serve_until_signalled, settings, on_ready=on_ready))
+    return 0
 
-    trio.run(lambda: serve_until_signalled(settings, on_ready=on_ready))
+
+def cmd_devnet(args: argparse.Namespace) -> int:
+    from devnet.network import Devnet, run_until_signalled
+
+    faults = tuple(args.faults.split(",")) if args.faults else ()
+
+    def ready(devnet: Devnet) -> None:
+        print(devnet.config_toml(), flush=True)
+        print(f"# devnet: {len(devnet.miners)} miners and a validator are running; Ctrl-C to stop",
+              file=sys.stderr, flush=True)
+
+    async def main() -> None:
+        devnet = Devnet(miners=args.miners, faults=faults, gateway_uri=args.gateway_uri)
+        await run_until_signalled(devnet, on_ready=ready)
+
+    trio.run(main)
     return 0
 
 
@@ -102,6 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", metavar="FILE")
     check.set_defaults(func=cmd_check_config)
 
+    devnet = sub.add_parser("devnet", help="run a local simulated subnet and print the config that uses it")
+    devnet.add_argument("--miners", type=int, default=5, metavar="N", help="simulated miners (default 5)")
+    devnet.add_argument("--faults", default="", metavar="LIST",
+                        help="fault mode per miner in uid order, comma-separated: slow_first_token, "
+                             "slow_tokens, http_500, refuse, hang_after_headers, stop_mid_stream, "
+                             "invalid_json, no_done, bench; empty for healthy (e.g. ',http_500,refuse')")
+    devnet.add_argument("--gateway-uri", default="//devnet/gateway", metavar="URI",
+                        help="keypair URI of the gateway whose requests the devnet accepts")
+    devnet.set_defaults(func=cmd_devnet)
+
     keys_commands.add_parser(sub, settings_from)
     return parser
 
@@ -112,6 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:  # one line per devnet server start and per availability poll is noise
+        logging.getLogger("sn1_gateway.devnet.http").setLevel(logging.WARNING)
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     func: Command = args.func
     try:
         return func(args)

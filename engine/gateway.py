@@ -94,6 +94,12 @@ def metagraph_source(settings: Settings) -> MetagraphSource:
         from actors.chain import ChainSource  # imports bittensor's chain client only when used
 
         return ChainSource(settings.subnet.netuid, settings.subnet.network)
+    if settings.subnet.source == "devnet":
+        from config.loading import ConfigError
+
+        raise ConfigError("subnet.source = \"devnet\": the devnet runs inside this process only with "
+                          "`sn1-gateway serve --devnet`; for a devnet in another process use the [subnet] "
+                          "that `sn1-gateway devnet` prints (source = \"static\")")
     raise NotImplementedError(f"subnet.source = {settings.subnet.source!r} is not available yet")
 
 

@@ -1,0 +1,178 @@
+"""The devnet: N simulated miners and one simulated validator, each a real server on loopback.
+
+`await nursery.start(devnet.run)` starts them all. The gateway then needs `devnet.source` (its
+metagraph) and `devnet.configure(settings)` (the settings that point it at the devnet); or, for a
+gateway in another process, `devnet.config_toml()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import tomlkit
+import trio
+from bittensor_core import Keypair
+
+from config.loading import ConfigError
+from config.settings import Settings
+from devnet.miner import Miner, MinerFault, MinerTiming, parse_faults
+from devnet.validator import Validator
+from engine.subnet import Neuron, SubnetSnapshot
+
+if TYPE_CHECKING:
+    from engine.gateway import Gateway
+
+DEFAULT_GATEWAY_URI = "//devnet/gateway"
+
+
+class DevnetSource:
+    """The devnet's metagraph, as a MetagraphSource for the gateway's SubnetActor."""
+
+    name = "devnet"
+
+    def __init__(self, netuid: int, neurons: Sequence[Neuron]) -> None:
+        self.netuid = netuid
+        self.neurons = tuple(neurons)
+
+    def fetch(self) -> SubnetSnapshot:
+        return SubnetSnapshot.of(self.netuid, self.neurons, source="devnet", fetched_at=time.time())
+
+
+class Devnet:
+    def __init__(
+        self,
+        *,
+        miners: int = 5,
+        faults: Sequence[MinerFault | str] = (),
+        gateway_uri: str = DEFAULT_GATEWAY_URI,
+        netuid: int = 1,
+        timing: MinerTiming | None = None,
+        validator_poll_s: float = 5.0,
+        host: str = "127.0.0.1",
+    ) -> None:
+        if miners < 1:
+            raise ConfigError(f"devnet.miners: a devnet needs at least one miner, found {miners}")
+        if len(faults) > miners:
+            raise ConfigError(f"devnet.faults: {len(faults)} fault modes for {miners} miners")
+        fault_modes = parse_faults(faults)
+        self.netuid = netuid
+        self.gateway_uri = gateway_uri
+        try:
+            self.gateway_hotkey: str = Keypair.create_from_uri(gateway_uri).ss58_address
+        except Exception as exc:  # the binding raises plain errors for a malformed URI
+            raise ConfigError(f"wallet.uri: not a usable keypair URI ({exc})") from exc
+        weight_total = miners * (miners + 1) / 2
+        self.validator = Validator(gateway_hotkey=self.gateway_hotkey, miners=self._miner_neurons, uid=miners,
+                                   poll_interval_s=validator_poll_s, host=host)
+        self.miners = [
+            Miner(
+                uid,
+                signers=(self.gateway_hotkey, self.validator.hotkey),
+                fault=fault_modes[uid] if uid < len(fault_modes) else MinerFault.HEALTHY,
+                timing=timing,
+                incentive=round((miners - uid) / weight_total, 6),  # uid 0 earns most; they sum to 1
+                stake=10.0 + uid,
+                host=host,
+            )
+            for uid in range(miners)
+        ]
+        self._source: DevnetSource | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[Devnet] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start the miners, then the validator (which polls them first); hand back the devnet."""
+        async with trio.open_nursery() as nursery:
+            for miner in self.miners:
+                await nursery.start(miner.run)
+            await nursery.start(self.validator.run)
+            self._source = DevnetSource(self.netuid, self.neurons())
+            task_status.started(self)
+
+    def _miner_neurons(self) -> list[Neuron]:
+        return [m.neuron() for m in self.miners]
+
+    def neurons(self) -> list[Neuron]:
+        """Every neuron: the miners (uids 0..N-1), then the validator."""
+        return [*self._miner_neurons(), self.validator.neuron()]
+
+    def miner(self, uid: int) -> Miner:
+        return self.miners[uid]
+
+    @property
+    def source(self) -> DevnetSource:
+        if self._source is None:
+            raise RuntimeError("the devnet is not running yet")
+        return self._source
+
+    def configure(self, settings: Settings) -> Settings:
+        """`settings` pointed at this devnet: its metagraph, its validator, and the hotkey it trusts."""
+        return dataclasses.replace(
+            settings,
+            wallet=dataclasses.replace(settings.wallet, uri=self.gateway_uri),
+            subnet=dataclasses.replace(settings.subnet, source="devnet", netuid=self.netuid, neurons=()),
+            availability=dataclasses.replace(settings.availability, source="validator"),
+            scoring=dataclasses.replace(settings.scoring, validator=self.validator.address,
+                                        validator_hotkey=self.validator.hotkey),
+        )
+
+    def config_toml(self) -> str:
+        """The config sections a gateway in another process needs to use this devnet."""
+        doc = tomlkit.document()
+        doc.add(tomlkit.comment("sn1-gateway settings for the local devnet (hotkeys are development keys)"))
+        wallet = tomlkit.table()
+        wallet.add("uri", self.gateway_uri)
+        doc.add("wallet", wallet)
+        subnet = tomlkit.table()
+        subnet.add("source", "static")
+        subnet.add("netuid", self.netuid)
+        neurons = tomlkit.aot()
+        for neuron in self.neurons():
+            entry = tomlkit.table()
+            entry.add("uid", neuron.uid)
+            entry.add("hotkey", neuron.hotkey)
+            entry.add("axon", neuron.axon or "")
+            entry.add("incentive", neuron.incentive)
+            entry.add("stake", neuron.stake)
+            entry.add("validator_permit", neuron.validator_permit)
+            neurons.append(entry)
+        subnet.add("neurons", neurons)
+        doc.add("subnet", subnet)
+        availability = tomlkit.table()
+        availability.add("source", "validator")
+        doc.add("availability", availability)
+        scoring = tomlkit.table()
+        scoring.add("validator", self.validator.address)
+        scoring.add("validator_hotkey", self.validator.hotkey)
+        doc.add("scoring", scoring)
+        return tomlkit.dumps(doc)
+
+
+async def run_until_signalled(devnet: Devnet, *, on_ready: Callable[[Devnet], None] | None = None) -> None:
+    """Run the devnet alone until SIGINT or SIGTERM (`sn1-gateway devnet`)."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(devnet.run)
+            if on_ready is not None:
+                on_ready(devnet)
+            async for _ in signals:
+                break
+            nursery.cancel_scope.cancel()
+
+
+async def serve_with_devnet(settings: Settings, *, on_ready: Callable[[Gateway], None] | None = None) -> None:
+    """`serve --devnet`: the devnet (`settings.devnet`) and, pointed at it, the gateway, in one trio run.
+
+    The gateway signs with `wallet.uri` when set, else with the devnet's development key, so this works
+    with no wallet and no chain.
+    """
+    from engine.gateway import serve_until_signalled
+
+    devnet = Devnet(miners=settings.devnet.miners, faults=settings.devnet.faults,
+                    gateway_uri=settings.wallet.uri or DEFAULT_GATEWAY_URI, netuid=settings.subnet.netuid)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(devnet.run)
+        await serve_until_signalled(devnet.configure(settings), on_ready=on_ready, source=devnet.source)
+        nursery.cancel_scope.cancel()
