@@ -14,6 +14,7 @@ import trio
 
 from actors.keystore import KeyStoreError
 from actors.keystore import commands as keys_commands
+from bench import command as bench_command
 from config.loading import ConfigError, default_settings, load_settings
 from config.settings import Settings
 from engine.hotkey import HotkeyError
@@ -55,7 +56,21 @@ def on_ready(gateway: Gateway) -> None:
         print(f"devnet: {miners} simulated miners; validator at {settings.scoring.validator}", flush=True)
 
 
+def raise_open_files_limit() -> None:
+    """Lift the soft open-files limit to the hard one: each open stream holds two sockets or more."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError) as exc:
+            logging.getLogger("sn1_gateway").warning("open-files limit stays at %d: %s", soft, exc)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    raise_open_files_limit()
     from engine.gateway import serve_until_signalled
 
     settings = settings_from(args)
@@ -140,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     devnet.set_defaults(func=cmd_devnet)
 
     keys_commands.add_parser(sub, settings_from)
+    bench_command.add_parser(sub)
     return parser
 
 

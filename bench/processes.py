@@ -1,0 +1,150 @@
+"""Child processes of the benchmark (devnet, gateway, key commands) and their CPU and memory from /proc."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Generic, TypeVar
+
+import trio
+
+from bench.report import ProcessSample
+
+T = TypeVar("T")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+STOP_TIMEOUT_S = 15.0
+_STATUS_FIELD = re.compile(r"^(VmRSS|VmHWM):\s+(\d+)\s+kB", re.MULTILINE)
+
+
+class ChildFailed(Exception):
+    """A child process exited or stayed silent before it was ready; the message says which and where its log is."""
+
+
+def cli(*args: str) -> list[str]:
+    """The `sn1-gateway` command line, run by this interpreter (no reliance on PATH)."""
+    return [sys.executable, "-m", "engine.cli", *args]
+
+
+def sample(pid: int) -> ProcessSample:
+    """CPU seconds (user + system), current and peak RSS of a live process, from /proc."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    cpu_s = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime: fields 14 and 15
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        found = dict(_STATUS_FIELD.findall(f.read()))
+    return ProcessSample(cpu_s=cpu_s, rss_mb=int(found.get("VmRSS", 0)) / 1024,
+                         peak_rss_mb=int(found.get("VmHWM", 0)) / 1024)
+
+
+@dataclass
+class Child(Generic[T]):
+    """A running child: its process, what it announced when ready, and its log file."""
+
+    name: str
+    process: trio.Process
+    ready: T
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def sample(self) -> ProcessSample:
+        return sample(self.process.pid)
+
+    async def stop(self) -> int:
+        """SIGTERM, then SIGKILL if it has not exited within STOP_TIMEOUT_S; returns its exit code."""
+        with trio.CancelScope(shield=True):
+            if self.process.returncode is None:
+                self.process.send_signal(signal.SIGTERM)
+                with trio.move_on_after(STOP_TIMEOUT_S):
+                    await self.process.wait()
+                if self.process.returncode is None:
+                    self.process.kill()
+            code: int = await self.process.wait()
+        return code
+
+
+async def start_child(
+    nursery: trio.Nursery,
+    name: str,
+    argv: Sequence[str],
+    *,
+    cwd: Path,
+    ready: Callable[[str], T | None],
+    timeout_s: float = 30.0,
+) -> Child[T]:
+    """Start `argv`; `ready` is given the stdout read so far until it returns a value.
+
+    stderr goes to `<cwd>/<name>.log`; stdout keeps being drained in `nursery` so the child never
+    blocks on a full pipe.
+    """
+    log_path = cwd / f"{name}.log"
+    log_file = _open_log(log_path)
+    try:
+        process = await trio.lowlevel.open_process(
+            list(argv), stdout=subprocess.PIPE, stderr=log_file, cwd=cwd,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    finally:
+        log_file.close()  # the child holds its own copy
+    assert process.stdout is not None
+    output = bytearray()
+    found: T | None = None
+    try:
+        with trio.fail_after(timeout_s):
+            while found is None:
+                data = await process.stdout.receive_some(65536)
+                if not data:
+                    await process.wait()
+                    raise ChildFailed(f"{name} exited with {process.returncode} before it was ready; "
+                                      f"see {log_path}")
+                output += data
+                found = ready(output.decode("utf-8", "replace"))
+    except trio.TooSlowError:
+        process.kill()
+        raise ChildFailed(f"{name} was not ready within {timeout_s:g}s; see {log_path}") from None
+    except BaseException:
+        process.kill()
+        raise
+    stdout = process.stdout
+
+    async def drain() -> None:
+        while await stdout.receive_some(65536):
+            pass
+
+    nursery.start_soon(drain)
+    return Child(name, process, found, log_path)
+
+
+def _open_log(path: Path) -> BinaryIO:
+    return open(path, "wb")  # a local file, opened once per child: not worth a thread
+
+
+async def run_command(argv: Sequence[str], *, cwd: Path, timeout_s: float = 30.0) -> str:
+    """Run a short command to its end; its stdout, or ChildFailed with its stderr."""
+    with trio.fail_after(timeout_s):
+        done = await trio.run_process(list(argv), cwd=cwd, capture_stdout=True, capture_stderr=True,
+                                      check=False)
+    if done.returncode != 0:
+        raise ChildFailed(f"{' '.join(argv[2:])} failed ({done.returncode}): "
+                          f"{done.stderr.decode('utf-8', 'replace').strip()}")
+    return done.stdout.decode()
+
+
+def raise_fd_limit(wanted: int) -> int:
+    """Raise this process's soft open-files limit towards `wanted` (up to the hard limit); the new soft limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return target
+    return soft

@@ -1,0 +1,457 @@
+"""`sn1-gateway bench`: a devnet and a gateway in their own processes, load from this one.
+
+The devnet (`sn1-gateway devnet`) runs miners in "bench" mode (a fixed-length answer at once) plus one
+"slow_tokens" miner for the open-streams phase; each gateway (`sn1-gateway serve --config`) gets a
+generated config and an API key made with `sn1-gateway keys create`. For every fan-out and concurrency
+the same load goes through the gateway and straight to one miner (Epistula-signed as the gateway
+signs), back to back, so each figure has a no-gateway limit measured in the same run. Gateway CPU and
+RSS come from /proc; the load generator's own CPU from getrusage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import sys
+import tempfile
+import time
+import tomllib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import tomlkit
+import trio
+from bittensor_core import Keypair
+
+from actors.fanout import request_timeout_s
+from bench import report
+from bench.load import Endpoint, HeldStreams, LoadResult, cpu_seconds, hold_streams, request_bytes, run_load
+from bench.processes import Child, ChildFailed, cli, raise_fd_limit, run_command, sample, start_child
+from bench.report import Measured, ProcessSample
+from engine.epistula import Signer, routing_headers
+from web.chat_request import parse_chat_request
+
+CHAT_PATH = "/v1/chat/completions"
+BENCH_MINERS = 5
+DEVNET_GATEWAY_URI = "//devnet/gateway"  # the devnet trusts this development key unless told otherwise
+RATE_LIMIT = 1_000_000  # requests per minute: never the bottleneck
+FD_WANTED = 65536
+_LISTENING = re.compile(r"listening on (http://\S+)")
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    out: Path = Path("bench-results.json")
+    quick: bool = False
+    duration_s: float = 6.0  # per phase
+    max_requests: int = 50_000  # per phase
+    concurrencies: tuple[int, ...] = (1, 16, 64)
+    fanouts: tuple[int, ...] = (1, 5)
+    stream_concurrency: int = 64
+    open_streams: int = 1000
+    answer_tokens: int = 16  # the bench miners' fixed answer length
+    scoring: bool = True
+    target_gateway: str | None = None
+    target_fanout: int | None = None
+    api_key: str | None = None
+    gateway_pid: int | None = None
+    target_miner: str | None = None
+    miner_hotkey: str | None = None
+    signer_uri: str = DEVNET_GATEWAY_URI
+    keep_dir: Path | None = None  # keep configs and logs here (else a temporary folder)
+    profile: bool = False  # record the gateway with py-spy during the fan-out phases
+
+    @classmethod
+    def quick_run(cls, **kw: Any) -> BenchOptions:
+        defaults: dict[str, Any] = dict(quick=True, duration_s=0.5, max_requests=25, concurrencies=(1, 4),
+                                        stream_concurrency=4, open_streams=20)
+        return cls(**{**defaults, **kw})
+
+
+def client_body(*, stream: bool, max_tokens: int, seed: int = 7) -> dict[str, Any]:
+    return {"model": "bench", "messages": [{"role": "user", "content": "Benchmark: answer with anything."}],
+            "stream": stream, "seed": seed, "max_tokens": max_tokens}
+
+
+@dataclass(frozen=True)
+class MinerTarget:
+    endpoint: Endpoint
+    hotkey: str
+
+
+@dataclass
+class Devnet:
+    """What `sn1-gateway devnet` printed: the gateway settings that point at it."""
+
+    config: dict[str, Any]
+
+    def neurons(self) -> list[dict[str, Any]]:
+        neurons: list[dict[str, Any]] = self.config["subnet"]["neurons"]
+        return neurons
+
+    def miners(self) -> list[dict[str, Any]]:
+        return [n for n in self.neurons() if not n.get("validator_permit")]
+
+    def validators(self) -> list[dict[str, Any]]:
+        return [n for n in self.neurons() if n.get("validator_permit")]
+
+
+def devnet_ready(expected_neurons: int) -> Callable[[str], Devnet | None]:
+    """Reads the devnet's printed TOML once all of it (every neuron and the scoring section) is there."""
+
+    def ready(text: str) -> Devnet | None:
+        start = text.find("[")
+        comment = text.find("#")
+        if comment >= 0 and (start < 0 or comment < start):
+            start = comment
+        if start < 0:
+            return None
+        lines = text[start:].splitlines()
+        for end in range(len(lines), 0, -1):  # tolerate a trailing banner or a half-written line
+            try:
+                config = tomllib.loads("\n".join(lines[:end]))
+            except tomllib.TOMLDecodeError:
+                continue
+            neurons = config.get("subnet", {}).get("neurons", [])
+            if len(neurons) >= expected_neurons and "validator_hotkey" in config.get("scoring", {}):
+                return Devnet(config)
+        return None
+
+    return ready
+
+
+def gateway_ready(text: str) -> str | None:
+    found = _LISTENING.search(text)
+    return found.group(1) if found else None
+
+
+def gateway_config(devnet: Devnet, *, uids: set[int], fanout: int, scoring: bool, workdir: Path) -> str:
+    """A gateway config for the devnet: the miners `uids` (and the validator), fan-out `fanout`."""
+    neurons = [n for n in devnet.miners() if n["uid"] in uids] + devnet.validators()
+    config = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "auth": {"store": "file", "keys_file": str(workdir / "keys.toml"), "admin_key": ""},
+        "wallet": {"uri": devnet.config.get("wallet", {}).get("uri", DEVNET_GATEWAY_URI)},
+        "subnet": {"source": "static", "netuid": devnet.config["subnet"].get("netuid", 1), "neurons": neurons},
+        "availability": {"source": "none"},
+        "fanout": {"miners": fanout, "max_inflight": 4096, "first_token_timeout_s": 60.0},
+        "scoring": {"enabled": scoring, **{k: v for k, v in devnet.config.get("scoring", {}).items()
+                                           if k in ("validator", "validator_hotkey")},
+                    "spool_dir": str(workdir / "spool")},
+    }
+    return tomlkit.dumps(config)
+
+
+@dataclass
+class Run:
+    """The state of one benchmark run while it goes."""
+
+    options: BenchOptions
+    workdir: Path
+    nursery: trio.Nursery
+    devnet: Child[Devnet] | None = None
+    completions: list[dict[str, Any]] = field(default_factory=list)
+    streaming: list[dict[str, Any]] = field(default_factory=list)
+    completion_phases: dict[int, list[Measured]] = field(default_factory=dict)
+    peak_rss_mb: float = 0.0
+    held: HeldStreams | None = None
+    held_rss_before_mb: float | None = None
+    held_fanout: int = 1
+    load_cpu_s: float = 0.0
+    load_wall_s: float = 0.0
+    gateways: list[dict[str, Any]] = field(default_factory=list)
+
+    def log(self, message: str) -> None:
+        print(f"[bench] {message}", flush=True)
+
+    # -- processes ------------------------------------------------------------------------------------
+
+    async def start_devnet(self, faults: list[str]) -> Child[Devnet]:
+        argv = cli("devnet", "--miners", str(len(faults)), "--faults", ",".join(faults))
+        child = await start_child(self.nursery, "devnet", argv, cwd=self.workdir,
+                                  ready=devnet_ready(len(faults) + 1))
+        self.log(f"devnet up: {len(faults)} miners (pid {child.pid})")
+        return child
+
+    async def start_gateway(self, name: str, config_text: str) -> tuple[Child[str], str]:
+        path = self.workdir / f"{name}.toml"
+        path.write_text(config_text, encoding="utf-8")
+        key_out = await run_command(cli("keys", "create", "--rate-limit", str(RATE_LIMIT), "--config", str(path)),
+                                    cwd=self.workdir)
+        api_key = key_out.strip().splitlines()[0]
+        child = await start_child(self.nursery, name, cli("serve", "--config", str(path)), cwd=self.workdir,
+                                  ready=gateway_ready)
+        self.log(f"{name} up at {child.ready} (pid {child.pid})")
+        return child, api_key
+
+    async def stop_gateway(self, child: Child[str]) -> None:
+        self.note_peak(child.pid)
+        code = await child.stop()
+        self.gateways.append({"name": child.name, "exit_code": code})
+
+    def note_peak(self, pid: int | None) -> None:
+        if pid is not None:
+            self.peak_rss_mb = max(self.peak_rss_mb, sample(pid).peak_rss_mb)
+
+    # -- phases ---------------------------------------------------------------------------------------
+
+    async def measure(self, endpoint: Endpoint, make_request: Callable[[], bytes], *, concurrency: int,
+                      stream: bool, gateway_pid: int | None) -> Measured:
+        before: dict[str, ProcessSample | None] = {}
+        after: dict[str, ProcessSample | None] = {}
+        miners_pid = self.devnet.pid if self.devnet is not None else None
+
+        def probe(into: dict[str, ProcessSample | None]) -> Callable[[], None]:
+            def take() -> None:
+                into["gateway"] = sample(gateway_pid) if gateway_pid is not None else None
+                into["miners"] = sample(miners_pid) if miners_pid is not None else None
+            return take
+
+        wall0, cpu0 = time.perf_counter(), cpu_seconds()
+        options = self.options
+        result = await run_load(endpoint, make_request, concurrency=concurrency, max_requests=options.max_requests,
+                                duration_s=options.duration_s, stream=stream, on_start=probe(before),
+                                on_stop=probe(after))
+        self.load_wall_s += time.perf_counter() - wall0
+        self.load_cpu_s += cpu_seconds() - cpu0
+        self.note_peak(gateway_pid)
+        return Measured(result, gateway_cpu_s=_delta(before["gateway"], after["gateway"]),
+                        miners_cpu_s=_delta(before["miners"], after["miners"]))
+
+    async def fanout_phases(self, fanout: int, gateway: Endpoint, api_key: str, gateway_pid: int | None,
+                            miner: MinerTarget, label: str) -> None:
+        options = self.options
+        for concurrency in options.concurrencies:
+            body = client_body(stream=False, max_tokens=4 * options.answer_tokens)
+            direct = await self.measure(miner.endpoint, self.direct_requests(miner, body),
+                                        concurrency=concurrency, stream=False, gateway_pid=None)
+            through = await self.measure(gateway, self.gateway_requests(gateway, api_key, body),
+                                         concurrency=concurrency, stream=False, gateway_pid=gateway_pid)
+            entry = report.completion_entry(fanout, through, direct)
+            self.completions.append(entry)
+            self.completion_phases.setdefault(fanout, []).append(through)
+            self.log(f"{label} c={concurrency}: {entry['rps']['gateway']} req/s "
+                     f"(direct {entry['rps']['direct']}), p50 {entry['p50_ms']['gateway']} ms "
+                     f"(direct {entry['p50_ms']['direct']}), gateway CPU "
+                     f"{entry['gateway_cpu_ms_per_completion']} ms/req, errors {entry['errors']}")
+        body = client_body(stream=True, max_tokens=4 * options.answer_tokens)
+        concurrency = options.stream_concurrency
+        direct = await self.measure(miner.endpoint, self.direct_requests(miner, body), concurrency=concurrency,
+                                    stream=True, gateway_pid=None)
+        through = await self.measure(gateway, self.gateway_requests(gateway, api_key, body),
+                                     concurrency=concurrency, stream=True, gateway_pid=gateway_pid)
+        entry = report.streaming_entry(fanout, through, direct)
+        self.streaming.append(entry)
+        self.log(f"{label} streaming x{concurrency}: first token p50 {entry['ttft_p50_ms']['gateway']} ms "
+                 f"(direct {entry['ttft_p50_ms']['direct']}), {entry['tokens_per_s_per_stream']['gateway']} "
+                 f"tokens/s per stream (direct {entry['tokens_per_s_per_stream']['direct']})")
+
+    def gateway_requests(self, gateway: Endpoint, api_key: str, body: dict[str, Any]) -> Callable[[], bytes]:
+        raw = request_bytes(gateway, json.dumps(body).encode(), {"api-key": api_key})
+        return lambda: raw
+
+    def direct_requests(self, miner: MinerTarget, body: dict[str, Any]) -> Callable[[], bytes]:
+        """What the gateway would send the miner for `body`, signed afresh per request (as it signs)."""
+        miner_body = parse_chat_request(body).miner_body
+        body_bytes = json.dumps(miner_body, separators=(",", ":")).encode()
+        routing = {**routing_headers(miner_body, client_timeout_s=request_timeout_s(miner_body)),
+                   "Accept": "text/event-stream"}
+        signer = Signer(Keypair.create_from_uri(self.options.signer_uri))
+        endpoint = miner.endpoint
+        return lambda: request_bytes(endpoint, body_bytes, {**routing, **signer.headers(body_bytes, miner.hotkey)})
+
+    async def open_streams_phase(self, devnet: Devnet, slow_uid: int) -> None:
+        options = self.options
+        config = gateway_config(devnet, uids={slow_uid}, fanout=1, scoring=options.scoring, workdir=self.workdir)
+        child, api_key = await self.start_gateway("gateway-open-streams", config)
+        try:
+            endpoint = Endpoint.parse(child.ready, CHAT_PATH)
+            max_tokens = 24 if not options.quick else 6
+            raw = request_bytes(endpoint, json.dumps(client_body(stream=True, max_tokens=max_tokens)).encode(),
+                                {"api-key": api_key})
+            # one stream first, so the measured baseline has the gateway's first-use costs behind it
+            await hold_streams(endpoint, lambda: raw, streams=1, sample=lambda: 0.0, open_timeout_s=10)
+            self.held_rss_before_mb = child.sample().rss_mb
+            self.log(f"opening {options.open_streams} streams (fanout 1, slow miner uid {slow_uid})")
+            wall0, cpu0 = time.perf_counter(), cpu_seconds()
+            self.held = await hold_streams(endpoint, lambda: raw, streams=options.open_streams,
+                                           sample=lambda: child.sample().rss_mb,
+                                           open_timeout_s=30 if not options.quick else 10)
+            self.load_wall_s += time.perf_counter() - wall0
+            self.load_cpu_s += cpu_seconds() - cpu0
+            held = self.held
+            self.log(f"{held.opened}/{held.wanted} streams open after {held.open_s:.1f}s: gateway RSS "
+                     f"{held.sample:.1f} MB (before {self.held_rss_before_mb:.1f} MB); "
+                     f"{held.finished} finished, {held.errors} errors")
+        finally:
+            await self.stop_gateway(child)
+
+    # -- the whole run --------------------------------------------------------------------------------
+
+    async def run(self) -> dict[str, Any]:
+        options = self.options
+        started = time.time()
+        fd_limit = raise_fd_limit(FD_WANTED)
+        if fd_limit < options.open_streams * 2 + 256:
+            self.log(f"warning: open-files limit {fd_limit} is low for {options.open_streams} streams")
+        try:
+            return await self._run(started, fd_limit)
+        finally:
+            if self.devnet is not None:
+                await self.devnet.stop()
+
+    async def _run(self, started: float, fd_limit: int) -> dict[str, Any]:
+        options = self.options
+        own_devnet = options.target_gateway is None or options.target_miner is None
+        devnet: Devnet | None = None
+        slow_uid = BENCH_MINERS
+        if own_devnet:
+            self.devnet = await self.start_devnet(["bench"] * BENCH_MINERS + ["slow_tokens"])
+            devnet = self.devnet.ready
+        if options.target_miner is not None:
+            if options.miner_hotkey is None:
+                raise ChildFailed("--target-miner needs --miner-hotkey (the miner's SS58 address)")
+            miner = MinerTarget(Endpoint.parse(options.target_miner, CHAT_PATH), options.miner_hotkey)
+        else:
+            assert devnet is not None
+            first = devnet.miners()[0]
+            miner = MinerTarget(Endpoint.parse(first["axon"], CHAT_PATH), first["hotkey"])
+        if options.target_gateway is not None:
+            if options.api_key is None:
+                raise ChildFailed("--target-gateway needs --api-key")
+            fanout = options.target_fanout or 0
+            await self.fanout_phases(fanout, Endpoint.parse(options.target_gateway, CHAT_PATH), options.api_key,
+                                     options.gateway_pid, miner, f"target gateway (fanout {fanout or '?'})")
+            self.note_peak(options.gateway_pid)
+        else:
+            assert devnet is not None
+            for fanout in options.fanouts:
+                config = gateway_config(devnet, uids=set(range(BENCH_MINERS)), fanout=fanout,
+                                        scoring=options.scoring, workdir=self.workdir)
+                child, api_key = await self.start_gateway(f"gateway-fanout-{fanout}", config)
+                try:
+                    with self.profiling(child.pid, f"fanout-{fanout}"):
+                        await self.fanout_phases(fanout, Endpoint.parse(child.ready, CHAT_PATH), api_key,
+                                                 child.pid, miner, f"fanout {fanout}")
+                finally:
+                    await self.stop_gateway(child)
+            if options.open_streams > 0:
+                await self.open_streams_phase(devnet, slow_uid)
+        miners_cpu = self.devnet.sample().cpu_s if self.devnet is not None else None
+        return self.document(started, fd_limit, miners_cpu)
+
+    @contextmanager
+    def profiling(self, pid: int, name: str) -> Iterator[None]:
+        """py-spy records the gateway while the block runs (with `--profile`): collapsed stacks in the work dir."""
+        if not self.options.profile:
+            yield
+            return
+        import subprocess
+
+        py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        out = self.workdir / f"profile-{name}.txt"
+        recorder = subprocess.Popen([py_spy, "record", "--pid", str(pid), "--rate", "250", "--output", str(out),
+                                     "--format", "raw", "--nonblocking"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            yield
+        finally:
+            recorder.send_signal(2)  # SIGINT: py-spy writes its output and exits
+            try:
+                recorder.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                recorder.kill()
+            self.log(f"profile written to {out}")
+
+    def document(self, started: float, fd_limit: int, miners_cpu_s: float | None) -> dict[str, Any]:
+        options = self.options
+        cpu_per = {str(f): report.cpu_per_completion(phases) for f, phases in self.completion_phases.items()}
+        doc: dict[str, Any] = {
+            "schema": report.SCHEMA,
+            "created": datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds"),
+            "elapsed_s": round(time.time() - started, 1),
+            "machine": {"cores": os.cpu_count(), "platform": platform.platform(),
+                        "python": platform.python_version(), "fd_limit": fd_limit},
+            "versions": {name: _version(name) for name in
+                         ("sn1-gateway", "trio", "hypercorn", "quart-trio", "quart", "httpx", "bittensor")},
+            "config": {
+                "quick": options.quick, "duration_s": options.duration_s, "max_requests": options.max_requests,
+                "concurrencies": list(options.concurrencies), "fanouts": list(options.fanouts),
+                "stream_concurrency": options.stream_concurrency, "open_streams": options.open_streams,
+                "answer_tokens": options.answer_tokens, "scoring": options.scoring, "availability": "none",
+                "target_gateway": options.target_gateway, "target_miner": options.target_miner,
+                "miners": "devnet 'bench' mode (fixed-length answer at once), one process for all miners",
+                "direct": "the same request as the gateway sends, Epistula-signed per request, to one miner",
+            },
+            "completions": self.completions,
+            "streaming": self.streaming,
+            "gateway_process": {
+                "cpu_ms_per_completion": cpu_per,
+                "peak_rss_mb": report.rounded(self.peak_rss_mb or None, 1),
+                "open_streams": report.open_streams_entry(self.held, fanout=self.held_fanout,
+                                                          rss_before_mb=self.held_rss_before_mb),
+                "runs": self.gateways,
+            },
+            "miners_process": {"cpu_s": report.rounded(miners_cpu_s, 2)},
+            "load_generator": {"cpu_s": round(self.load_cpu_s, 2), "wall_s": round(self.load_wall_s, 2),
+                               "cpu_share": round(self.load_cpu_s / self.load_wall_s, 3)
+                               if self.load_wall_s else None},
+        }
+        doc["targets"] = report.targets(doc)
+        return doc
+
+
+def _delta(before: ProcessSample | None, after: ProcessSample | None) -> float | None:
+    return None if before is None or after is None else after.cpu_s - before.cpu_s
+
+
+def _version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+async def run_bench(options: BenchOptions) -> dict[str, Any]:
+    """Run the benchmark; write the JSON to `options.out`, print the table; the document."""
+    keep = options.keep_dir
+    workdir = Path(keep) if keep is not None else Path(tempfile.mkdtemp(prefix="sn1-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        async with trio.open_nursery() as nursery:
+            run = Run(options, workdir.resolve(), nursery)
+            try:
+                doc = await run.run()
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        if keep is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    text = json.dumps(doc, indent=2, allow_nan=False)
+    await trio.Path(options.out).write_text(text + "\n", encoding="utf-8")
+    print(report.table(doc), flush=True)
+    print(f"\nwrote {options.out}", flush=True)
+    return doc
+
+
+def finite_numbers(value: Any) -> bool:
+    """Every number in a JSON document is finite (the document never carries NaN or infinity)."""
+    if isinstance(value, dict):
+        return all(finite_numbers(v) for v in value.values())
+    if isinstance(value, list):
+        return all(finite_numbers(v) for v in value)
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return True
+
+
+__all__ = ["BenchOptions", "LoadResult", "finite_numbers", "run_bench"]

@@ -1,0 +1,118 @@
+"""`sn1-gateway bench --quick`: a tiny real run (devnet, gateways, load) whose JSON must be whole.
+
+These are not performance assertions: the figures depend on the machine. What is checked is that every
+figure was measured (no missing value, every number finite), that each has its direct baseline and
+ratio, and that the table was printed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from bench.load import Endpoint, Exchange, SseScanner
+from bench.report import compared, percentile
+
+COMPARED = {"gateway", "direct", "ratio"}
+
+
+def assert_compared(figure: Any, where: str) -> None:
+    assert isinstance(figure, dict) and set(figure) == COMPARED, where
+    for name in COMPARED:
+        value = figure[name]
+        assert isinstance(value, int | float) and math.isfinite(value) and value > 0, f"{where}.{name}: {value}"
+    assert figure["ratio"] == pytest.approx(figure["gateway"] / figure["direct"], rel=0.01, abs=0.002), where
+
+
+async def test_quick_bench_writes_complete_results(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    with trio.fail_after(120):
+        done = await trio.run_process(
+            [sys.executable, "-m", "engine.cli", "bench", "--quick", "--out", str(out)],
+            cwd=tmp_path, capture_stdout=True, capture_stderr=True, check=False,
+        )
+    stdout = done.stdout.decode()
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    doc = json.loads(out.read_text())
+
+    assert doc["schema"] == "sn1-gateway-bench/1"
+    assert doc["machine"]["cores"] >= 1
+    assert doc["versions"]["trio"] and doc["versions"]["sn1-gateway"]
+    assert doc["config"]["quick"] is True
+
+    pairs = {(e["fanout"], e["concurrency"]) for e in doc["completions"]}
+    assert pairs == {(f, c) for f in doc["config"]["fanouts"] for c in doc["config"]["concurrencies"]}
+    for e in doc["completions"]:
+        where = f"completions[fanout {e['fanout']}, c={e['concurrency']}]"
+        assert e["errors"] == {"gateway": 0, "direct": 0}, where
+        assert e["requests"]["gateway"] > 0 and e["requests"]["direct"] > 0, where
+        for key in ("rps", "p50_ms", "p90_ms", "p99_ms", "load_cpu_ms_per_request"):
+            assert_compared(e[key], f"{where}.{key}")
+        assert e["p50_ms"]["gateway"] <= e["p90_ms"]["gateway"] <= e["p99_ms"]["gateway"], where
+        assert e["gateway_cpu_ms_per_completion"] is not None, where
+
+    assert {e["fanout"] for e in doc["streaming"]} == set(doc["config"]["fanouts"])
+    for e in doc["streaming"]:
+        where = f"streaming[fanout {e['fanout']}]"
+        assert e["errors"] == {"gateway": 0, "direct": 0}, where
+        for key in ("ttft_p50_ms", "ttft_p99_ms", "tokens_per_s_per_stream", "tokens_per_stream"):
+            assert_compared(e[key], f"{where}.{key}")
+        # the gateway passes on every token of the bench miners' fixed-length answer
+        assert e["tokens_per_stream"]["gateway"] == e["tokens_per_stream"]["direct"] == doc["config"]["answer_tokens"]
+
+    process = doc["gateway_process"]
+    assert set(process["cpu_ms_per_completion"]) == {str(f) for f in doc["config"]["fanouts"]}
+    assert all(v > 0 for v in process["cpu_ms_per_completion"].values())
+    assert process["peak_rss_mb"] > 10
+    held = process["open_streams"]
+    assert held["wanted"] == doc["config"]["open_streams"] > 0
+    assert held["opened"] == held["finished"] == held["wanted"] and held["errors"] == 0
+    assert held["rss_mb"] > 10
+    assert all(run["exit_code"] == 0 for run in process["runs"])  # each gateway stopped cleanly on SIGTERM
+
+    assert doc["load_generator"]["cpu_s"] > 0 and doc["load_generator"]["wall_s"] > 0
+    assert [t["met"] is not None for t in doc["targets"]] == [True] * 4  # every target was measured
+
+    assert "| figure | gateway | direct | gateway/direct |" in stdout
+    assert f"wrote {out}" in stdout
+
+
+def test_percentile_interpolates_between_ranks() -> None:
+    assert percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.5
+    assert percentile([5.0], 99) == 5.0
+    assert percentile([1.0, 2.0], 100) == 2.0
+    assert math.isnan(percentile([], 50))
+
+
+def test_compared_gives_ratio_and_no_value_for_what_was_not_measured() -> None:
+    assert compared(3.0, 2.0) == {"gateway": 3.0, "direct": 2.0, "ratio": 1.5}
+    assert compared(math.nan, 2.0) == {"gateway": None, "direct": 2.0, "ratio": None}
+    assert compared(1.0, 0.0)["ratio"] is None
+
+
+def test_sse_scanner_counts_tokens_split_across_reads() -> None:
+    exchange = Exchange()
+    scanner = SseScanner(exchange)
+    events = (b'data: {"choices":[{"delta":{"role":"assistant","content":"Hel"},"logprobs":{"content":[]}}]}\n\n'
+              b'data: {"choices": [{"delta": {"content": "lo"}}]}\n\n'
+              b'data: {"choices":[{"delta":{"content":""},"finish_reason":"stop"}]}\n\n'
+              b"data: [DONE]\n\n")
+    for i in range(0, len(events), 7):
+        scanner.feed(events[i:i + 7])
+    assert exchange.tokens == 2
+    assert exchange.done
+    assert exchange.first_token is not None and exchange.last_token is not None
+
+
+def test_endpoint_parses_urls_and_axons() -> None:
+    assert Endpoint.parse("http://127.0.0.1:8080", "/v1/chat/completions") == Endpoint(
+        "127.0.0.1", 8080, "/v1/chat/completions")
+    assert Endpoint.parse("127.0.0.1:9001/v1/x") == Endpoint("127.0.0.1", 9001, "/v1/x")
+    with pytest.raises(ValueError):
+        Endpoint.parse("https://example.org")
