@@ -300,12 +300,21 @@ class RedisKeyStore:
             raise
 
     async def maintain(self) -> None:
+        failing = False
         while True:
             await trio.sleep(self.flush_interval_s)
+            if not self._pending:
+                continue
             try:
                 await self.flush()
             except KeyStoreUnavailable as exc:
-                log.warning("key store: usage flush failed: %s", exc)
+                if not failing:  # once per outage, not every second
+                    log.warning("key store: usage flush failed (kept for later): %s", exc)
+                failing = True
+            else:
+                if failing:
+                    log.info("key store: Redis reachable again; pending usage saved")
+                failing = False
 
     def health(self) -> dict[str, Any]:
         return {
