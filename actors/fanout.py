@@ -7,7 +7,9 @@ job's `OrganicResult` goes to the scoring forwarder.
 
 Modes:
 - "stream": the winner is the first miner to send a content chunk; its chunks are passed on as they
-  arrive.
+  arrive. Subnet 1 miners answer a seeded request with the same text, so when the winner breaks or
+  stalls (no chunk for `stall_s`), another miner whose answer so far begins with exactly what the
+  client has received takes over from that point. Without such a miner the stream ends in an error.
 - "complete": the winner is the first miner to finish a valid answer.
 - "all": no winner; the caller waits for `finished` (mixture of miners, first round).
 """
@@ -116,8 +118,13 @@ class FanoutJob:
     started: float = field(default_factory=trio.current_time)
     answers: list[MinerAnswer] = field(default_factory=list)
     winner: int | None = None
+    stall_s: float = 1.5
     finished: trio.Event = field(default_factory=trio.Event)
     client_gone: bool = False
+    winner_broken: bool = False
+    takeovers: int = 0
+    _sent: list[str] = field(default_factory=list)  # the text the client has received
+    _winner_seen_at: float = 0.0  # when the winner last sent a chunk
     _pending: int = 0
     _send: trio.MemorySendChannel[Event] = field(init=False)
     receive: trio.MemoryReceiveChannel[Event] = field(init=False)
@@ -126,6 +133,19 @@ class FanoutJob:
         self._send, self.receive = trio.open_memory_channel[Event](JOB_EVENTS)
         self.answers = [MinerAnswer(uid=n.uid, hotkey=n.hotkey) for n in self.miners]
         self._pending = len(self.miners)
+
+    def successor(self, now: float) -> int | None:
+        """A miner that can continue the client's stream: the winner is broken or stalled, and this
+        miner's answer so far begins with exactly what the client received (and it has not failed)."""
+        if self.winner is None or self.client_gone:
+            return None
+        if not self.winner_broken and now - self._winner_seen_at < self.stall_s:
+            return None
+        sent = "".join(self._sent)
+        for j, answer in enumerate(self.answers):
+            if j != self.winner and answer.error is None and answer.chunks and answer.text.startswith(sent):
+                return j
+        return None
 
     @property
     def winner_answer(self) -> MinerAnswer | None:
@@ -158,12 +178,14 @@ class FanoutPool:
         submit: Callable[[OrganicResult], None] | None,
         *,
         max_jobs: int = 4096,
+        stall_s: float = 1.5,
     ) -> None:
         self.http = http
         self.signer = signer
         self.health = health
         self.submit = submit
         self.max_jobs = max_jobs
+        self.stall_s = stall_s
         self._nursery: trio.Nursery | None = None
         self.jobs_running = 0
         self.jobs_total = 0
@@ -191,7 +213,7 @@ class FanoutPool:
             raise PoolBusy(f"{self.jobs_running} fan-outs are running already")
         job = FanoutJob(
             request_id=request_id or uuid.uuid4().hex, task=task, body=body, miners=list(miners),
-            mode=mode, timeout_s=timeout_s or request_timeout_s(body),
+            mode=mode, timeout_s=timeout_s or request_timeout_s(body), stall_s=self.stall_s,
         )
         if self.jobs_running == 0:
             self._idle = trio.Event()
@@ -204,9 +226,13 @@ class FanoutPool:
         body_bytes = json.dumps(job.body, separators=(",", ":")).encode()
         routing = routing_headers(job.body, client_timeout_s=job.timeout_s)
         try:
-            async with trio.open_nursery() as nursery:
-                for i in range(len(job.miners)):
-                    nursery.start_soon(self._ask, job, i, body_bytes, routing)
+            async with trio.open_nursery() as watch:
+                if job.mode == "stream":
+                    watch.start_soon(self._watch_stalls, job)
+                async with trio.open_nursery() as nursery:
+                    for i in range(len(job.miners)):
+                        nursery.start_soon(self._ask, job, i, body_bytes, routing)
+                watch.cancel_scope.cancel()
         finally:
             self.jobs_running -= 1
             if self.jobs_running == 0:
@@ -276,24 +302,65 @@ class FanoutPool:
                     await self._forward(job, i, chunk, text, finish)
 
     async def _forward(self, job: FanoutJob, i: int, chunk: dict[str, Any], text: str, finish: str | None) -> None:
-        if job.winner is None and text:
-            job.winner = i
-        if job.winner != i:
+        if job.client_gone:
             return
+        if job.winner is None:
+            if not text:
+                return
+            job.winner = i
+        elif job.winner != i:
+            if job.successor(trio.current_time()) == i:
+                await self._take_over(job, i)
+            return
+        job._winner_seen_at = trio.current_time()
+        if text:
+            job._sent.append(text)
         await job._emit(Chunk(chunk))
         if finish is not None:
             await job._emit(End(finish))
             job.client_gone = True  # the client's answer is whole; the rest is for scoring only
 
+    async def _watch_stalls(self, job: FanoutJob) -> None:
+        """A stalled winner is noticed even when no other chunk arrives to prompt the check."""
+        while not job.client_gone:
+            await trio.sleep(job.stall_s / 2)
+            successor = job.successor(trio.current_time())
+            if successor is not None:
+                await self._take_over(job, successor)
+
+    async def _take_over(self, job: FanoutJob, j: int) -> None:
+        """Continue the client's stream from miner j, which has already said what the client has."""
+        answer = job.answers[j]
+        log.info("request %s: uid %d takes over the stream from uid %d", job.request_id, answer.uid,
+                 job.answers[job.winner or 0].uid)
+        job.winner, job.winner_broken, job.takeovers = j, False, job.takeovers + 1
+        job._winner_seen_at = trio.current_time()
+        rest = answer.text[len("".join(job._sent)):]
+        if rest:
+            job._sent.append(rest)
+            await job._emit(Chunk({"choices": [{"index": 0, "delta": {"content": rest}, "finish_reason": None}]}))
+        if answer.finish_reason is not None or answer.completed:
+            await job._emit(End(answer.finish_reason))
+            job.client_gone = True
+
     async def _settle(self, job: FanoutJob, i: int) -> None:
         """One miner is done: tell the handler what that changes."""
         answer = job.answers[i]
         job._pending -= 1
-        if job.mode == "stream" and job.winner == i:
-            if answer.error:
-                await job._emit(Broken(answer.error))
-            else:
-                await job._emit(End(answer.finish_reason))
+        if job.mode == "stream":
+            if job.winner == i:
+                if answer.error:
+                    job.winner_broken = True
+                else:
+                    await job._emit(End(answer.finish_reason))
+                    job.client_gone = True
+            if job.winner_broken and not job.client_gone:
+                successor = job.successor(trio.current_time())
+                if successor is not None:
+                    await self._take_over(job, successor)
+                elif job._pending == 0:
+                    await job._emit(Broken(job.answers[job.winner or 0].error or "the answer broke off"))
+                    job.client_gone = True
         elif job.mode == "complete" and job.winner is None and not answer.error:
             job.winner = i
             await job._emit(Complete(answer))

@@ -94,6 +94,9 @@ class FanoutSettings:
     first_token_timeout_s: float = setting(
         15.0, "budget for the first content token of the whole fan-out", min=0.1
     )
+    stall_timeout_s: float = setting(
+        1.5, "a streaming winner silent this long is replaced by a miner that said the same so far", min=0.05
+    )
     max_inflight: int = setting(512, "requests served at once; more get 503", min=1)
     failure_threshold: int = setting(
         3, "consecutive failures that open a miner's circuit breaker", min=1, max=1000
@@ -118,6 +121,14 @@ class ScoringSettings:
     )
     queue_size: int = setting(1024, "payloads held in memory before they spill to the spool", min=1)
     timeout_s: float = setting(10.0, "timeout of one delivery", min=0.1)
+    concurrency: int = setting(8, "deliveries in flight at once (also the spool replay batch)", min=1, max=256)
+    overflow_size: int = setting(
+        4096, "payloads waiting for the spool writer when the queue is full; more are dropped and counted", min=1
+    )
+    spool_batch: int = setting(256, "payloads written to the spool per fsync, at most", min=1)
+    backoff_base_s: float = setting(1.0, "a validator that failed is skipped this long, doubling per failure",
+                                    min=0.01)
+    backoff_max_s: float = setting(300.0, "the longest a failed validator is skipped", min=0.01)
 
 
 @dataclass(frozen=True)

@@ -155,3 +155,34 @@ def test_timeout_budget_follows_max_new_tokens() -> None:
     assert request_timeout_s({}) == 30
     assert request_timeout_s({"sampling_parameters": {"max_new_tokens": 1024}}) == 50
     assert request_timeout_s({"max_tokens": 4096}) == 70
+
+
+def text_of(events: list[Any]) -> str:
+    return "".join(e.data["choices"][0]["delta"].get("content") or "" for e in events if isinstance(e, Chunk))
+
+
+async def test_a_broken_winner_is_continued_by_a_miner_that_said_the_same(
+        pool: FanoutPool, miners: Miners, autojump_clock: Any) -> None:
+    miners.scripts[9001] = [(0.0, chunk("The ")), (0.01, chunk("same ")), (0.01, "BREAK")]
+    miners.scripts[9002] = answer(["The ", "same ", "answer"], first_delay=0.5, step=0.2)
+    job = pool.start(BODY, [neuron(1), neuron(2)], mode="stream", task="InferenceTask")
+    events = await collect(job)
+    assert text_of(events) == "The same answer"
+    assert isinstance(events[-1], End) and job.takeovers == 1 and job.answers[job.winner or 0].uid == 2
+
+
+async def test_a_stalled_winner_is_overtaken(pool: FanoutPool, miners: Miners, autojump_clock: Any) -> None:
+    miners.scripts[9001] = answer(["a ", "b ", "c"], first_delay=0.0, step=60.0)  # a token a minute
+    miners.scripts[9002] = answer(["a ", "b ", "c"], first_delay=0.1, step=0.01)
+    events = await collect(pool.start(BODY, [neuron(1), neuron(2)], mode="stream", task="InferenceTask"))
+    assert text_of(events) == "a b c" and isinstance(events[-1], End)
+    assert trio.current_time() < 10  # not a minute per token
+
+
+async def test_no_takeover_by_a_miner_that_said_something_else(
+        pool: FanoutPool, miners: Miners, autojump_clock: Any) -> None:
+    miners.scripts[9001] = [(0.0, chunk("Mine ")), (0.01, "BREAK")]
+    miners.scripts[9002] = answer(["Other ", "words"], first_delay=0.5)
+    events = await collect(pool.start(BODY, [neuron(1), neuron(2)], mode="stream", task="InferenceTask"))
+    assert text_of(events) == "Mine "
+    assert isinstance(events[-1], Broken)

@@ -1,0 +1,174 @@
+"""End to end over a devnet: real miners and a real validator on loopback, real Epistula."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from config.settings import AuthSettings, AvailabilitySettings, FanoutSettings, ServerSettings, Settings
+from devnet.miner import MinerFault, MinerTiming
+from devnet.network import Devnet
+from engine.gateway import Gateway, run
+
+HEALTHY_FIRST_TOKEN_S = 0.02
+SLOW_S = 5.0
+
+
+@dataclasses.dataclass
+class Net:
+    devnet: Devnet
+    gateway: Gateway
+    client: httpx.AsyncClient
+
+
+async def start(nursery: trio.Nursery, tmp_path: Path, *, faults: tuple[str, ...] = (), miners: int = 5,
+                availability: str = "none", fanout: int = 5) -> Net:
+    timing = MinerTiming(first_token_s=HEALTHY_FIRST_TOKEN_S, token_s=0.002, slow_first_token_s=SLOW_S,
+                         slow_token_s=SLOW_S)
+    devnet: Devnet = await nursery.start(Devnet(miners=miners, faults=faults, timing=timing,
+                                                validator_poll_s=0.5).run)
+    settings = devnet.configure(dataclasses.replace(
+        Settings(),
+        server=ServerSettings(port=0),
+        auth=AuthSettings(keys_file=str(tmp_path / "keys.toml")),
+        fanout=FanoutSettings(miners=fanout, first_token_timeout_s=3.0),
+        base_dir=str(tmp_path),
+    ))
+    settings = dataclasses.replace(settings, availability=AvailabilitySettings(source=availability,  # type: ignore[arg-type]
+                                                                               interval_s=1.0))
+    gateway: Gateway = await nursery.start(lambda task_status: run(settings, source=devnet.source,
+                                                                     task_status=task_status))
+    key, _ = await gateway.services.keys.create(10_000)
+    client = httpx.AsyncClient(base_url=gateway.url, headers={"api-key": key}, timeout=30)
+    return Net(devnet, gateway, client)
+
+
+@pytest.fixture
+async def net_factory(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Any]:
+    made: list[Net] = []
+
+    async def make(**kw: Any) -> Net:
+        net = await start(nursery, tmp_path, **kw)
+        made.append(net)
+        return net
+
+    yield make
+    for net in made:
+        await net.client.aclose()
+        net.gateway.shutdown()
+    nursery.cancel_scope.cancel()
+
+
+async def stream_chat(client: httpx.AsyncClient, content: str, **extra: Any) -> tuple[float, list[Any]]:
+    """Send one streaming request; return the time to the first content and the events."""
+    body = {"messages": [{"role": "user", "content": content}], "stream": True, "seed": 1, **extra}
+    started = time.monotonic()
+    ttft = float("inf")
+    events: list[Any] = []
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200, await response.aread()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[6:]
+            if data == "[DONE]":
+                events.append(data)
+                continue
+            event = json.loads(data)
+            if ttft == float("inf") and event.get("choices") and event["choices"][0]["delta"].get("content"):
+                ttft = time.monotonic() - started
+            events.append(event)
+    return ttft, events
+
+
+FAULTS = [f.value for f in MinerFault if f not in (MinerFault.HEALTHY, MinerFault.BENCH)]
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+async def test_one_faulty_miner_of_five_never_shows(net_factory: Any, fault: str) -> None:
+    with trio.fail_after(60):
+        net = await net_factory(faults=(fault,))
+        for i in range(3):
+            ttft, events = await stream_chat(net.client, f"question {i} for {fault}")
+            assert events[-1] == "[DONE]"
+            text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-1] if e.get("choices"))
+            assert text.strip()
+            # the answer comes at the pace of the fastest healthy miner, not the faulty one
+            assert ttft < SLOW_S / 2
+            response = await net.client.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": f"again {i} {fault}"}]})
+            assert response.status_code == 200, response.text
+            assert response.json()["choices"][0]["message"]["content"]
+
+
+async def test_every_answer_reaches_the_validator_under_its_own_uid(net_factory: Any) -> None:
+    with trio.fail_after(60):
+        net = await net_factory(availability="validator")
+        devnet = net.devnet
+        # answers arrive in an order unrelated to uids: the highest uid is the fastest
+        for miner in devnet.miners:
+            miner.timing = dataclasses.replace(miner.timing, first_token_s=0.06 * (5 - miner.uid))
+        for i in range(4):
+            ttft, events = await stream_chat(net.client, f"score me {i}", seed=100 + i)
+            assert events[-1] == "[DONE]"
+        with trio.fail_after(20):
+            while devnet.validator.scored_total < 4:
+                await trio.sleep(0.05)
+        async with httpx.AsyncClient() as direct:
+            for payload in devnet.validator.scored:
+                assert sorted(payload["uids"]) == sorted(m.uid for m in devnet.miners)
+                body = payload["body"]
+                for uid in payload["uids"]:
+                    # what this miner says to the same request, asked directly
+                    expected = await ask_directly(direct, net, uid, body)
+                    assert "".join(payload["chunks"][str(uid)]) == expected
+                    assert len(payload["timings"][str(uid)]) == len(payload["chunks"][str(uid)])
+                    raw = payload["chunk_dicts_raw"][str(uid)]
+                    assert len(raw) >= len(payload["chunks"][str(uid)])
+                    # each devnet miner stamps its uid into its chunk ids
+                    assert {c["id"].split("-")[2] for c in raw} == {str(uid)}
+                first_at = {uid: payload["timings"][str(uid)][0] for uid in payload["uids"]}
+                assert sorted(first_at, key=first_at.__getitem__) == [4, 3, 2, 1, 0]
+
+
+async def ask_directly(client: httpx.AsyncClient, net: Net, uid: int, body: dict[str, Any]) -> str:
+    miner = net.devnet.miner(uid)
+    raw = json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", **net.gateway.services.signer.headers(raw, miner.hotkey)}
+    response = await client.post(f"http://{miner.address}/v1/chat/completions", content=raw, headers=headers)
+    text = ""
+    for line in response.text.splitlines():
+        if line.startswith("data: ") and line[6:] != "[DONE]":
+            chunk = json.loads(line[6:])
+            text += chunk["choices"][0]["delta"].get("content") or ""
+    return text
+
+
+async def test_models_and_availability_come_from_the_validator(net_factory: Any) -> None:
+    with trio.fail_after(30):
+        net = await net_factory(availability="validator")
+        with trio.fail_after(10):
+            while not net.gateway.services.availability.get().ever_known:
+                await trio.sleep(0.05)
+        models = (await net.client.get("/v1/models")).json()
+        assert [m["id"] for m in models["data"]] == ["hugging-quants/Meta-Llama-3.1-70B-Instruct-AWQ-INT4"]
+        uids = (await net.client.get("/miner_availabilities/get_available_miners?task=InferenceTask")).json()
+        assert sorted(uids) == [0, 1, 2, 3, 4]
+
+
+async def test_web_retrieval_over_the_devnet(net_factory: Any) -> None:
+    with trio.fail_after(30):
+        net = await net_factory()
+        response = await net.client.get("/web_retrieval", params={"search_query": "structured concurrency",
+                                                                  "n_miners": 3, "n_results": 4})
+        assert response.status_code == 200, response.text
+        results = response.json()["results"]
+        assert len(results) == 4 and len({r["url"] for r in results}) == 4
