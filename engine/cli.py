@@ -46,7 +46,16 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return load_settings(path)
 
 
-def on_ready(gateway: Gateway) -> None:
+async def devnet_key(settings: Settings) -> str:
+    """A fresh API key for trying the devnet, created in the configured key store."""
+    from actors.keystore.actor import open_keystore
+
+    async with open_keystore(settings) as store:
+        key, _ = await store.create(600)
+    return key
+
+
+def on_ready(gateway: Gateway, *, devnet_api_key: str | None = None) -> None:
     """The banner printed once the gateway serves (`serve`, and `serve --devnet`)."""
     print(f"sn1-gateway listening on {gateway.url}  (Ctrl-C to stop)", flush=True)
     settings = gateway.services.settings
@@ -54,6 +63,11 @@ def on_ready(gateway: Gateway) -> None:
         neurons = gateway.services.subnet.get().neurons
         miners = sum(1 for n in neurons if not n.validator_permit)
         print(f"devnet: {miners} simulated miners; validator at {settings.scoring.validator}", flush=True)
+    if devnet_api_key is not None:
+        body = '{"messages": [{"role": "user", "content": "Hello!"}], "stream": true}'
+        print(f"API key (600 requests/minute): {devnet_api_key}\ntry it:\n"
+              f"  curl -sN {gateway.url}/v1/chat/completions -H 'api-key: {devnet_api_key}' "
+              f"-H 'Content-Type: application/json' -d '{body}'", flush=True)
 
 
 def raise_open_files_limit() -> None:
@@ -77,7 +91,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.devnet:
         from devnet.network import serve_with_devnet
 
-        trio.run(partial(serve_with_devnet, settings, on_ready=on_ready))
+        key = trio.run(devnet_key, settings)
+        trio.run(partial(serve_with_devnet, settings, on_ready=partial(on_ready, devnet_api_key=key)))
     else:
         trio.run(partial(serve_until_signalled, settings, on_ready=on_ready))
     return 0
