@@ -82,6 +82,12 @@ class Devnet:
         ]
         self._source: DevnetSource | None = None
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Devnet:
+        """The devnet of `settings.devnet`, trusting `wallet.uri` (or the devnet's development key)."""
+        return cls(miners=settings.devnet.miners, faults=settings.devnet.faults,
+                   gateway_uri=settings.wallet.uri or DEFAULT_GATEWAY_URI, netuid=settings.subnet.netuid)
+
     async def run(self, *, task_status: trio.TaskStatus[Devnet] = trio.TASK_STATUS_IGNORED) -> None:
         """Start the miners, then the validator (which polls them first); hand back the devnet."""
         async with trio.open_nursery() as nursery:
@@ -162,16 +168,17 @@ async def run_until_signalled(devnet: Devnet, *, on_ready: Callable[[Devnet], No
             nursery.cancel_scope.cancel()
 
 
-async def serve_with_devnet(settings: Settings, *, on_ready: Callable[[Gateway], None] | None = None) -> None:
-    """`serve --devnet`: the devnet (`settings.devnet`) and, pointed at it, the gateway, in one trio run.
+async def serve_with_devnet(settings: Settings, *, on_ready: Callable[[Gateway], None] | None = None,
+                            devnet: Devnet | None = None) -> None:
+    """`serve --devnet`: a devnet (by default the one of `settings.devnet`) and, pointed at it, the gateway,
+    in one trio run, until SIGINT/SIGTERM or `Gateway.shutdown()`.
 
     The gateway signs with `wallet.uri` when set, else with the devnet's development key, so this works
     with no wallet and no chain.
     """
     from engine.gateway import serve_until_signalled
 
-    devnet = Devnet(miners=settings.devnet.miners, faults=settings.devnet.faults,
-                    gateway_uri=settings.wallet.uri or DEFAULT_GATEWAY_URI, netuid=settings.subnet.netuid)
+    devnet = devnet or Devnet.from_settings(settings)
     async with trio.open_nursery() as nursery:
         await nursery.start(devnet.run)
         await serve_until_signalled(devnet.configure(settings), on_ready=on_ready, source=devnet.source)

@@ -73,6 +73,8 @@ class Validator:
         self.scored_total = 0
         self.availabilities: dict[int, dict[str, Any] | None] = {}
         self.polls = 0
+        self._polled = trio.Event()  # replaced after each poll and each scoring payload
+        self._scored = trio.Event()
         self.fault = ValidatorFault.HEALTHY
         self.listener = Listener(self._app(), host=host, port=port, name="validator")
         self.set_fault_nowait(fault)
@@ -138,6 +140,18 @@ class Validator:
                     nursery.start_soon(self._ask, http, neuron, found)
         self.availabilities = found
         self.polls += 1
+        self._polled.set()
+        self._polled = trio.Event()
+
+    async def wait_next_poll(self) -> None:
+        """Return once a poll that starts after this call has finished."""
+        for _ in range(2):  # the first may have started before the call
+            await self._polled.wait()
+
+    async def wait_scored(self, total: int) -> None:
+        """Return once `total` scoring payloads have been accepted since the start."""
+        while self.scored_total < total:
+            await self._scored.wait()
 
     async def _ask(self, http: httpx.AsyncClient, neuron: Neuron, found: dict[int, dict[str, Any] | None]) -> None:
         found[neuron.uid] = None
@@ -190,6 +204,8 @@ class Validator:
         self.inbox.record(raw, 200)
         self.scored.append(payload)
         self.scored_total += 1
+        self._scored.set()
+        self._scored = trio.Event()
         return json_response(None)
 
     async def _availabilities(self) -> Response:
