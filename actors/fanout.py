@@ -37,6 +37,7 @@ from engine.subnet import Neuron
 log = logging.getLogger("sn1_gateway.fanout")
 
 Mode = Literal["stream", "complete", "all"]
+DRAIN_AFTER_DONE_S = 0.25  # how long the end of a miner's body may lag behind its [DONE]
 JOB_EVENTS = 64  # winner events buffered towards the handler; beyond that the winner's stream waits
 
 
@@ -126,6 +127,9 @@ class FanoutJob:
     _sent: list[str] = field(default_factory=list)  # the text the client has received
     _winner_seen_at: float = 0.0  # when the winner last sent a chunk
     _pending: int = 0
+    released: bool = False  # the handler is done with the job; what remains is collection for scoring
+    cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    _on_release: Callable[[], None] | None = None
     _send: trio.MemorySendChannel[Event] = field(init=False)
     receive: trio.MemoryReceiveChannel[Event] = field(init=False)
 
@@ -146,6 +150,14 @@ class FanoutJob:
             if j != self.winner and answer.error is None and answer.chunks and answer.text.startswith(sent):
                 return j
         return None
+
+    def release(self) -> None:
+        """The handler is done: no more events for it; the miners go on only for scoring."""
+        self.receive.close()
+        if not self.released:
+            self.released = True
+            if self._on_release is not None:
+                self._on_release()
 
     @property
     def winner_answer(self) -> MinerAnswer | None:
@@ -177,6 +189,7 @@ class FanoutPool:
         health: MinerHealth,
         submit: Callable[[OrganicResult], None] | None,
         *,
+        max_serving: int = 512,
         max_jobs: int = 4096,
         stall_s: float = 1.5,
     ) -> None:
@@ -184,8 +197,12 @@ class FanoutPool:
         self.signer = signer
         self.health = health
         self.submit = submit
+        self.max_serving = max_serving
         self.max_jobs = max_jobs
         self.stall_s = stall_s
+        self._jobs: dict[int, FanoutJob] = {}  # running jobs, oldest first
+        self.jobs_serving = 0
+        self.jobs_evicted = 0
         self._nursery: trio.Nursery | None = None
         self.jobs_running = 0
         self.jobs_total = 0
@@ -208,13 +225,18 @@ class FanoutPool:
         """Start asking `miners`; returns at once. Raises `PoolBusy` when the pool cannot take it."""
         if self._nursery is None:
             raise PoolBusy("the fan-out pool is restarting")
-        if self.jobs_running >= self.max_jobs:
+        if self.jobs_serving >= self.max_serving:
             self.jobs_refused += 1
-            raise PoolBusy(f"{self.jobs_running} fan-outs are running already")
+            raise PoolBusy(f"{self.jobs_serving} requests are being served")
+        if self.jobs_running >= self.max_jobs:
+            self._evict_oldest_collection()
         job = FanoutJob(
             request_id=request_id or uuid.uuid4().hex, task=task, body=body, miners=list(miners),
             mode=mode, timeout_s=timeout_s or request_timeout_s(body), stall_s=self.stall_s,
+            _on_release=self._released,
         )
+        self._jobs[id(job)] = job
+        self.jobs_serving += 1
         if self.jobs_running == 0:
             self._idle = trio.Event()
         self.jobs_running += 1
@@ -222,18 +244,40 @@ class FanoutPool:
         self._nursery.start_soon(self._run_job, job)
         return job
 
+    def _released(self) -> None:
+        self.jobs_serving -= 1
+
+    def _evict_oldest_collection(self) -> None:
+        """At capacity: cut short the oldest collection whose client is already served (counted)."""
+        for job in self._jobs.values():
+            if job.released and not job.cancel_scope.cancel_called:
+                job.cancel_scope.cancel()
+                self.jobs_evicted += 1
+                return
+        self.jobs_refused += 1
+        raise PoolBusy(f"{self.jobs_running} fan-outs are running already")
+
     async def _run_job(self, job: FanoutJob) -> None:
         body_bytes = json.dumps(job.body, separators=(",", ":")).encode()
         routing = routing_headers(job.body, client_timeout_s=job.timeout_s)
         try:
-            async with trio.open_nursery() as watch:
-                if job.mode == "stream":
-                    watch.start_soon(self._watch_stalls, job)
-                async with trio.open_nursery() as nursery:
-                    for i in range(len(job.miners)):
-                        nursery.start_soon(self._ask, job, i, body_bytes, routing)
-                watch.cancel_scope.cancel()
+            with job.cancel_scope:
+                async with trio.open_nursery() as watch:
+                    if job.mode == "stream":
+                        watch.start_soon(self._watch_stalls, job)
+                    async with trio.open_nursery() as nursery:
+                        for i in range(len(job.miners)):
+                            nursery.start_soon(self._ask, job, i, body_bytes, routing)
+                    watch.cancel_scope.cancel()
+            if job.cancel_scope.cancelled_caught:
+                for answer in job.answers:
+                    if answer.error is None and not answer.completed:
+                        answer.error = "collection cut short: the gateway was at capacity"
         finally:
+            del self._jobs[id(job)]
+            if not job.released:  # the pool is stopping under a handler still attached
+                job.released = True
+                self.jobs_serving -= 1
             self.jobs_running -= 1
             if self.jobs_running == 0:
                 self._idle.set()
@@ -281,10 +325,11 @@ class FanoutPool:
         async with self.http.stream("POST", url, content=body_bytes, headers=headers) as response:
             if response.status_code != 200:
                 raise MinerFailure(f"HTTP {response.status_code}")
-            async for data in iter_sse_data(response.aiter_lines()):
+            events = iter_sse_data(response.aiter_lines())
+            async for data in events:
                 if data == DONE:
                     answer.completed = True
-                    return
+                    break
                 try:
                     chunk = json.loads(data)
                 except ValueError:
@@ -300,6 +345,13 @@ class FanoutPool:
                     answer.finish_reason = finish
                 if job.mode == "stream":
                     await self._forward(job, i, chunk, text, finish)
+            else:
+                return
+            # Read on to the end of the body (it follows [DONE] at once), or the connection cannot go
+            # back to the pool and the next request to this miner pays for a new one.
+            with trio.move_on_after(DRAIN_AFTER_DONE_S):
+                async for _ in events:
+                    pass
 
     async def _forward(self, job: FanoutJob, i: int, chunk: dict[str, Any], text: str, finish: str | None) -> None:
         if job.client_gone:
@@ -372,7 +424,8 @@ class FanoutPool:
         await self._idle.wait()
 
     def statistics(self) -> dict[str, Any]:
-        return {"running": self.jobs_running, "total": self.jobs_total, "refused": self.jobs_refused,
+        return {"running": self.jobs_running, "serving": self.jobs_serving, "total": self.jobs_total,
+                "refused": self.jobs_refused, "collections_cut_short": self.jobs_evicted,
                 "unscored": self.results_unscored}
 
 

@@ -97,7 +97,10 @@ class FanoutSettings:
     stall_timeout_s: float = setting(
         1.5, "a streaming winner silent this long is replaced by a miner that said the same so far", min=0.05
     )
-    max_inflight: int = setting(512, "requests served at once; more get 503", min=1)
+    max_inflight: int = setting(512, "client requests served at once; more get 503", min=1)
+    max_background: int = setting(
+        4096, "fan-outs kept running, collection for scoring included; beyond it the oldest collection "
+        "whose client is served is cut short (counted)", min=1)
     failure_threshold: int = setting(
         3, "consecutive failures that open a miner's circuit breaker", min=1, max=1000
     )

@@ -11,11 +11,11 @@ import trio
 from bittensor_core import Keypair
 
 from actors.breaker import MinerHealth
-from actors.fanout import Broken, Chunk, Complete, End, Failed, FanoutPool, request_timeout_s
+from actors.fanout import Broken, Chunk, Complete, End, Failed, FanoutPool, PoolBusy, request_timeout_s
 from engine.epistula import Signer
 from engine.organic import OrganicResult
 from engine.subnet import Neuron
-from tests.scripted_miners import Miners, answer, chunk
+from tests.scripted_miners import DONE, Miners, answer, chunk
 
 
 def neuron(uid: int) -> Neuron:
@@ -186,3 +186,33 @@ async def test_no_takeover_by_a_miner_that_said_something_else(
     events = await collect(pool.start(BODY, [neuron(1), neuron(2)], mode="stream", task="InferenceTask"))
     assert text_of(events) == "Mine "
     assert isinstance(events[-1], Broken)
+
+
+async def test_capacity_cuts_short_the_oldest_finished_collection(
+        miners: Miners, results: list[OrganicResult], nursery: trio.Nursery, autojump_clock: Any) -> None:
+    http = httpx.AsyncClient(transport=miners.transport())
+    pool: FanoutPool = await nursery.start(FanoutPool(
+        http, Signer(Keypair.create_from_uri("//Gateway")), MinerHealth(failure_threshold=5, cooldown_s=1),
+        results.append, max_serving=1, max_jobs=2).run)
+    miners.scripts[9001] = answer(["quick"])
+    miners.scripts[9002] = [(0.5, chunk("hang")), (1000.0, DONE)]  # keeps every collection open
+    first = pool.start(BODY, [neuron(1), neuron(2)], mode="stream", task="InferenceTask")
+    with pytest.raises(PoolBusy):  # one request is being served: the second is refused
+        pool.start(BODY, [neuron(1)], mode="stream", task="InferenceTask")
+    await collect(first)
+    first.release()
+    second = pool.start(BODY, [neuron(1), neuron(2)], mode="stream", task="InferenceTask")
+    await collect(second)
+    second.release()
+    await trio.sleep(1)  # the hanging miner has said something by now
+    third = pool.start(BODY, [neuron(1), neuron(2)], mode="stream", task="InferenceTask")  # first is cut
+    await finished(first)
+    assert pool.statistics()["collections_cut_short"] == 1
+    cut = {a.uid: a for a in results[0].answers}
+    assert cut[1].error is None and cut[2].error is not None and "capacity" in cut[2].error
+    assert cut[2].text == "hang"  # what had arrived is still scored
+    await collect(third)
+    third.release()
+    pool.start(BODY, [neuron(1)], mode="stream", task="InferenceTask").release()  # the oldest again
+    await finished(second)
+    assert pool.statistics()["collections_cut_short"] == 2

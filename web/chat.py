@@ -68,7 +68,7 @@ async def first_event(job: FanoutJob, budget_s: float, *, what: str) -> Event:
             return await job.receive.receive()
         except trio.EndOfChannel:
             raise ApiError(502, "The miners' answers ended without a result.", code="miners_failed") from None
-    await job.receive.aclose()
+    job.release()
     raise ApiError(504, f"No miner produced {what} within {budget_s:g}s.", code="miner_timeout")
 
 
@@ -128,7 +128,7 @@ async def stream_response(services: Services, grant: Grant, request: ChatRequest
 
     async def events() -> AsyncIterator[bytes]:
         current: Event | None = event
-        async with job.receive:
+        try:
             while True:
                 if current is None:
                     try:
@@ -152,6 +152,8 @@ async def stream_response(services: Services, grant: Grant, request: ChatRequest
                     record_usage(services, grant, job.winner_answer)
                     return
                 current = None
+        finally:
+            job.release()
 
     headers = {**grant.headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                "X-Request-Id": job.request_id}
@@ -162,7 +164,7 @@ async def stream_response(services: Services, grant: Grant, request: ChatRequest
 
 async def complete_response(services: Services, grant: Grant, request: ChatRequest, job: FanoutJob) -> Response:
     event = await first_event(job, job.timeout_s, what="a complete answer")
-    await job.receive.aclose()
+    job.release()
     if isinstance(event, Failed):
         raise failed_error(event)
     if not isinstance(event, Complete):
@@ -188,7 +190,7 @@ async def mixture_job(services: Services, request: ChatRequest) -> FanoutJob:
     first_round = start_job(services, request, request.miner_body, mode="all")
     with trio.move_on_after(services.settings.fanout.mixture_deadline_s):
         await first_round.finished.wait()
-    await first_round.receive.aclose()
+    first_round.release()
     answers = [a for a in first_round.answers if a.chunks and not a.error]
     if not answers:  # past the deadline: take what has arrived, whole or not
         answers = [a for a in first_round.answers if a.chunks]
@@ -215,9 +217,13 @@ def blueprint(services: Services) -> Blueprint:
         else:
             job = start_job(services, request, request.miner_body,
                             mode="stream" if request.stream else "complete")
-        if request.stream:
-            return await stream_response(services, grant, request, job)
-        return await complete_response(services, grant, request, job)
+        try:
+            if request.stream:
+                return await stream_response(services, grant, request, job)  # its body releases the job
+            return await complete_response(services, grant, request, job)
+        except BaseException:
+            job.release()
+            raise
 
     @bp.get("/v1/models")
     async def models() -> Response:

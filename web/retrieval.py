@@ -118,9 +118,11 @@ async def retrieve(services: Services, params: Mapping[str, Any], uid_values: li
     except PoolBusy as exc:
         raise ApiError(503, f"The gateway is at capacity ({exc}); retry shortly.", code="overloaded",
                        headers={"Retry-After": "1"}) from exc
-    await job.receive.aclose()
-    with trio.move_on_after(max_time):
-        await job.finished.wait()
+    try:
+        with trio.move_on_after(max_time):
+            await job.finished.wait()
+    finally:
+        job.release()
     answered = [a for a in job.answers if a.chunks]
     results = merge_results(answered, n_results)
     if not results:
