@@ -196,11 +196,8 @@ def header_value(value: Any) -> str | None:
         text = json.dumps(value, separators=(",", ":"), ensure_ascii=True)
     else:
         return None
-    if _UNSAFE.search(text) or len(text) > MAX_HEADER_VALUE:
-        return None
-    try:
-        text.encode("latin-1")
-    except UnicodeEncodeError:
+    # Printable ASCII only: httpx encodes header values as ASCII, so anything else would fail the send.
+    if _UNSAFE.search(text) or len(text) > MAX_HEADER_VALUE or not text.isascii():
         return None
     return text
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING
@@ -23,6 +24,7 @@ from actors.availability import AvailabilityActor
 from actors.breaker import MinerHealth
 from actors.fanout import FanoutPool
 from actors.keystore import KeyStoreActor, open_keystore
+from actors.scoring import ScoringForwarder
 from actors.selection import Selector
 from actors.subnet import MetagraphSource, StaticSource, SubnetActor
 from config.settings import Settings
@@ -122,7 +124,9 @@ async def run(
     supervisor = supervisor or Supervisor()
     signer = Signer(await trio.to_thread.run_sync(load_hotkey, settings.wallet))
     subnet_cell: SnapshotCell[SubnetSnapshot] = SnapshotCell(SubnetSnapshot(netuid=settings.subnet.netuid))
+    shutdown, stopped = trio.Event(), trio.Event()
     async with (
+        _set_on_exit(stopped),  # exits last: wait_stopped() returns once every actor has persisted its state
         open_keystore(settings) as keys,  # a corrupt keys file or unreachable Redis stops us here
         make_http_client(settings, transport) as http,
         trio.open_nursery() as actors,
@@ -144,23 +148,26 @@ async def run(
             subnet_cell, availability, miner_health,
             validator_stake_limit=settings.fanout.validator_stake_limit, top_pool=settings.fanout.top_pool,
         )
+        scoring = await supervisor.start(actors, "scoring", ScoringForwarder(
+            settings, http=http, signer=signer, subnet=subnet_cell,
+        ))
         fanout = await supervisor.start(actors, "fanout", FanoutPool(
-            http, signer, miner_health, submit=None, max_jobs=settings.fanout.max_inflight,
+            http, signer, miner_health, submit=scoring.submit_nowait, max_jobs=settings.fanout.max_inflight,
         ))
         services = Services(
             settings=settings, supervisor=supervisor, subnet=subnet_cell, signer=signer, http=http,
             availability=availability, miner_health=miner_health, selector=selector, fanout=fanout,
-            keys=keys,
+            keys=keys, scoring=scoring,
         )
         services.health["keys"] = keys.health
         services.health["subnet"] = subnet_actor.health
         services.health["availability"] = availability_actor.health
         services.health["fanout"] = fanout.statistics
+        services.health["scoring"] = scoring.statistics
 
         app = create_app(services)
         if app_hook is not None:
             app_hook(app)
-        shutdown, stopped = trio.Event(), trio.Event()
         try:
             async with trio.open_nursery() as server:
                 urls = await server.start(
@@ -170,7 +177,14 @@ async def run(
             log.info("HTTP server stopped; stopping actors")
         finally:
             actors.cancel_scope.cancel()
-            stopped.set()
+
+
+@asynccontextmanager
+async def _set_on_exit(event: trio.Event) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        event.set()
 
 
 async def serve_until_signalled(

@@ -12,6 +12,7 @@ from actors.availability import AvailabilitySnapshot
 from actors.breaker import MinerHealth
 from actors.fanout import FanoutPool
 from actors.keystore import FileKeyStore, KeyStore
+from actors.scoring import ScoringForwarder
 from actors.selection import Selector
 from config.settings import Settings
 from engine.epistula import Signer
@@ -31,6 +32,7 @@ class Services:
     miner_health: MinerHealth
     selector: Selector
     fanout: FanoutPool
+    scoring: ScoringForwarder  # finished fan-outs go to `scoring.submit_nowait`
     # API keys and limits; the default, an empty in-memory store, is for tests that build Services
     keys: KeyStore = field(default_factory=FileKeyStore)
     # name -> a function giving that component's details for /health/ready

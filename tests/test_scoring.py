@@ -1,0 +1,450 @@
+"""The scoring forwarder against scripted validators (httpx.MockTransport).
+
+What a validator receives (payload, uid attribution, signature), which validator is chosen, back-off,
+backpressure, and that nothing is lost across a validator outage and a restart.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+import trio
+from bittensor_core import Keypair
+
+from actors.scoring import ScoringForwarder, encode_payload
+from actors.spool import Spool
+from config.settings import ScoringSettings, Settings
+from engine.epistula import Signer, Verifier
+from engine.organic import MinerAnswer, OrganicResult
+from engine.snapshot import SnapshotCell
+from engine.subnet import Neuron, SubnetSnapshot
+
+T = TypeVar("T")
+
+
+def hotkey(name: str) -> str:
+    return Keypair.create_from_uri(f"//{name}").ss58_address
+
+
+def validator(uid: int, stake: float, *, permit: bool = True, axon: str | None = "auto") -> Neuron:
+    return Neuron(uid=uid, hotkey=hotkey(f"validator{uid}"), stake=stake, validator_permit=permit,
+                  axon=f"10.0.0.{uid}:8091" if axon == "auto" else axon)
+
+
+def organic(i: int, uids: Iterable[int] = (12, 40, 7), task: str = "InferenceTask") -> OrganicResult:
+    """A finished fan-out whose every chunk names the miner that sent it."""
+    answers = tuple(
+        MinerAnswer(
+            uid=uid, hotkey=hotkey(f"miner{uid}"),
+            chunks=[f"r{i}-m{uid}-a", f"r{i}-m{uid}-b"] if uid % 2 == 0 else [f"r{i}-m{uid}"],
+            timings=[0.01 * uid, 0.02 * uid] if uid % 2 == 0 else [0.03 * uid],
+            raw_chunks=[{"choices": [{"index": 0, "delta": {"content": f"r{i}-m{uid}"}}]}],
+        )
+        for uid in uids
+    )
+    body = {"messages": [{"role": "user", "content": f"question {i}"}], "seed": i, "task": task}
+    return OrganicResult(request_id=f"req-{i}", task=task, body=body, answers=answers, created_at=0.0)
+
+
+@dataclass
+class Validators:
+    """Scripted validators keyed by axon: "ok", "500", "hang" (never answers) or "refuse"."""
+
+    modes: dict[str, str] = field(default_factory=dict)
+    default: str = "ok"
+    gate: trio.Event | None = None  # when set, answers wait for it
+    attempts: list[tuple[str, float]] = field(default_factory=list)  # (axon, trio time)
+    delivered: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (axon, payload)
+    requests: list[httpx.Request] = field(default_factory=list)
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        axon = f"{request.url.host}:{request.url.port}"
+        self.attempts.append((axon, trio.current_time()))
+        if self.gate is not None:
+            await self.gate.wait()
+        mode = self.modes.get(axon, self.default)
+        if mode == "hang":
+            await trio.sleep_forever()
+        if mode == "refuse":
+            raise httpx.ConnectError("connection refused", request=request)
+        if mode != "ok":
+            return httpx.Response(int(mode), json={"detail": "down"})
+        self.requests.append(request)
+        self.delivered.append((axon, json.loads(request.content)))
+        return httpx.Response(200, json=None)
+
+    def request_ids(self) -> list[int]:
+        return [payload["body"]["seed"] for _, payload in self.delivered]
+
+
+@pytest.fixture
+def validators() -> Validators:
+    return Validators()
+
+
+@pytest.fixture
+def signer() -> Signer:
+    return Signer(Keypair.create_from_uri("//Gateway"))
+
+
+def settings_for(tmp_path: Path, **scoring: Any) -> Settings:
+    base = {"min_validator_stake": 1000.0, "backoff_base_s": 1.0, "backoff_max_s": 60.0, "timeout_s": 5.0}
+    return Settings(scoring=ScoringSettings(**{**base, **scoring}), base_dir=str(tmp_path))
+
+
+def subnet_of(*neurons: Neuron) -> SnapshotCell[SubnetSnapshot]:
+    return SnapshotCell(SubnetSnapshot.of(1, neurons))
+
+
+MakeForwarder = Callable[..., ScoringForwarder]
+
+
+@pytest.fixture
+def make(tmp_path: Path, validators: Validators, signer: Signer) -> MakeForwarder:
+    def build(subnet: SnapshotCell[SubnetSnapshot] | None = None, rng: random.Random | None = None,
+              inline_io: bool = False, run_sync: Any = None, **scoring: Any) -> ScoringForwarder:
+        http = httpx.AsyncClient(transport=httpx.MockTransport(validators.handle))
+        return ScoringForwarder(
+            settings_for(tmp_path, **scoring), http=http, signer=signer,
+            subnet=subnet or subnet_of(validator(1, 5000.0)), rng=rng or random.Random(0),
+            run_sync=run_sync or (run_inline if inline_io else trio.to_thread.run_sync),
+        )
+    return build
+
+
+async def run_inline(sync_fn: Callable[..., T], *args: Any) -> T:
+    """Spool I/O on the event loop: with the autojump clock, time must not move while the disk works."""
+    await trio.lowlevel.checkpoint()
+    return sync_fn(*args)
+
+
+async def until(condition: Callable[[], bool], limit_s: float = 20.0) -> None:
+    """Poll a condition on the forwarder's counters (they have no event to wait on)."""
+    with trio.fail_after(limit_s):
+        while not condition():  # noqa: ASYNC110
+            await trio.sleep(0.01)
+
+
+async def test_validator_receives_every_answer_under_its_own_uid_signed_for_it(
+        nursery: trio.Nursery, make: MakeForwarder, validators: Validators, signer: Signer) -> None:
+    neuron = validator(1, 5000.0)
+    forwarder: ScoringForwarder = await nursery.start(make(subnet_of(neuron)).run)
+    shuffled = [(40, 7, 12), (7, 12, 40), (12, 40, 7)]  # the order the miners were asked / answered in
+    for i, uids in enumerate(shuffled):
+        forwarder.submit_nowait(organic(i, uids))
+    await until(lambda: len(validators.delivered) == 3)
+
+    by_seed = {payload["body"]["seed"]: payload for _, payload in validators.delivered}
+    for i, uids in enumerate(shuffled):
+        payload = by_seed[i]
+        assert payload["uids"] == list(uids)
+        assert payload["body"] == {"messages": [{"role": "user", "content": f"question {i}"}], "seed": i,
+                                   "task": "InferenceTask"}
+        assert payload["chunks"] == {"12": [f"r{i}-m12-a", f"r{i}-m12-b"], "40": [f"r{i}-m40-a", f"r{i}-m40-b"],
+                                     "7": [f"r{i}-m7"]}
+        assert payload["timings"] == {"12": [0.12, 0.24], "40": [0.4, 0.8], "7": [pytest.approx(0.21)]}
+        assert payload["chunk_dicts_raw"]["40"] == [{"choices": [{"index": 0, "delta": {"content": f"r{i}-m40"}}]}]
+    request = validators.requests[0]
+    assert request.method == "POST" and request.url == f"http://{neuron.axon}/scoring"
+    assert request.headers["content-type"] == "application/json"
+    verifier = Verifier(neuron.hotkey, {signer.ss58})
+    for request in validators.requests:
+        assert verifier.verify(request.headers, request.content) == signer.ss58
+    assert forwarder.statistics()["delivered"] == 3
+
+
+async def test_configured_validator_wins_over_the_metagraph(
+        nursery: trio.Nursery, make: MakeForwarder, validators: Validators) -> None:
+    forwarder = make(subnet_of(validator(1, 5000.0), validator(2, 9000.0)),
+                     validator="192.168.5.5:9000", validator_hotkey=hotkey("Configured"))
+    await nursery.start(forwarder.run)
+    for i in range(5):
+        forwarder.submit_nowait(organic(i))
+    await until(lambda: len(validators.delivered) == 5)
+    assert {axon for axon, _ in validators.delivered} == {"192.168.5.5:9000"}
+    assert {r.headers["epistula-signed-for"] for r in validators.requests} == {hotkey("Configured")}
+
+
+async def test_configured_validator_without_hotkey_takes_it_from_the_metagraph(
+        nursery: trio.Nursery, make: MakeForwarder, validators: Validators) -> None:
+    listed = validator(3, 0.0, permit=False)  # no permit or stake needed when it is configured
+    forwarder = make(subnet_of(validator(1, 5000.0), listed), validator=listed.axon)
+    await nursery.start(forwarder.run)
+    forwarder.submit_nowait(organic(0))
+    await until(lambda: len(validators.delivered) == 1)
+    assert validators.requests[0].headers["epistula-signed-for"] == listed.hotkey
+
+
+async def test_metagraph_choice_is_weighted_by_stake_among_eligible_validators(
+        nursery: trio.Nursery, make: MakeForwarder, validators: Validators) -> None:
+    small, big = validator(1, 1000.0), validator(2, 3000.0)
+    ineligible = [
+        validator(3, 999.0),  # below min_validator_stake
+        validator(4, 9000.0, permit=False),
+        validator(5, 9000.0, axon=None),  # serves nothing
+    ]
+    forwarder = make(subnet_of(small, big, *ineligible), rng=random.Random(1))
+    await nursery.start(forwarder.run)
+    for i in range(400):
+        forwarder.submit_nowait(organic(i))
+    await until(lambda: len(validators.delivered) == 400)
+    counts = Counter(axon for axon, _ in validators.delivered)
+    assert set(counts) == {small.axon, big.axon}
+    assert 2.2 < counts[big.axon] / counts[small.axon] < 4.2
+
+
+@pytest.mark.parametrize("failure", ["500", "hang", "refuse"])
+async def test_a_failing_validator_backs_off_exponentially_then_gets_the_payload_once(
+        nursery: trio.Nursery, make: MakeForwarder, validators: Validators, autojump_clock: trio.abc.Clock,
+        failure: str) -> None:
+    neuron = validator(1, 5000.0)
+    forwarder = make(subnet_of(neuron), inline_io=True, timeout_s=5.0)
+    await nursery.start(forwarder.run)
+    validators.default = failure
+    start = trio.current_time()
+    forwarder.submit_nowait(organic(0))
+    def failures() -> int:
+        state = forwarder.statistics()["validators"].get(neuron.hotkey)
+        return 0 if state is None else int(state["consecutive_failures"])
+
+    await until(lambda: failures() == 4, limit_s=600)
+    assert 4.0 < forwarder.statistics()["validators"][neuron.hotkey]["backoff_remaining_s"] <= 8.0
+    assert len(validators.attempts) == 4 and validators.delivered == []
+    validators.default = "ok"
+    await until(lambda: len(validators.delivered) == 1, limit_s=600)
+
+    times = [t - start for _, t in validators.attempts]
+    answer_time = 5.0 if failure == "hang" else 0.0  # a hanging validator is given up on after timeout_s
+    gaps = [b - a - answer_time for a, b in itertools.pairwise(times)]
+    # Never retried before its back-off is over. (Later is possible: the autojump clock moves on while
+    # a worker thread writes the spool.)
+    assert len(gaps) == 4
+    assert all(gap >= want - 1e-6 for gap, want in zip(gaps, [1.0, 2.0, 4.0, 8.0], strict=True)), gaps
+    assert validators.request_ids() == [0]
+    await until(lambda: forwarder.spool.pending == 0)  # the cursor moves once the 200 is in
+    stats = forwarder.statistics()
+    assert stats["validators"][neuron.hotkey]["consecutive_failures"] == 0
+    assert stats["attempts_failed"] == 4 and stats["delivered"] == 1 and stats["spool"]["pending"] == 0
+
+
+async def test_a_validator_in_back_off_is_skipped_for_the_others(
+        nursery: trio.Nursery, make: MakeForwarder, validators: Validators, autojump_clock: trio.abc.Clock
+) -> None:
+    down, up = validator(1, 5000.0), validator(2, 5000.0)
+    validators.modes[str(down.axon)] = "500"
+    forwarder = make(subnet_of(down, up), inline_io=True, backoff_base_s=100.0, rng=random.Random(3))
+    await nursery.start(forwarder.run)
+    for i in range(50):
+        forwarder.submit_nowait(organic(i))
+        await trio.sleep(0.5)
+    await until(lambda: len(validators.delivered) == 50)
+    tried_down = [t for axon, t in validators.attempts if axon == down.axon]
+    assert len(tried_down) == 1, "not tried again while in back-off"
+    assert sorted(validators.request_ids()) == list(range(50))
+    assert {axon for axon, _ in validators.delivered} == {up.axon}
+
+
+async def test_concurrent_failures_of_one_outage_count_as_one_back_off_step(
+        nursery: trio.Nursery, make: MakeForwarder, validators: Validators, autojump_clock: trio.abc.Clock
+) -> None:
+    neuron = validator(1, 5000.0)
+    validators.default = "500"
+    validators.gate = trio.Event()
+    forwarder = make(subnet_of(neuron), inline_io=True, concurrency=8)
+    await nursery.start(forwarder.run)
+    for i in range(8):
+        forwarder.submit_nowait(organic(i))
+    await until(lambda: len(validators.attempts) == 8)  # all eight are sent before any answer comes
+    validators.gate.set()
+    await until(lambda: forwarder.statistics()["spool"]["pending"] == 8)
+    state = forwarder.statistics()["validators"][neuron.hotkey]
+    assert state["failures"] == 8
+    assert state["consecutive_failures"] == 1
+    assert 0.0 < state["backoff_remaining_s"] <= 1.0  # one step: the first back-off, not 2**7 s
+
+
+async def test_disabled_scoring_forwards_and_stores_nothing(
+        nursery: trio.Nursery, make: MakeForwarder, validators: Validators, tmp_path: Path) -> None:
+    forwarder = make(enabled=False)
+    await nursery.start(forwarder.run)
+    for i in range(3):
+        forwarder.submit_nowait(organic(i))
+    await trio.sleep(0.05)
+    assert validators.attempts == []
+    assert not (tmp_path / "spool").exists()
+    stats = forwarder.statistics()
+    assert stats["ignored"]["disabled"] == 3 and stats["submitted"] == 0
+
+
+async def test_only_inference_and_web_retrieval_results_are_forwarded(
+        nursery: trio.Nursery, make: MakeForwarder, validators: Validators) -> None:
+    forwarder: ScoringForwarder = await nursery.start(make().run)
+    forwarder.submit_nowait(organic(0, task="InferenceTask"))
+    forwarder.submit_nowait(organic(1, task="MultiStepReasoningTask"))
+    forwarder.submit_nowait(organic(2, task="WebRetrievalTask"))
+    forwarder.submit_nowait(organic(3, task="ProgrammingTask"))
+    forwarder.submit_nowait(organic(4, uids=()))  # nobody was asked: nothing to score
+    await until(lambda: len(validators.delivered) == 2)
+    await trio.sleep(0.05)
+    assert sorted((p["body"]["seed"], p["body"]["task"]) for _, p in validators.delivered) == [
+        (0, "InferenceTask"), (2, "WebRetrievalTask")]
+    assert forwarder.statistics()["ignored"] == {"disabled": 0, "not_scored": 2, "no_miners": 1}
+
+
+async def test_a_full_queue_spills_to_the_spool_and_nothing_is_lost(
+        nursery: trio.Nursery, make: MakeForwarder, validators: Validators) -> None:
+    validators.gate = trio.Event()  # the validator is slow: nothing is answered yet
+    forwarder = make(queue_size=2, concurrency=1, overflow_size=100)
+    await nursery.start(forwarder.run)
+    await trio.sleep(0.01)  # the delivery task is waiting for work
+    for i in range(30):
+        forwarder.submit_nowait(organic(i))  # synchronous: it cannot block the request's task
+    stats = forwarder.statistics()
+    # One went straight to the waiting delivery task, two fill the queue, the rest spill.
+    assert (stats["queued"], stats["overflow"]) == (2, 27)
+    await until(lambda: forwarder.spool.pending == 27)
+    assert forwarder.statistics()["spooled"] == 27
+    validators.gate.set()
+    await until(lambda: len(validators.delivered) == 30)
+    await trio.sleep(0.05)
+    assert sorted(validators.request_ids()) == list(range(30))
+    assert forwarder.statistics()["dropped"]["overflow"] == 0
+
+
+async def test_when_even_the_overflow_buffer_is_full_results_are_dropped_and_counted(
+        nursery: trio.Nursery, make: MakeForwarder, validators: Validators) -> None:
+    forwarder = make(queue_size=1, concurrency=1, overflow_size=3)
+    await nursery.start(forwarder.run)
+    await trio.sleep(0.01)  # the delivery task is waiting for work
+    for i in range(10):
+        forwarder.submit_nowait(organic(i))
+    # Kept: one for the waiting delivery task, one in the queue, three in the overflow buffer.
+    assert forwarder.statistics()["dropped"]["overflow"] == 5
+    await until(lambda: len(validators.delivered) == 5)
+    await trio.sleep(0.05)
+    assert sorted(validators.request_ids()) == [0, 1, 2, 3, 4]
+
+
+def spooled_seeds(folder: Path) -> list[int]:
+    spool = Spool(folder, max_bytes=1 << 30)
+    spool.open()
+    try:
+        return [json.loads(r.payload)["body"]["seed"] for r in spool.read(100_000).records]
+    finally:
+        spool.close()
+
+
+async def test_shutdown_writes_queued_and_in_flight_payloads_to_the_spool(
+        make: MakeForwarder, validators: Validators, tmp_path: Path) -> None:
+    validators.default = "hang"  # deliveries are in flight when the shutdown comes
+    forwarder = make(queue_size=100, concurrency=2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(forwarder.run)
+        for i in range(20):
+            forwarder.submit_nowait(organic(i))
+        await until(lambda: forwarder.statistics()["in_flight"] == 2)
+        nursery.cancel_scope.cancel()
+    seeds = spooled_seeds(tmp_path / "spool")
+    assert sorted(seeds) == list(range(20))
+    # The spooled bytes are exactly what would have been sent.
+    spool = Spool(tmp_path / "spool", max_bytes=1 << 30)
+    spool.open()
+    assert {r.payload for r in spool.read(100).records} == {encode_payload(organic(i)) for i in range(20)}
+
+
+async def test_a_spool_write_cut_short_by_shutdown_is_written_by_the_flush(
+        make: MakeForwarder, validators: Validators, tmp_path: Path) -> None:
+    validators.default = "500"
+    held: list[Any] = []
+
+    async def run_sync(sync_fn: Callable[..., T], *args: Any) -> T:
+        if getattr(sync_fn, "__name__", "") == "_encode_and_append" and not held:
+            held.append(args)  # the spool writer's first batch waits (for a thread, say) and is cancelled
+            await trio.sleep_forever()
+        return await trio.to_thread.run_sync(sync_fn, *args)
+
+    forwarder = make(run_sync=run_sync, concurrency=1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(forwarder.run)
+        for i in range(5):
+            forwarder.submit_nowait(organic(i))
+        await until(lambda: bool(held) and forwarder.statistics()["queued"] == 0)
+        nursery.cancel_scope.cancel()
+    assert sorted(spooled_seeds(tmp_path / "spool")) == list(range(5))
+
+
+async def test_outage_and_restart_deliver_every_payload_once(
+        make: MakeForwarder, validators: Validators, autojump_clock: trio.abc.Clock) -> None:
+    """The validator is down; the gateway restarts meanwhile; once it is back everything arrives once."""
+    validators.default = "500"
+    first = make(inline_io=True)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(first.run)
+        for i in range(25):
+            first.submit_nowait(organic(i))
+            await trio.sleep(0.3)
+        await until(lambda: first.spool.pending == 25, limit_s=600)
+        nursery.cancel_scope.cancel()
+    assert validators.delivered == []
+
+    second = make(inline_io=True)  # the restarted gateway: a new forwarder on the same spool folder
+    async with trio.open_nursery() as nursery:
+        await nursery.start(second.run)
+        for i in range(25, 30):
+            second.submit_nowait(organic(i))
+        await trio.sleep(30)  # still down for a while
+        assert validators.delivered == []
+        validators.default = "ok"
+        await until(lambda: len(validators.delivered) == 30, limit_s=600)
+        await trio.sleep(120)  # long enough for any duplicate to show up
+        nursery.cancel_scope.cancel()
+
+    assert Counter(validators.request_ids()) == Counter(range(30)), "each payload exactly once"
+    sent = {json.dumps(p, sort_keys=True) for _, p in validators.delivered}
+    expected = {json.dumps(organic(i).scoring_payload(), sort_keys=True) for i in range(30)}
+    assert sent == expected
+    assert second.spool.pending == 0
+    assert second.statistics()["replayed"] >= 25
+
+
+async def test_a_corrupt_spooled_record_is_skipped_counted_and_the_rest_delivered(
+        nursery: trio.Nursery, make: MakeForwarder, validators: Validators, tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", max_bytes=1 << 20)
+    spool.open()
+    spool.append([encode_payload(organic(i)) for i in range(3)])
+    spool.close()
+    (segment,) = (tmp_path / "spool").glob("*.seg")
+    data = segment.read_bytes()
+    segment.write_bytes(data.replace(b'"question 1"', b'"questiox 1"'))
+
+    forwarder = make()
+    await nursery.start(forwarder.run)
+    await until(lambda: len(validators.delivered) == 2)
+    await until(lambda: forwarder.spool.pending == 0)
+    assert sorted(validators.request_ids()) == [0, 2]
+    assert forwarder.statistics()["dropped"]["corrupt"] == 1
+
+
+async def test_no_eligible_validator_spools_and_delivers_once_one_appears(
+        nursery: trio.Nursery, make: MakeForwarder, validators: Validators, autojump_clock: trio.abc.Clock
+) -> None:
+    subnet = subnet_of(validator(1, 10.0))  # below the stake threshold
+    forwarder = make(subnet, inline_io=True)
+    await nursery.start(forwarder.run)
+    forwarder.submit_nowait(organic(0))
+    await until(lambda: forwarder.spool.pending == 1)
+    stats = forwarder.statistics()
+    assert stats["no_validator"] == 1 and "validator permit" in stats["validator_problem"]
+    assert validators.attempts == []
+    subnet.publish(SubnetSnapshot.of(1, [validator(1, 10.0), validator(2, 2000.0)]))
+    await until(lambda: len(validators.delivered) == 1)
+    assert validators.request_ids() == [0]
