@@ -19,6 +19,7 @@ import httpx
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
+from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, ASGISendEvent, Scope
 
 from actors.availability import AvailabilityActor
 from actors.breaker import MinerHealth
@@ -76,6 +77,33 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     config.errorlog = logging.getLogger("hypercorn.error")
     config.keep_alive_timeout = 75
     return config
+
+
+def shield_response_end(app: ASGIFramework, limit_s: float) -> ASGIFramework:
+    """Let the last body message of each response finish even when the app's task is cancelled.
+
+    Quart-Trio cancels its request task as soon as hypercorn reports the response complete, and
+    hypercorn does that from inside this very send, before it re-arms the connection's keep-alive
+    watch. Cancelled there, an idle keep-alive connection is never closed: neither after
+    `keep_alive_timeout` nor at shutdown, which then waits the whole drain deadline. The shield is
+    bounded by `limit_s`, so a client that stops reading cannot hold it.
+    """
+
+    async def app_with_shielded_end(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+
+        async def send_end_shielded(message: ASGISendEvent) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + limit_s):
+                    await send(message)
+            else:
+                await send(message)
+
+        await app(scope, receive, send_end_shielded)
+
+    return app_with_shielded_end
 
 
 def make_http_client(settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
@@ -171,7 +199,8 @@ async def run(
         try:
             async with trio.open_nursery() as server:
                 urls = await server.start(
-                    partial(serve, app, hypercorn_config(settings), shutdown_trigger=shutdown.wait)
+                    partial(serve, shield_response_end(app, settings.server.drain_timeout_s),
+                            hypercorn_config(settings), shutdown_trigger=shutdown.wait, mode="asgi")
                 )
                 task_status.started(Gateway(list(urls), services, shutdown, stopped))
             log.info("HTTP server stopped; stopping actors")
