@@ -214,9 +214,9 @@ class Miner:
 
     async def _events(self, fault: MinerFault, chunks: ChunkMaker, pieces: Sequence[str],
                       logprobs: Sequence[dict[str, Any] | None], finish: str) -> AsyncIterator[bytes]:
-        if fault is MinerFault.BENCH:
-            yield b"".join([*(chunks.content(p, lp, i == 0) for i, (p, lp) in enumerate(zip(pieces, logprobs,
-                                                                                          strict=True))),
+        numbered = list(enumerate(zip(pieces, logprobs, strict=True)))
+        if fault is MinerFault.BENCH:  # the whole answer in one write
+            yield b"".join([*(chunks.content(piece, lp, i == 0) for i, (piece, lp) in numbered),
                             chunks.finish(finish), DONE_EVENT])
             return
         if fault is MinerFault.HANG_AFTER_HEADERS:
@@ -228,7 +228,7 @@ class Miner:
         await trio.sleep(first_s)
         if fault is MinerFault.INVALID_JSON:
             yield b'data: {"choices": [{"index": 0, "delta": {"content": "broken\n\n'
-        for i, (piece, lp) in enumerate(zip(pieces, logprobs, strict=True)):
+        for i, (piece, lp) in numbered:
             if i == stop_at:
                 raise StreamStopped(f"miner {self.uid} stops mid-stream (simulated)")
             if i > 0:
