@@ -311,7 +311,7 @@ class ScoringForwarder:
         with trio.move_on_after(self.flush_deadline_s):
             while unwritten := self._take_all_in_memory():
                 try:
-                    total += await self._run_sync(self._encode_and_append, unwritten)
+                    total += self._count_unencodable(await self._run_sync(self._encode_and_append, unwritten))
                 except OSError as exc:
                     self.dropped["flush_failed"] += len(unwritten)
                     log.error("scoring: cannot write %d payloads to the spool at shutdown (%s)", len(unwritten), exc)
@@ -337,9 +337,10 @@ class ScoringForwarder:
             except trio.WouldBlock:
                 return items
 
-    def _encode_and_append(self, items: Sequence[OrganicResult | bytes]) -> int:
-        """Encode (in this worker thread) and append durably; payloads that cannot be encoded are counted."""
+    def _encode_and_append(self, items: Sequence[OrganicResult | bytes]) -> tuple[int, int]:
+        """Encode (in this worker thread) and append durably: how many were stored, how many could not be encoded."""
         payloads: list[bytes] = []
+        unencodable = 0
         for item in items:
             if isinstance(item, bytes):
                 payloads.append(item)
@@ -347,9 +348,14 @@ class ScoringForwarder:
             try:
                 payloads.append(encode_payload(item))
             except (TypeError, ValueError) as exc:
-                self.dropped["unencodable"] += 1
+                unencodable += 1
                 log.error("scoring: request %s cannot be encoded (%s); dropped", item.request_id, exc)
-        return self.spool.append(payloads)
+        return self.spool.append(payloads), unencodable
+
+    def _count_unencodable(self, outcome: tuple[int, int]) -> int:
+        stored, unencodable = outcome
+        self.dropped["unencodable"] += unencodable
+        return stored
 
     # -- live delivery -------------------------------------------------------------------------
 
@@ -423,7 +429,7 @@ class ScoringForwarder:
             room, self._overflow_room = self._overflow_room, trio.Event()
             room.set()
             try:
-                await self._run_sync(self._encode_and_append, batch)
+                self._count_unencodable(await self._run_sync(self._encode_and_append, batch))
             except OSError as exc:
                 self._writing = []
                 self.spool_errors += 1

@@ -382,6 +382,43 @@ async def test_a_spool_write_cut_short_by_shutdown_is_written_by_the_flush(
     assert sorted(spooled_seeds(tmp_path / "spool")) == list(range(5))
 
 
+async def test_a_payload_that_is_not_json_is_dropped_and_counted_the_rest_delivered(
+        nursery: trio.Nursery, make: MakeForwarder, validators: Validators) -> None:
+    forwarder: ScoringForwarder = await nursery.start(make().run)
+    broken = organic(1)
+    broken.answers[0].timings[0] = float("nan")  # JSON has no NaN
+    for result in (organic(0), broken, organic(2)):
+        forwarder.submit_nowait(result)
+    await until(lambda: len(validators.delivered) == 2)
+    assert sorted(validators.request_ids()) == [0, 2]
+    assert forwarder.statistics()["dropped"]["unencodable"] == 1
+
+
+async def test_a_failing_spool_write_is_retried_and_reported(
+        nursery: trio.Nursery, make: MakeForwarder, validators: Validators, autojump_clock: trio.abc.Clock,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    validators.default = "500"
+    forwarder = make(inline_io=True)
+    await nursery.start(forwarder.run)
+    real_append = forwarder.spool.append
+    failures = [OSError(28, "No space left on device")]
+
+    def append(payloads: Any) -> int:
+        if failures:
+            raise failures.pop()
+        return real_append(payloads)
+
+    monkeypatch.setattr(forwarder.spool, "append", append)
+    forwarder.submit_nowait(organic(0))
+    await until(lambda: forwarder.statistics()["spool"]["errors"] == 1)
+    assert "No space left" in forwarder.statistics()["spool"]["last_error"]
+    await until(lambda: forwarder.spool.pending == 1, limit_s=60)
+    assert forwarder.statistics()["spool"]["last_error"] is None
+    validators.default = "ok"
+    await until(lambda: len(validators.delivered) == 1, limit_s=600)
+    assert validators.request_ids() == [0]
+
+
 async def test_outage_and_restart_deliver_every_payload_once(
         make: MakeForwarder, validators: Validators, autojump_clock: trio.abc.Clock) -> None:
     """The validator is down; the gateway restarts meanwhile; once it is back everything arrives once."""
