@@ -115,13 +115,12 @@ async def test_every_answer_reaches_the_validator_under_its_own_uid(net_factory:
         devnet = net.devnet
         # answers arrive in an order unrelated to uids: the highest uid is the fastest
         for miner in devnet.miners:
-            miner.timing = dataclasses.replace(miner.timing, first_token_s=0.06 * (5 - miner.uid))
+            miner.timing = dataclasses.replace(miner.timing, first_token_s=0.12 * (5 - miner.uid))
         for i in range(4):
-            ttft, events = await stream_chat(net.client, f"score me {i}", seed=100 + i)
+            _, events = await stream_chat(net.client, f"score me {i}", seed=100 + i)
             assert events[-1] == "[DONE]"
         with trio.fail_after(20):
-            while devnet.validator.scored_total < 4:
-                await trio.sleep(0.05)
+            await devnet.validator.wait_scored(4)
         async with httpx.AsyncClient() as direct:
             for payload in devnet.validator.scored:
                 assert sorted(payload["uids"]) == sorted(m.uid for m in devnet.miners)
@@ -155,9 +154,10 @@ async def ask_directly(client: httpx.AsyncClient, net: Net, uid: int, body: dict
 async def test_models_and_availability_come_from_the_validator(net_factory: Any) -> None:
     with trio.fail_after(30):
         net = await net_factory(availability="validator")
+        cell = net.gateway.services.availability
         with trio.fail_after(10):
-            while not net.gateway.services.availability.get().ever_known:
-                await trio.sleep(0.05)
+            while not cell.get().ever_known:
+                await cell.wait_newer(cell.version)
         models = (await net.client.get("/v1/models")).json()
         assert [m["id"] for m in models["data"]] == ["hugging-quants/Meta-Llama-3.1-70B-Instruct-AWQ-INT4"]
         uids = (await net.client.get("/miner_availabilities/get_available_miners?task=InferenceTask")).json()
