@@ -180,7 +180,9 @@ async def run(
             settings, http=http, signer=signer, subnet=subnet_cell,
         ))
         fanout = await supervisor.start(actors, "fanout", FanoutPool(
-            http, signer, miner_health, submit=scoring.submit_nowait, max_jobs=settings.fanout.max_inflight,
+            http, signer, miner_health, submit=scoring.submit_nowait,
+            max_serving=settings.fanout.max_inflight, max_jobs=settings.fanout.max_background,
+            stall_s=settings.fanout.stall_timeout_s,
         ))
         services = Services(
             settings=settings, supervisor=supervisor, subnet=subnet_cell, signer=signer, http=http,
@@ -203,6 +205,9 @@ async def run(
                             hypercorn_config(settings), shutdown_trigger=shutdown.wait, mode="asgi")
                 )
                 task_status.started(Gateway(list(urls), services, shutdown, stopped))
+            # Miners still answering finished requests are heard out, so their answers get scored.
+            with trio.move_on_after(settings.server.drain_timeout_s):
+                await fanout.wait_idle()
             log.info("HTTP server stopped; stopping actors")
         finally:
             actors.cancel_scope.cancel()
