@@ -156,3 +156,18 @@ async def test_client_disconnect_keeps_collecting_for_scoring(stack: Stack) -> N
     with trio.fail_after(10):
         await pool.wait_idle()
     assert pool.health.report()["1"]["successes"] == 1  # the stream was read to its end
+
+
+async def test_metrics_report_actors_components_and_miners(stack: Stack) -> None:
+    stack.miners.scripts[9001] = answer(["ok"])
+    stack.miners.scripts[9002] = 500
+    await stack.chat(uids=[1, 2])
+    await stack.gateway.services.fanout.wait_idle()
+    response = await stack.client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    lines = dict(line.rsplit(" ", 1) for line in response.text.splitlines() if not line.startswith("#"))
+    assert lines["sn1_gateway_ready"] == "1"
+    assert lines['sn1_gateway_actor_running{actor="fanout"}'] == "1"
+    assert lines["sn1_gateway_fanout_total"] == "1"
+    assert lines['sn1_gateway_miner_successes{uid="1"}'] == "1"
+    assert lines['sn1_gateway_miner_failures{uid="2"}'] == "1"
