@@ -31,6 +31,7 @@ from actors.subnet import MetagraphSource, StaticSource, SubnetActor
 from config.settings import Settings
 from engine.epistula import Signer
 from engine.hotkey import load_hotkey
+from engine.keepalive import KeepAliveTransport
 from engine.services import Services
 from engine.snapshot import SnapshotCell
 from engine.subnet import SubnetSnapshot
@@ -107,11 +108,10 @@ def shield_response_end(app: ASGIFramework, limit_s: float) -> ASGIFramework:
 
 
 def make_http_client(settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
-    """The one pooled outbound client, towards miners and validators."""
+    """The one pooled outbound client, towards miners and validators (keep-alive, O(1) per request)."""
     return httpx.AsyncClient(
-        transport=transport,
+        transport=transport or KeepAliveTransport(keepalive_expiry_s=60.0),
         timeout=httpx.Timeout(60.0, connect=settings.fanout.connect_timeout_s),
-        limits=httpx.Limits(max_connections=4096, max_keepalive_connections=512, keepalive_expiry=60),
         follow_redirects=False,
         trust_env=False,
     )

@@ -1,0 +1,160 @@
+"""The outbound keep-alive pool against a real HTTP server on loopback: what the server sees."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from functools import partial
+
+import httpx
+import pytest
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+from quart import Response, request
+from quart_trio import QuartTrio
+
+from engine.keepalive import KeepAliveTransport
+
+
+@dataclass
+class Server:
+    url: str
+    client_ports: list[int] = field(default_factory=list)  # one entry per request: the connection it came on
+
+    @property
+    def connections(self) -> int:
+        return len(set(self.client_ports))
+
+
+def make_app(server: Server) -> QuartTrio:
+    app = QuartTrio("keepalive_test")
+
+    @app.post("/stream")
+    async def stream() -> Response:
+        server.client_ports.append(request.scope["client"][1])
+
+        async def body() -> AsyncIterator[bytes]:
+            for i in range(3):
+                yield f"data: {i}\n\n".encode()
+                await trio.sleep(0.01)
+
+        return Response(body(), content_type="text/event-stream")
+
+    @app.get("/slow")
+    async def slow() -> str:
+        server.client_ports.append(request.scope["client"][1])
+        await trio.sleep(5)
+        return "late"
+
+    return app
+
+
+async def start_server(nursery: trio.Nursery, *, keep_alive_timeout: float = 30.0) -> Server:
+    server = Server(url="")
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.keep_alive_timeout = keep_alive_timeout
+    urls = await nursery.start(serve, make_app(server), config)
+    server.url = urls[0]
+    return server
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[tuple[httpx.AsyncClient, KeepAliveTransport]]:
+    transport = KeepAliveTransport()
+    async with httpx.AsyncClient(transport=transport, timeout=5) as http:
+        yield http, transport
+
+
+async def read_all(http: httpx.AsyncClient, url: str) -> bytes:
+    async with http.stream("POST", url, content=b"{}") as response:
+        assert response.status_code == 200
+        return b"".join([part async for part in response.aiter_bytes()])
+
+
+async def test_sequential_requests_share_one_connection(
+    nursery: trio.Nursery, client: tuple[httpx.AsyncClient, KeepAliveTransport]
+) -> None:
+    http, transport = client
+    server = await start_server(nursery)
+    with trio.fail_after(10):
+        bodies = [await read_all(http, f"{server.url}/stream") for _ in range(5)]
+    assert bodies == [b"data: 0\n\ndata: 1\n\ndata: 2\n\n"] * 5
+    assert server.connections == 1
+    assert (transport.opened, transport.reused) == (1, 4)
+
+
+async def test_concurrent_requests_open_one_connection_each_then_reuse_them(
+    nursery: trio.Nursery, client: tuple[httpx.AsyncClient, KeepAliveTransport]
+) -> None:
+    http, transport = client
+    server = await start_server(nursery)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as inner:
+            for _ in range(4):
+                inner.start_soon(read_all, http, f"{server.url}/stream")
+        assert server.connections == 4
+        assert transport.idle_count() == 4
+        async with trio.open_nursery() as inner:
+            for _ in range(4):
+                inner.start_soon(read_all, http, f"{server.url}/stream")
+    assert server.connections == 4  # no new connection for the second round
+    assert transport.opened == 4
+
+
+async def test_a_response_left_unread_is_not_reused(
+    nursery: trio.Nursery, client: tuple[httpx.AsyncClient, KeepAliveTransport]
+) -> None:
+    http, transport = client
+    server = await start_server(nursery)
+    with trio.fail_after(10):
+        async with http.stream("POST", f"{server.url}/stream", content=b"{}") as response:
+            async for _ in response.aiter_bytes():
+                break  # leave before the end of the body
+        assert transport.idle_count() == 0
+        assert await read_all(http, f"{server.url}/stream") == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
+    assert server.connections == 2
+
+
+async def test_a_connection_the_server_closed_is_replaced(
+    nursery: trio.Nursery, client: tuple[httpx.AsyncClient, KeepAliveTransport]
+) -> None:
+    http, transport = client
+    accepted = 0
+
+    async def answer_once_then_close(stream: trio.SocketStream) -> None:
+        nonlocal accepted
+        accepted += 1
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += await stream.receive_some(4096)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await trio.sleep(0.05)
+        await stream.aclose()  # an idle keep-alive connection, closed by the server
+
+    listeners = await nursery.start(partial(trio.serve_tcp, answer_once_then_close, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    with trio.fail_after(10):
+        assert (await http.get(f"http://127.0.0.1:{port}/")).text == "ok"
+        await trio.sleep(0.3)
+        assert (await http.get(f"http://127.0.0.1:{port}/")).text == "ok"
+    assert accepted == 2
+    assert (transport.opened, transport.reused) == (2, 0)
+
+
+async def test_errors_are_httpx_errors(
+    nursery: trio.Nursery, client: tuple[httpx.AsyncClient, KeepAliveTransport]
+) -> None:
+    http, _ = client
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    with trio.fail_after(10):
+        with pytest.raises(httpx.ConnectError):
+            await http.get(f"http://127.0.0.1:{port}/")
+        server = await start_server(nursery)
+        with pytest.raises(httpx.ReadTimeout):
+            await http.get(f"{server.url}/slow", timeout=httpx.Timeout(5, read=0.2))
