@@ -3,8 +3,9 @@
 httpx's default pool (httpcore's) re-examines every pooled connection on every request and on every
 response close, with a readability syscall per idle connection and a count of idle connections per
 idle connection (quadratic). With a kept connection per concurrent miner stream, that scan cost more
-than opening a new connection per request. Here each origin keeps a stack of idle HTTP/1.1 connections; a request pops the most recently used one (checking only that one), and a
-response, once closed, pushes its connection back if it can be reused. Plain `http://` only (miners and
+than opening a new connection per request. Here each origin keeps a stack of idle HTTP/1.1
+connections; a request pops the most recently used one (checking only that one), and a response, once
+closed, pushes its connection back if it can be reused. Plain `http://` only (miners and
 validators); other schemes go through httpx's own transport.
 """
 
