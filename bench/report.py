@@ -83,6 +83,7 @@ def completion_entry(fanout: int, gateway: Measured, direct: Measured) -> dict[s
         "concurrency": g.concurrency,
         "requests": {"gateway": g.completed, "direct": d.completed},
         "errors": {"gateway": g.errors, "direct": d.errors},
+        "statuses": {"gateway": _statuses(g), "direct": _statuses(d)},
         "rps": compared(rps(g), rps(d), 1),
         "p50_ms": compared(ms(percentile(g.latencies, 50)), ms(percentile(d.latencies, 50))),
         "p90_ms": compared(ms(percentile(g.latencies, 90)), ms(percentile(d.latencies, 90))),
@@ -102,6 +103,7 @@ def streaming_entry(fanout: int, gateway: Measured, direct: Measured) -> dict[st
         "concurrency": g.concurrency,
         "streams": {"gateway": g.completed, "direct": d.completed},
         "errors": {"gateway": g.errors, "direct": d.errors},
+        "statuses": {"gateway": _statuses(g), "direct": _statuses(d)},
         "tokens_per_stream": compared(g.tokens / g.completed if g.completed else None,
                                       d.tokens / d.completed if d.completed else None, 1),
         "ttft_p50_ms": compared(ms(percentile(g.ttfts, 50)), ms(percentile(d.ttfts, 50))),
@@ -112,6 +114,11 @@ def streaming_entry(fanout: int, gateway: Measured, direct: Measured) -> dict[st
         "load_cpu_ms_per_stream": compared(per_request_ms(g.cpu_s, g.completed),
                                            per_request_ms(d.cpu_s, d.completed)),
     }
+
+
+def _statuses(result: LoadResult) -> dict[str, int]:
+    """HTTP statuses answered, by code (requests that got no answer at all are only in `errors`)."""
+    return {str(code): count for code, count in sorted(result.statuses.items())}
 
 
 def cpu_per_completion(phases: Sequence[Measured]) -> float | None:

@@ -78,7 +78,8 @@ class BenchOptions:
 
 
 def client_body(*, stream: bool, max_tokens: int, seed: int = 7) -> dict[str, Any]:
-    return {"model": "bench", "messages": [{"role": "user", "content": "Benchmark: answer with anything."}],
+    # no "model": any miner will do, whatever models a target gateway's availability knows of
+    return {"messages": [{"role": "user", "content": "Benchmark: answer with anything."}],
             "stream": stream, "seed": seed, "max_tokens": max_tokens}
 
 
@@ -244,7 +245,7 @@ class Run:
             self.log(f"{label} c={concurrency}: {entry['rps']['gateway']} req/s "
                      f"(direct {entry['rps']['direct']}), p50 {entry['p50_ms']['gateway']} ms "
                      f"(direct {entry['p50_ms']['direct']}), gateway CPU "
-                     f"{entry['gateway_cpu_ms_per_completion']} ms/req, errors {entry['errors']}")
+                     f"{entry['gateway_cpu_ms_per_completion']} ms/req, errors {entry['errors']}, statuses {entry['statuses']}")
         body = client_body(stream=True, max_tokens=4 * options.answer_tokens)
         concurrency = options.stream_concurrency
         direct = await self.measure(miner.endpoint, self.direct_requests(miner, body), concurrency=concurrency,

@@ -52,6 +52,8 @@ async def test_quick_bench_writes_complete_results(tmp_path: Path) -> None:
         where = f"completions[fanout {e['fanout']}, c={e['concurrency']}]"
         assert e["errors"] == {"gateway": 0, "direct": 0}, where
         assert e["requests"]["gateway"] > 0 and e["requests"]["direct"] > 0, where
+        assert e["statuses"] == {"gateway": {"200": e["requests"]["gateway"]},
+                                 "direct": {"200": e["requests"]["direct"]}}, where
         for key in ("rps", "p50_ms", "p90_ms", "p99_ms", "load_cpu_ms_per_request"):
             assert_compared(e[key], f"{where}.{key}")
         assert e["p50_ms"]["gateway"] <= e["p90_ms"]["gateway"] <= e["p99_ms"]["gateway"], where
