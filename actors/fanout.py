@@ -129,6 +129,7 @@ class FanoutJob:
     _pending: int = 0
     released: bool = False  # the handler is done with the job; what remains is collection for scoring
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    cut_reason: str | None = None  # why the job was cut short, when it was
     _on_release: Callable[[], None] | None = None
     _send: trio.MemorySendChannel[Event] = field(init=False)
     receive: trio.MemoryReceiveChannel[Event] = field(init=False)
@@ -251,11 +252,23 @@ class FanoutPool:
         """At capacity: cut short the oldest collection whose client is already served (counted)."""
         for job in self._jobs.values():
             if job.released and not job.cancel_scope.cancel_called:
-                job.cancel_scope.cancel()
+                self._cut(job, "collection cut short: the gateway was at capacity")
                 self.jobs_evicted += 1
                 return
         self.jobs_refused += 1
         raise PoolBusy(f"{self.jobs_running} fan-outs are running already")
+
+    def cut_short(self, reason: str) -> int:
+        """Stop every running fan-out now; each still goes to scoring with what it has. Returns how many."""
+        jobs = [job for job in self._jobs.values() if not job.cancel_scope.cancel_called]
+        for job in jobs:
+            self._cut(job, reason)
+        return len(jobs)
+
+    @staticmethod
+    def _cut(job: FanoutJob, reason: str) -> None:
+        job.cut_reason = reason
+        job.cancel_scope.cancel()
 
     async def _run_job(self, job: FanoutJob) -> None:
         body_bytes = json.dumps(job.body, separators=(",", ":")).encode()
@@ -272,7 +285,7 @@ class FanoutPool:
             if job.cancel_scope.cancelled_caught:
                 for answer in job.answers:
                     if answer.error is None and not answer.completed:
-                        answer.error = "collection cut short: the gateway was at capacity"
+                        answer.error = job.cut_reason or "collection cut short"
         finally:
             del self._jobs[id(job)]
             if not job.released:  # the pool is stopping under a handler still attached

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sn1_gateway")
 
+FANOUT_STOP_S = 2.0  # how long cut-short fan-outs get to hand their results to the forwarder
+
 
 @dataclass
 class Gateway:
@@ -205,8 +207,14 @@ async def run(
                             hypercorn_config(settings), shutdown_trigger=shutdown.wait, mode="asgi")
                 )
                 task_status.started(Gateway(list(urls), services, shutdown, stopped))
-            # Miners still answering finished requests are heard out, so their answers get scored.
+            # Miners still answering finished requests are heard out, so their answers get scored;
+            # past the deadline what they said so far is scored. Either way every fan-out reaches the
+            # forwarder before it stops, and the forwarder spools what it cannot deliver.
             with trio.move_on_after(settings.server.drain_timeout_s):
+                await fanout.wait_idle()
+            if cut := fanout.cut_short("collection cut short: the gateway was stopping"):
+                log.info("stopping: %d fan-outs cut short, their answers so far go to scoring", cut)
+            with trio.move_on_after(FANOUT_STOP_S):
                 await fanout.wait_idle()
             log.info("HTTP server stopped; stopping actors")
         finally:

@@ -13,6 +13,7 @@ import httpx
 import pytest
 import trio
 
+from actors.spool import Spool
 from config.settings import AuthSettings, AvailabilitySettings, FanoutSettings, ServerSettings, Settings
 from devnet.miner import MinerFault, MinerTiming
 from devnet.network import Devnet
@@ -172,3 +173,47 @@ async def test_web_retrieval_over_the_devnet(net_factory: Any) -> None:
         assert response.status_code == 200, response.text
         results = response.json()["results"]
         assert len(results) == 4 and len({r["url"] for r in results}) == 4
+
+
+async def test_answers_still_coming_at_shutdown_are_scored_or_spooled(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """A miner that never finishes keeps its fan-outs running past the drain deadline: at shutdown they
+    are cut short and go to scoring with what was said, never lost with the forwarder."""
+    with trio.fail_after(60):
+        timing = MinerTiming(first_token_s=HEALTHY_FIRST_TOKEN_S, token_s=0.002)
+        devnet: Devnet = await nursery.start(Devnet(miners=3, faults=("hang_after_headers",), timing=timing,
+                                                    validator_poll_s=3600).run)
+        await devnet.validator.go_down()  # nothing can be delivered: everything must reach the spool
+        settings = devnet.configure(dataclasses.replace(
+            Settings(),
+            server=ServerSettings(port=0, drain_timeout_s=0.5),
+            auth=AuthSettings(keys_file=str(tmp_path / "keys.toml")),
+            availability=AvailabilitySettings(source="none"),
+            fanout=FanoutSettings(miners=3),
+            base_dir=str(tmp_path),
+        ))
+        gateway: Gateway = await nursery.start(lambda task_status: run(settings, source=devnet.source,
+                                                                         task_status=task_status))
+        key, _ = await gateway.services.keys.create(100)
+        async with httpx.AsyncClient(base_url=gateway.url, headers={"api-key": key}, timeout=30) as client:
+            for i in range(4):
+                response = await client.post("/v1/chat/completions", json={
+                    "messages": [{"role": "user", "content": f"at shutdown {i}"}], "seed": i})
+                assert response.status_code == 200, response.text
+        fanout = gateway.services.fanout
+        assert fanout.jobs_running == 4 and fanout.jobs_serving == 0  # the hanging miner holds each open
+        gateway.shutdown()
+        await gateway.wait_stopped()
+        stats = gateway.services.scoring.statistics()
+
+    assert stats["dropped"] == dict.fromkeys(stats["dropped"], 0), stats
+    spool = Spool(tmp_path / "spool", max_bytes=1 << 30)
+    spool.open()
+    payloads = [json.loads(r.payload) for r in spool.read(1000).records]
+    spool.close()
+    assert sorted(p["body"]["seed"] for p in payloads) == [0, 1, 2, 3]
+    hanging = next(m.uid for m in devnet.miners if m.fault == MinerFault.HANG_AFTER_HEADERS)
+    for payload in payloads:
+        assert sorted(payload["uids"]) == sorted(m.uid for m in devnet.miners)
+        assert payload["chunks"][str(hanging)] == []
+        healthy = [uid for uid in payload["uids"] if uid != hanging]
+        assert all(payload["chunks"][str(uid)] for uid in healthy)
