@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from functools import partial
 from importlib.metadata import PackageNotFoundError, version
@@ -18,6 +21,7 @@ from bench import command as bench_command
 from config.loading import ConfigError, default_settings, load_settings
 from config.settings import Settings
 from engine.hotkey import HotkeyError
+from engine.supervisor import StartupError
 
 if TYPE_CHECKING:
     from engine.gateway import Gateway
@@ -38,8 +42,6 @@ def settings_from(args: argparse.Namespace) -> Settings:
     """The settings named by `--config`, else `./sn1-gateway.toml` if present, else the defaults."""
     path = getattr(args, "config", None)
     if path is None:
-        import os
-
         if not os.path.exists(DEFAULT_CONFIG):
             return default_settings()
         path = DEFAULT_CONFIG
@@ -47,12 +49,25 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 async def devnet_key(settings: Settings) -> str:
-    """A fresh API key for trying the devnet, created in the configured key store."""
+    """A fresh API key for trying the devnet, created in the key store of `settings`."""
     from actors.keystore.actor import open_keystore
 
     async with open_keystore(settings) as store:
         key, _ = await store.create(600)
     return key
+
+
+def devnet_state(settings: Settings, folder: str) -> Settings:
+    """`settings` with the state a gateway writes (keys, scoring spool) kept in `folder`.
+
+    `serve --devnet` runs this way: its trial key and its simulated organics must not land in the
+    operator's key store or spool (a real validator would be sent devnet answers on the next start).
+    """
+    return dataclasses.replace(
+        settings,
+        auth=dataclasses.replace(settings.auth, store="file", keys_file=os.path.join(folder, "keys.toml")),
+        scoring=dataclasses.replace(settings.scoring, spool_dir=os.path.join(folder, "spool")),
+    )
 
 
 def on_ready(gateway: Gateway, *, devnet_api_key: str | None = None) -> None:
@@ -65,7 +80,7 @@ def on_ready(gateway: Gateway, *, devnet_api_key: str | None = None) -> None:
         print(f"devnet: {miners} simulated miners; validator at {settings.scoring.validator}", flush=True)
     if devnet_api_key is not None:
         body = '{"messages": [{"role": "user", "content": "Hello!"}], "stream": true}'
-        print(f"API key (600 requests/minute): {devnet_api_key}\ntry it:\n"
+        print(f"API key (600 requests/minute, valid while this devnet runs): {devnet_api_key}\ntry it:\n"
               f"  curl -sN {gateway.url}/v1/chat/completions -H 'api-key: {devnet_api_key}' "
               f"-H 'Content-Type: application/json' -d '{body}'", flush=True)
 
@@ -91,8 +106,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.devnet:
         from devnet.network import serve_with_devnet
 
-        key = trio.run(devnet_key, settings)
-        trio.run(partial(serve_with_devnet, settings, on_ready=partial(on_ready, devnet_api_key=key)))
+        with tempfile.TemporaryDirectory(prefix="sn1-gateway-devnet-") as folder:
+            settings = devnet_state(settings, folder)
+            key = trio.run(devnet_key, settings)
+            trio.run(partial(serve_with_devnet, settings, on_ready=partial(on_ready, devnet_api_key=key)))
     else:
         trio.run(partial(serve_until_signalled, settings, on_ready=on_ready))
     return 0
@@ -186,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Command = args.func
     try:
         return func(args)
-    except (ConfigError, HotkeyError, KeyStoreError, ExceptionGroup) as exc:
+    except (ConfigError, HotkeyError, KeyStoreError, StartupError, ExceptionGroup) as exc:
         problem = operator_error(exc)
         if problem is None:
             raise
@@ -194,9 +211,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2 if isinstance(problem, ConfigError) else 1
 
 
-def operator_error(exc: BaseException) -> ConfigError | HotkeyError | KeyStoreError | None:
+OperatorError = ConfigError | HotkeyError | KeyStoreError | StartupError
+
+
+def operator_error(exc: BaseException) -> OperatorError | None:
     """The operator-facing error behind `exc`, looking inside exception groups from nurseries."""
-    if isinstance(exc, ConfigError | HotkeyError | KeyStoreError):
+    if isinstance(exc, OperatorError):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:

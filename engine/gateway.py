@@ -35,7 +35,7 @@ from engine.keepalive import KeepAliveTransport
 from engine.services import Services
 from engine.snapshot import SnapshotCell
 from engine.subnet import SubnetSnapshot
-from engine.supervisor import Supervisor
+from engine.supervisor import StartupError, Supervisor
 
 if TYPE_CHECKING:
     from quart_trio import QuartTrio
@@ -202,10 +202,18 @@ async def run(
             app_hook(app)
         try:
             async with trio.open_nursery() as server:
-                urls = await server.start(
-                    partial(serve, shield_response_end(app, settings.server.drain_timeout_s),
-                            hypercorn_config(settings), shutdown_trigger=shutdown.wait, mode="asgi")
-                )
+                try:
+                    urls = await server.start(
+                        partial(serve, shield_response_end(app, settings.server.drain_timeout_s),
+                                hypercorn_config(settings), shutdown_trigger=shutdown.wait, mode="asgi")
+                    )
+                except* OSError as group:  # hypercorn binds inside nested nurseries
+                    exc: BaseException = group
+                    while isinstance(exc, BaseExceptionGroup):
+                        exc = exc.exceptions[0]
+                    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                    raise StartupError(f"cannot listen on {settings.server.host}:{settings.server.port} "
+                                       f"(server.host, server.port): {reason}") from None
                 task_status.started(Gateway(list(urls), services, shutdown, stopped))
             # Miners still answering finished requests are heard out, so their answers get scored;
             # past the deadline what they said so far is scored. Either way every fan-out reaches the
@@ -232,22 +240,32 @@ async def _set_on_exit(event: trio.Event) -> AsyncIterator[None]:
 async def serve_until_signalled(
     settings: Settings, *, on_ready: Callable[[Gateway], None] | None = None, **run_kw: object
 ) -> None:
-    """Run the gateway; the first SIGINT/SIGTERM drains and stops it, a second one exits at once."""
+    """Run the gateway; the first SIGINT/SIGTERM drains and stops it, a second one exits at once.
+
+    A signal while it is still starting stops the start-up (nothing is being served yet to drain).
+    """
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            gateway: Gateway = await nursery.start(partial(run, settings, **run_kw))  # type: ignore[arg-type]
-            if on_ready is not None:
-                on_ready(gateway)
+            running: list[Gateway] = []
 
             async def watch() -> None:
                 async for signum in signals:
-                    if gateway.stopping:
-                        log.warning("second %s: exiting now", signal.Signals(signum).name)
+                    name = signal.Signals(signum).name
+                    if not running:
+                        log.info("%s while starting: stopping", name)
+                        nursery.cancel_scope.cancel()
+                    elif running[0].stopping:
+                        log.warning("second %s: exiting now", name)
                         os._exit(130)
-                    log.info("%s: draining (up to %.0fs); send it again to exit now",
-                             signal.Signals(signum).name, settings.server.drain_timeout_s)
-                    gateway.shutdown()
+                    else:
+                        log.info("%s: draining (up to %.0fs); send it again to exit now",
+                                 name, settings.server.drain_timeout_s)
+                        running[0].shutdown()
 
             nursery.start_soon(watch)
+            gateway: Gateway = await nursery.start(partial(run, settings, **run_kw))  # type: ignore[arg-type]
+            running.append(gateway)
+            if on_ready is not None:
+                on_ready(gateway)
             await gateway.wait_stopped()
             nursery.cancel_scope.cancel()

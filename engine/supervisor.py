@@ -18,6 +18,10 @@ log = logging.getLogger("sn1_gateway.supervisor")
 ActorStatus = Literal["starting", "running", "restarting", "failed", "stopped"]
 
 
+class StartupError(Exception):
+    """The gateway cannot start; the message is for the operator (one line, no traceback)."""
+
+
 class Actor(Protocol):
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None: ...
 
@@ -53,12 +57,17 @@ def describe_error(exc: BaseException) -> str:
 
 @dataclass
 class Supervisor:
-    """Restarts crashed actors with exponential back-off; a stable run resets the back-off."""
+    """Restarts crashed actors with exponential back-off; a stable run resets the back-off.
+
+    An actor that crashes `start_attempts` times before it ever served is a start-up failure
+    (`StartupError`): what stops it then (a spool folder that is a file, say) needs the operator.
+    """
 
     base_backoff_s: float = 0.5
     max_backoff_s: float = 30.0
     stable_after_s: float = 60.0
     max_restarts: int | None = None
+    start_attempts: int | None = 3
     states: dict[str, ActorState] = field(default_factory=dict)
 
     def ready(self) -> bool:
@@ -100,12 +109,16 @@ class Supervisor:
             state.restarts += 1
             if trio.current_time() - started_at >= self.stable_after_s:
                 backoff = self.base_backoff_s
+            if first and self.start_attempts is not None and state.restarts >= self.start_attempts:
+                state.status, state.since = "failed", trio.current_time()
+                raise StartupError(f"{name} could not start ({state.restarts} attempts): {state.last_error}"
+                                   ) from error
             if self.max_restarts is not None and state.restarts > self.max_restarts:
                 state.status, state.since = "failed", trio.current_time()
                 log.error("actor %s failed for good after %d restarts: %s", name, state.restarts - 1,
                           state.last_error)
                 if first:
-                    raise error
+                    raise StartupError(f"{name} could not start: {state.last_error}") from error
                 return
             state.status, state.since = "restarting", trio.current_time()
             state.retry_at = state.since + backoff

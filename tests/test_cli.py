@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from config.loading import load_settings
 from config.settings import Settings
 from config.template import render_default
-from engine.cli import main
+from engine.cli import devnet_state, main
 
 GOOD = """
 [server]
@@ -123,3 +124,39 @@ def test_the_console_script_reports_config_errors_with_status_2(tmp_path: Path) 
     assert done.stderr == f"error: {path}: server.hots: unknown key (did you mean 'host'? expected one of: " \
                           "host, port, max_body_bytes, drain_timeout_s)\n"
     assert done.stdout == ""
+
+
+def test_serve_when_an_actor_cannot_start_exits_1_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "spool").write_text("not a folder", encoding="utf-8")
+    path = tmp_path / "gw.toml"
+    path.write_text(GOOD.replace("enabled = false", 'enabled = true\nvalidator = "127.0.0.1:9"\n'
+                                 'validator_hotkey = "5F"\nspool_dir = "spool"'), encoding="utf-8")
+    assert main(["serve", "--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: scoring could not start (3 attempts): ")
+    assert str(tmp_path / "spool") in err
+    assert "Traceback" not in err
+
+
+def test_serve_on_a_port_in_use_exits_1_naming_the_setting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = tmp_path / "gw.toml"
+        path.write_text(GOOD.replace("port = 0", f'host = "127.0.0.1"\nport = {port}'), encoding="utf-8")
+        assert main(["serve", "--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot listen on 127.0.0.1:{port} (server.host, server.port): ")
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_devnet_state_keeps_keys_and_spool_out_of_the_operator_files(tmp_path: Path) -> None:
+    settings = devnet_state(Settings(base_dir=str(tmp_path)), str(tmp_path / "devnet"))
+    assert settings.resolve(settings.auth.keys_file) == str(tmp_path / "devnet" / "keys.toml")
+    assert settings.resolve(settings.scoring.spool_dir) == str(tmp_path / "devnet" / "spool")
+    assert settings.auth.store == "file"

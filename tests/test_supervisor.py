@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from engine.snapshot import SnapshotCell
-from engine.supervisor import Supervisor, describe_error
+from engine.supervisor import StartupError, Supervisor, describe_error
 
 
 @dataclass
@@ -132,9 +132,21 @@ async def test_after_max_restarts_an_actor_is_failed_and_stays_down(autojump_clo
 
 async def test_an_actor_that_never_serves_within_max_restarts_fails_its_start(autojump_clock: Any) -> None:
     supervisor = Supervisor(base_backoff_s=1.0, max_restarts=1)
-    with pytest.RaisesGroup(pytest.RaisesExc(OSError, match="setup failed"), flatten_subgroups=True):
+    with pytest.RaisesGroup(pytest.RaisesExc(StartupError, match="a could not start: OSError: setup failed"),
+                            flatten_subgroups=True):
         async with trio.open_nursery() as nursery:
             await supervisor.start(nursery, "a", Flaky(crashes=5, crash_in_setup=True))
+    assert supervisor.report()["a"]["status"] == "failed"
+
+
+async def test_an_actor_that_cannot_start_is_a_startup_error_not_an_endless_retry(autojump_clock: Any) -> None:
+    supervisor = Supervisor(base_backoff_s=1.0)
+    actor = Flaky(crashes=100, crash_in_setup=True)
+    with pytest.RaisesGroup(pytest.RaisesExc(StartupError, match=r"^a could not start \(3 attempts\): OSError"),
+                            flatten_subgroups=True):
+        async with trio.open_nursery() as nursery:
+            await supervisor.start(nursery, "a", actor)
+    assert gaps(actor.starts) == [1.0, 2.0]
     assert supervisor.report()["a"]["status"] == "failed"
 
 

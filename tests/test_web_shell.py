@@ -463,3 +463,38 @@ def test_a_second_signal_exits_at_once(slow_process: Process) -> None:
     assert time.monotonic() - started < 1.0
     assert code == 130
     worker.join(10)
+
+
+# A gateway whose metagraph read never returns: it stays in start-up until a signal arrives.
+STUCK_GATEWAY = textwrap.dedent("""
+    import sys, time, trio
+    from actors.subnet import StaticSource
+    from config.loading import load_settings
+    from engine.gateway import serve_until_signalled
+
+    class Stuck(StaticSource):
+        def fetch(self):
+            print("starting", flush=True)
+            time.sleep(60)
+
+    settings = load_settings(sys.argv[1])
+    trio.run(lambda: serve_until_signalled(settings, source=Stuck(settings)))
+    print("exited", flush=True)
+""")
+
+
+def test_a_signal_during_start_up_stops_it_at_once(config_file: Path) -> None:
+    popen = subprocess.Popen([sys.executable, "-c", STUCK_GATEWAY, str(config_file)],
+                             cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert popen.stdout is not None and popen.stdout.readline() == "starting\n"
+        started = time.monotonic()
+        popen.send_signal(signal.SIGINT)
+        assert popen.wait(10) == 0
+        assert time.monotonic() - started < 2.0
+        assert popen.stdout.read() == "exited\n"
+    finally:
+        if popen.poll() is None:
+            popen.kill()
+        popen.communicate(timeout=10)
