@@ -121,6 +121,7 @@ class FanoutJob:
     winner: int | None = None
     stall_s: float = 1.5
     finished: trio.Event = field(default_factory=trio.Event)
+    first_done: trio.Event = field(default_factory=trio.Event)  # a miner finished well, or the job ended
     client_gone: bool = False
     winner_broken: bool = False
     takeovers: int = 0
@@ -223,14 +224,17 @@ class FanoutPool:
 
     def start(self, body: dict[str, Any], miners: Sequence[Neuron], *, mode: Mode, task: str,
               request_id: str | None = None, timeout_s: float | None = None) -> FanoutJob:
-        """Start asking `miners`; returns at once. Raises `PoolBusy` when the pool cannot take it."""
-        if self._nursery is None:
-            raise PoolBusy("the fan-out pool is restarting")
-        if self.jobs_serving >= self.max_serving:
-            self.jobs_refused += 1
-            raise PoolBusy(f"{self.jobs_serving} requests are being served")
-        if self.jobs_running >= self.max_jobs:
-            self._evict_oldest_collection()
+        """Start asking `miners`; returns at once. Raises `PoolBusy` when the pool cannot take it.
+
+        The miners come from the selector, which noted each as being asked (a half-open breaker
+        admits one trial at a time); refused, they are released again.
+        """
+        try:
+            nursery = self._admit()
+        except PoolBusy:
+            for neuron in miners:
+                self.health.released(neuron.uid)
+            raise
         job = FanoutJob(
             request_id=request_id or uuid.uuid4().hex, task=task, body=body, miners=list(miners),
             mode=mode, timeout_s=timeout_s or request_timeout_s(body), stall_s=self.stall_s,
@@ -242,8 +246,18 @@ class FanoutPool:
             self._idle = trio.Event()
         self.jobs_running += 1
         self.jobs_total += 1
-        self._nursery.start_soon(self._run_job, job)
+        nursery.start_soon(self._run_job, job)
         return job
+
+    def _admit(self) -> trio.Nursery:
+        if self._nursery is None:
+            raise PoolBusy("the fan-out pool is restarting")
+        if self.jobs_serving >= self.max_serving:
+            self.jobs_refused += 1
+            raise PoolBusy(f"{self.jobs_serving} requests are being served")
+        if self.jobs_running >= self.max_jobs:
+            self._evict_oldest_collection()
+        return self._nursery
 
     def _released(self) -> None:
         self.jobs_serving -= 1
@@ -295,6 +309,7 @@ class FanoutPool:
             if self.jobs_running == 0:
                 self._idle.set()
             job._send.close()
+            job.first_done.set()
             job.finished.set()
             if self.submit is not None:
                 self.submit(job.result())
@@ -412,6 +427,8 @@ class FanoutPool:
         """One miner is done: tell the handler what that changes."""
         answer = job.answers[i]
         job._pending -= 1
+        if not answer.error:
+            job.first_done.set()
         if job.mode == "stream":
             if job.winner == i:
                 if answer.error:

@@ -171,3 +171,40 @@ async def test_metrics_report_actors_components_and_miners(stack: Stack) -> None
     assert lines["sn1_gateway_fanout_total"] == "1"
     assert lines['sn1_gateway_miner_successes{uid="1"}'] == "1"
     assert lines['sn1_gateway_miner_failures{uid="2"}'] == "1"
+
+
+async def test_mixture_does_not_wait_for_the_slowest_miner(stack: Stack) -> None:
+    stack.miners.scripts[9001] = answer(["quick"], first_delay=0.05)
+    stack.miners.scripts[9002] = answer(["sluggish"], first_delay=15.0)  # under the 20 s deadline
+    stack.miners.scripts[9003] = answer(["combined"])
+    with trio.fail_after(5):
+        response = await stack.chat(uids=[1, 2], mixture=True)
+    assert response.status_code == 200, response.text
+    (final,) = [json.loads(r.content) for r in stack.miners.received if r.url.port == 9003]
+    combined = final["messages"][-1]["content"]
+    assert "1. quick" in combined and "sluggish" not in combined
+
+
+async def test_usage_has_all_three_counts(stack: Stack) -> None:
+    for port in (9001, 9002, 9003):
+        stack.miners.scripts[port] = answer(["a", "b", "c"])
+    response = await stack.chat(messages=[{"role": "user", "content": "x" * 40}])
+    usage = response.json()["usage"]
+    assert usage == {"prompt_tokens": 14, "completion_tokens": 3, "total_tokens": 17}
+    reported = json.loads(chunk(None, "stop")[6:])
+    reported["usage"] = {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}
+    stack.miners.scripts[9001] = [(0.0, chunk("a")), (0.0, chunk("b")), (0.0, f"data: {json.dumps(reported)}\n\n"),
+                                  (0.0, "data: [DONE]\n\n")]
+    response = await stack.chat(uids=[1])
+    assert response.json()["usage"] == {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}
+
+
+@pytest.mark.parametrize(("body", "status"), [({"messages": []}, 400), ({"uids": [1]}, 502), ({"uids": [42]}, 400)])
+async def test_errors_after_the_key_is_counted_carry_the_rate_limit_headers(
+        stack: Stack, body: dict[str, Any], status: int) -> None:
+    stack.miners.scripts[9001] = 500
+    response = await stack.chat(**body)
+    assert response.status_code == status
+    assert response.headers["X-RateLimit-Limit"] == "1000"
+    assert int(response.headers["X-RateLimit-Remaining"]) < 1000
+    assert "X-RateLimit-Reset" in response.headers

@@ -58,6 +58,7 @@ async def test_non_streamed_answer(stack: Stack) -> None:
     assert completion.choices[0].message.content == "Fine, thanks"
     assert completion.choices[0].finish_reason == "stop"
     assert completion.usage is not None and completion.usage.completion_tokens == 2
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + 2 and completion.usage.prompt_tokens > 0
 
 
 async def test_errors_surface_as_openai_exceptions(stack: Stack) -> None:

@@ -7,6 +7,8 @@ Routes that need a key call `grant = await authorize(services)` first and add `g
 from __future__ import annotations
 
 import hmac
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import trio
 from quart import request
@@ -16,7 +18,7 @@ from actors.keystore import Denial, Grant, KeyStoreUnavailable
 from engine.services import Services
 from web.errors import ApiError
 
-__all__ = ["Grant", "admin_required", "api_key_of", "authorize", "store_unavailable"]
+__all__ = ["Grant", "admin_required", "api_key_of", "authorize", "rate_limit_headers_on_errors", "store_unavailable"]
 
 MISSING_KEY = (
     "Missing API key: send it in the 'api-key' header, or as 'Authorization: Bearer <key>'."
@@ -52,6 +54,16 @@ async def authorize(services: Services) -> Grant:
     if isinstance(verdict, Grant):
         return verdict
     raise denial_error(verdict)
+
+
+@contextmanager
+def rate_limit_headers_on_errors(grant: Grant) -> Iterator[None]:
+    """An ApiError raised inside carries the grant's X-RateLimit-* headers: the request was counted."""
+    try:
+        yield
+    except ApiError as exc:
+        exc.headers = {**grant.headers, **exc.headers}
+        raise
 
 
 def denial_error(denial: Denial) -> ApiError:

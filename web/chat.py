@@ -17,19 +17,19 @@ from typing import Any
 import trio
 from quart import Blueprint, Response
 
-from actors.fanout import Broken, Chunk, Complete, End, Event, Failed, FanoutJob, PoolBusy
-from actors.selection import SelectionError
+from actors.fanout import Broken, Chunk, Complete, End, Event, Failed, FanoutJob
 from engine.organic import MinerAnswer
 from engine.services import Services
 from engine.sse import DONE_EVENT, encode_event
-from web.auth import Grant, authorize
+from web.auth import Grant, authorize, rate_limit_headers_on_errors
 from web.body import json_body
 from web.chat_request import ChatRequest, parse_chat_request
-from web.errors import ApiError, json_response
+from web.errors import ApiError, fanout_errors, json_response
 
 DEFAULT_MODEL_NAME = "sn1"
 MIXTURE_PREAMBLE = "I have received the following answers from other assistants:"
 MIXTURE_CLOSING = "I will now combine them into one concise reply."
+MIXTURE_MIN_GRACE_S = 0.5
 
 
 def mixture_message(answers: list[str]) -> dict[str, str]:
@@ -40,7 +40,7 @@ def mixture_message(answers: list[str]) -> dict[str, str]:
 def start_job(services: Services, request: ChatRequest, body: dict[str, Any], *, mode: str,
               k: int | None = None, final: bool = False, exclude: tuple[int, ...] = ()) -> FanoutJob:
     """Choose the miners and start asking them; selection and overload become client errors."""
-    try:
+    with fanout_errors():
         if final:
             miners = [services.selector.best(request.task, request.model, exclude=exclude)]
         elif request.uids is not None:
@@ -48,11 +48,6 @@ def start_job(services: Services, request: ChatRequest, body: dict[str, Any], *,
         else:
             miners = services.selector.pick(request.task, request.model, k or services.settings.fanout.miners)
         return services.fanout.start(body, miners, mode=mode, task=request.task)  # type: ignore[arg-type]
-    except SelectionError as exc:
-        raise ApiError(exc.status, str(exc), code=exc.code, param=exc.param) from exc
-    except PoolBusy as exc:
-        raise ApiError(503, f"The gateway is at capacity ({exc}); retry shortly.", code="overloaded",
-                       headers={"Retry-After": "1"}) from exc
 
 
 def failed_error(event: Failed) -> ApiError:
@@ -104,19 +99,41 @@ class ChatStream:
                 "choices": [{"index": 0, "delta": {}, "finish_reason": reason or "stop"}]}
 
 
-def usage_of(answer: MinerAnswer | None) -> dict[str, int] | None:
-    """Token counts where known: the miner's own `usage` if it sent one, else one token per chunk."""
+def estimated_prompt_tokens(messages: list[dict[str, Any]]) -> int:
+    """About one token per four characters of the messages' text, plus a few per message."""
+    chars = 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            chars += sum(len(part["text"]) for part in content
+                         if isinstance(part, dict) and isinstance(part.get("text"), str))
+    return -(-chars // 4) + 4 * len(messages)
+
+
+def usage_of(answer: MinerAnswer | None, messages: list[dict[str, Any]]) -> dict[str, int] | None:
+    """OpenAI `usage`, all three counts: the miner's own where it sent them; else one completion token
+    per content chunk (Subnet 1 miners stream a token a chunk) and the prompt estimated by length."""
     if answer is None:
         return None
+    reported: dict[str, Any] = {}
     for raw in reversed(answer.raw_chunks):
-        usage = raw.get("usage")
-        if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
-            return {k: v for k, v in usage.items() if isinstance(v, int)}
-    return {"completion_tokens": len(answer.chunks)}
+        if isinstance(raw.get("usage"), dict):
+            reported = raw["usage"]
+            break
+
+    def count(name: str, fallback: int) -> int:
+        value = reported.get(name)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else fallback
+
+    completion = count("completion_tokens", len(answer.chunks))
+    prompt = count("prompt_tokens", estimated_prompt_tokens(messages))
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def record_usage(services: Services, grant: Grant, answer: MinerAnswer | None) -> None:
-    usage = usage_of(answer)
+def record_usage(services: Services, grant: Grant, request: ChatRequest, answer: MinerAnswer | None) -> None:
+    usage = usage_of(answer, request.messages)
     services.keys.record_usage_nowait(grant.key_id, tokens=(usage or {}).get("completion_tokens", 0))
 
 
@@ -140,16 +157,16 @@ async def stream_response(services: Services, grant: Grant, request: ChatRequest
                 elif isinstance(current, End):
                     if not out.sent_finish:
                         yield encode_event(out.finish(current.finish_reason))
-                    if request.include_usage and (usage := usage_of(job.winner_answer)) is not None:
+                    if request.include_usage and (usage := usage_of(job.winner_answer, request.messages)) is not None:
                         yield encode_event({**out.finish(None), "choices": [], "usage": usage})
                     yield DONE_EVENT
-                    record_usage(services, grant, job.winner_answer)
+                    record_usage(services, grant, request, job.winner_answer)
                     return
                 elif isinstance(current, Broken | Failed):
                     message = current.error if isinstance(current, Broken) else "every miner failed"
                     yield encode_event(ApiError(502, f"The miner's answer broke off: {message}",
                                                 code="miner_stream_broken").body())
-                    record_usage(services, grant, job.winner_answer)
+                    record_usage(services, grant, request, job.winner_answer)
                     return
                 current = None
         finally:
@@ -179,17 +196,26 @@ async def complete_response(services: Services, grant: Grant, request: ChatReque
         "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
                      "finish_reason": answer.finish_reason or "stop", "logprobs": None}],
     }
-    if (usage := usage_of(answer)) is not None:
+    if (usage := usage_of(answer, request.messages)) is not None:
         body["usage"] = usage
-    record_usage(services, grant, answer)
+    record_usage(services, grant, request, answer)
     return json_response(body, headers={**grant.headers, "X-Request-Id": job.request_id})
 
 
+async def wait_first_round(job: FanoutJob, deadline_s: float) -> None:
+    """Until every miner is done, but never for the slowest: once the fastest has answered, the others
+    get as long again as it took (at least `MIXTURE_MIN_GRACE_S`), all within `deadline_s`."""
+    with trio.move_on_after(deadline_s):
+        await job.first_done.wait()
+        grace = max(trio.current_time() - job.started, MIXTURE_MIN_GRACE_S)
+        with trio.move_on_after(grace):
+            await job.finished.wait()
+
+
 async def mixture_job(services: Services, request: ChatRequest) -> FanoutJob:
-    """First round to several miners (up to the deadline), then one miner combines the answers."""
+    """First round to several miners (see `wait_first_round`), then one miner combines the answers."""
     first_round = start_job(services, request, request.miner_body, mode="all")
-    with trio.move_on_after(services.settings.fanout.mixture_deadline_s):
-        await first_round.finished.wait()
+    await wait_first_round(first_round, services.settings.fanout.mixture_deadline_s)
     first_round.release()
     answers = [a for a in first_round.answers if a.chunks and not a.error]
     if not answers:  # past the deadline: take what has arrived, whole or not
@@ -211,19 +237,20 @@ def blueprint(services: Services) -> Blueprint:
     @bp.post("/chat/completions")
     async def chat_completions() -> Response:
         grant = await authorize(services)
-        request = parse_chat_request(await json_body())
-        if request.mixture:
-            job = await mixture_job(services, request)
-        else:
-            job = start_job(services, request, request.miner_body,
-                            mode="stream" if request.stream else "complete")
-        try:
-            if request.stream:
-                return await stream_response(services, grant, request, job)  # its body releases the job
-            return await complete_response(services, grant, request, job)
-        except BaseException:
-            job.release()
-            raise
+        with rate_limit_headers_on_errors(grant):
+            request = parse_chat_request(await json_body())
+            if request.mixture:
+                job = await mixture_job(services, request)
+            else:
+                job = start_job(services, request, request.miner_body,
+                                mode="stream" if request.stream else "complete")
+            try:
+                if request.stream:
+                    return await stream_response(services, grant, request, job)  # its body releases the job
+                return await complete_response(services, grant, request, job)
+            except BaseException:
+                job.release()
+                raise
 
     @bp.get("/v1/models")
     async def models() -> Response:

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from quart import Quart, Response
 from werkzeug.exceptions import HTTPException
+
+from actors.fanout import PoolBusy
+from actors.selection import SelectionError
 
 log = logging.getLogger("sn1_gateway.web")
 
@@ -68,6 +72,17 @@ class ApiError(Exception):
     def response(self) -> Response:
         return json_response(self.body(), self.status, headers=self.headers)
 
+
+@contextmanager
+def fanout_errors() -> Iterator[None]:
+    """Choosing miners and starting a fan-out: what fails there is the client's answer (400, 503, ...)."""
+    try:
+        yield
+    except SelectionError as exc:
+        raise ApiError(exc.status, str(exc), code=exc.code, param=exc.param) from exc
+    except PoolBusy as exc:
+        raise ApiError(503, f"The gateway is at capacity ({exc}); retry shortly.", code="overloaded",
+                       headers={"Retry-After": "1"}) from exc
 
 def json_response(payload: Any, status: int = 200, *, headers: Mapping[str, str] | None = None) -> Response:
     return Response(

@@ -17,13 +17,11 @@ from typing import Any
 import trio
 from quart import Blueprint, Response, request
 
-from actors.fanout import PoolBusy
-from actors.selection import SelectionError
 from engine.organic import MinerAnswer
 from engine.services import Services
-from web.auth import authorize
+from web.auth import Grant, authorize, rate_limit_headers_on_errors
 from web.body import int_arg, json_body
-from web.errors import ApiError, json_response
+from web.errors import ApiError, fanout_errors, json_response
 
 TASK = "WebRetrievalTask"
 MAX_QUERY_CHARS = 2000
@@ -90,6 +88,12 @@ def _field(data: Mapping[str, Any], name: str) -> str | None:
 
 async def retrieve(services: Services, params: Mapping[str, Any], uid_values: list[Any]) -> Response:
     grant = await authorize(services)
+    with rate_limit_headers_on_errors(grant):
+        return await retrieve_for(services, grant, params, uid_values)
+
+
+async def retrieve_for(services: Services, grant: Grant, params: Mapping[str, Any], uid_values: list[Any]
+                       ) -> Response:
     query = params.get("search_query")
     if not isinstance(query, str) or not query.strip():
         raise ApiError(400, "'search_query' is required and must be a non-empty string.",
@@ -109,15 +113,10 @@ async def retrieve(services: Services, params: Mapping[str, Any], uid_values: li
         "timeout": max_time,
         "messages": [{"role": "user", "content": query}],
     }
-    try:
+    with fanout_errors():
         miners = (services.selector.explicit(uids) if uids is not None
                   else services.selector.pick(TASK, None, n_miners))
         job = services.fanout.start(body, miners, mode="all", task=TASK, timeout_s=float(max_time))
-    except SelectionError as exc:
-        raise ApiError(exc.status, str(exc), code=exc.code, param=exc.param) from exc
-    except PoolBusy as exc:
-        raise ApiError(503, f"The gateway is at capacity ({exc}); retry shortly.", code="overloaded",
-                       headers={"Retry-After": "1"}) from exc
     try:
         with trio.move_on_after(max_time):
             await job.finished.wait()
