@@ -107,9 +107,12 @@ class AvailabilitySnapshot:
 
 
 def validator_for(settings: Settings, subnet: SubnetSnapshot) -> tuple[str, str] | None:
-    """(axon, hotkey) of the validator to ask: the configured one, else the best-staked serving one."""
+    """(axon, hotkey) of the validator to ask: the configured one (`scoring.validator`, with
+    `scoring.validator_hotkey` or the hotkey the metagraph lists at that axon), else the best-staked
+    serving one. None when there is none, or the configured one's hotkey is unknown."""
     if settings.scoring.validator:
-        return settings.scoring.validator, settings.scoring.validator_hotkey
+        hotkey = settings.scoring.validator_hotkey or subnet.hotkey_at(settings.scoring.validator)
+        return (settings.scoring.validator, hotkey) if hotkey else None
     candidates = [
         n for n in subnet.neurons
         if n.validator_permit and n.axon and n.stake >= settings.scoring.min_validator_stake
@@ -166,7 +169,10 @@ class AvailabilityActor:
         target = validator_for(self.settings, subnet)
         try:
             if target is None:
-                raise AvailabilityUnavailable("no validator to ask (none configured, none in the metagraph)")
+                raise AvailabilityUnavailable(
+                    f"no validator to ask: scoring.validator {self.settings.scoring.validator} is not in the "
+                    "metagraph and scoring.validator_hotkey is empty" if self.settings.scoring.validator
+                    else "no validator to ask (none configured, none in the metagraph)")
             answer = await self._post(target, "/miner_availabilities/miner_availabilities",
                                       [n.uid for n in subnet.neurons])
             if not isinstance(answer, Mapping):

@@ -101,9 +101,7 @@ class ValidatorPicker:
     def _read(self, snapshot: SubnetSnapshot) -> tuple[Validator, ...]:
         s = self.settings
         if s.validator:
-            hotkey = s.validator_hotkey or next(
-                (n.hotkey for n in snapshot.neurons if n.axon == s.validator), ""
-            )
+            hotkey = s.validator_hotkey or snapshot.hotkey_at(s.validator)
             if not hotkey:
                 self.problem = (f"scoring.validator_hotkey is empty and no neuron in the metagraph "
                                 f"serves {s.validator}")

@@ -53,7 +53,9 @@ class SelectionIndex:
         found = self._memo.get(key)
         if found is None:
             serves = self.availability.serves
-            found = self._memo[key] = tuple(n for n in self.miners() if serves(n.uid, task, model))
+            found = tuple(n for n in self.miners() if serves(n.uid, task, model))
+            if found:  # only names some miner serves: a client's made-up model names must not grow it
+                self._memo[key] = found
         return found
 
 

@@ -57,6 +57,10 @@ class SubnetSnapshot:
         serving = sorted((n for n in self.neurons if n.axon), key=lambda n: (-n.incentive, n.uid))
         object.__setattr__(self, "serving_by_incentive", tuple(serving))
 
+    def hotkey_at(self, axon: str) -> str | None:
+        """The hotkey of the neuron serving `axon` ("host:port"), if one does."""
+        return next((n.hotkey for n in self.neurons if n.axon == axon), None)
+
     @classmethod
     def of(cls, netuid: int, neurons: Iterable[Neuron], **kw: Any) -> SubnetSnapshot:
         return cls(netuid=netuid, neurons=tuple(sorted(neurons, key=lambda n: n.uid)), **kw)

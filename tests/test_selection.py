@@ -12,7 +12,7 @@ import pytest
 import trio
 from bittensor_core import Keypair
 
-from actors.availability import AvailabilityActor, AvailabilitySnapshot, MinerAvailability
+from actors.availability import AvailabilityActor, AvailabilitySnapshot, MinerAvailability, validator_for
 from actors.breaker import MinerHealth
 from actors.selection import SelectionError, Selector
 from config.settings import AvailabilitySettings, ScoringSettings, Settings
@@ -199,3 +199,22 @@ async def test_miners_source_asks_each_miner(autojump_clock: Any, nursery: trio.
     assert snap.serves(1, "InferenceTask", MODEL) and not snap.serves(3, "InferenceTask", MODEL)
     assert not snap.serves(2, "InferenceTask", None)  # never answered: not available
     assert snap.models() == [MODEL]
+
+
+def test_the_configured_validator_is_asked_under_its_metagraph_hotkey() -> None:
+    settings = dataclasses.replace(Settings(), scoring=ScoringSettings(validator="127.0.0.1:8999"))
+    listed = Neuron(uid=9, hotkey="hk-validator", axon="127.0.0.1:8999", validator_permit=True, stake=5e4)
+    assert validator_for(settings, SubnetSnapshot.of(1, [miner(1, 0.5), listed])) == ("127.0.0.1:8999", "hk-validator")
+    assert validator_for(settings, SubnetSnapshot.of(1, [miner(1, 0.5)])) is None  # never an empty receiver
+    named = dataclasses.replace(settings, scoring=ScoringSettings(validator="127.0.0.1:8999", validator_hotkey="hk"))
+    assert validator_for(named, SubnetSnapshot.of(1, [listed])) == ("127.0.0.1:8999", "hk")
+
+
+def test_unknown_model_names_do_not_grow_the_index() -> None:
+    sel = selector([miner(1, 0.5)], AvailabilitySnapshot(source="validator", miners={1: available(models=(MODEL,))},
+                                                            ever_known=True))
+    index = sel.index()
+    for i in range(100):
+        with pytest.raises(SelectionError):
+            sel.pick("InferenceTask", f"made-up-{i}", 1)
+    assert sel.index() is index and len(index._memo) <= 3
