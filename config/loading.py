@@ -88,6 +88,8 @@ def _convert(tp: Any, value: Any, where: str, meta: Mapping[str, Any]) -> Any:
     plain: Any = tp(value)
     if tp is float and not math.isfinite(plain):
         raise ConfigError(f"{where}: expected a finite number, found {describe(value)}")
+    if meta.get("address") and plain and not is_address(plain):
+        raise ConfigError(f'{where}: expected "host:port" (a port from 1 to 65535) or "", found {describe(value)}')
     low, high = meta.get("min"), meta.get("max")
     if (low is not None and plain < low) or (high is not None and plain > high):
         bounds = (
@@ -96,6 +98,26 @@ def _convert(tp: Any, value: Any, where: str, meta: Mapping[str, Any]) -> Any:
         )
         raise ConfigError(f"{where}: expected {_expected(tp)} {bounds}, found {describe(value)}")
     return plain
+
+
+def is_address(text: str) -> bool:
+    """ "host:port", "[v6]:port": a host without spaces and a port from 1 to 65535."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return bool(sep and host and not any(c.isspace() for c in host) and port.isdigit() and 0 < int(port) < 65536)
+
+
+def _check_neurons(settings: Settings) -> None:
+    seen: dict[Any, int] = {}
+    for i, neuron in enumerate(settings.subnet.neurons):
+        for name, value in (("uid", neuron.uid), ("hotkey", neuron.hotkey)):
+            if value == "":
+                continue
+            first = seen.setdefault((name, value), i)
+            if first != i:
+                raise ConfigError(f"subnet.neurons[{i}].{name}: {describe(value)} is already the {name} "
+                                  f"of subnet.neurons[{first}]")
 
 
 def _build(cls: type[T], data: Mapping[str, Any], where: str) -> T:
@@ -137,6 +159,7 @@ def parse_settings(
         raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
     try:
         settings = _build(Settings, _unwrap(document), "")
+        _check_neurons(settings)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     base_dir = os.path.dirname(os.path.abspath(source)) if source != "<config>" else "."

@@ -1,8 +1,8 @@
 """The gateway's settings: frozen, typed, with a default for everything.
 
 Each field may carry `metadata` read by the loader and the default-file writer:
-`doc` (the comment written by `sn1-gateway init`), `min` / `max` (inclusive bounds) and `env`
-(an environment variable that overrides the file). `Literal` types list the accepted words.
+`doc` (the comment written by `sn1-gateway init`), `min` / `max` (inclusive bounds), `address`
+(a "host:port" string, or empty) and `env` (an environment variable that overrides the file). `Literal` types list the accepted words.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class WalletSettings:
 class NeuronSettings:
     uid: int = setting(0, "the neuron's uid", min=0, max=65535)
     hotkey: str = setting("", "its hotkey (SS58 address)")
-    axon: str = setting("", "its served \"host:port\"; empty when it serves nothing")
+    axon: str = setting("", "its served \"host:port\"; empty when it serves nothing", address=True)
     incentive: float = setting(0.0, "incentive, 0..1", min=0.0, max=1.0)
     stake: float = setting(0.0, "stake", min=0.0)
     validator_permit: bool = setting(False, "whether it holds a validator permit")
@@ -113,7 +113,8 @@ class FanoutSettings:
 @dataclass(frozen=True)
 class ScoringSettings:
     enabled: bool = setting(True, "forward every miner's answer to a validator for scoring")
-    validator: str = setting("", "fixed validator axon \"host:port\"; empty: choose from the metagraph")
+    validator: str = setting("", "fixed validator axon \"host:port\"; empty: choose from the metagraph",
+                             address=True)
     validator_hotkey: str = setting("", "its hotkey, when validator is set")
     min_validator_stake: float = setting(
         1000.0, "validators chosen from the metagraph hold at least this stake", min=0.0

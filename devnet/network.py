@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 import tomlkit
@@ -42,6 +43,10 @@ class DevnetSource:
         return SubnetSnapshot.of(self.netuid, self.neurons, source="devnet", fetched_at=time.time())
 
 
+CONFIG_NAMES: Mapping[str, str] = MappingProxyType(
+    {"miners": "devnet.miners", "faults": "devnet.faults", "gateway_uri": "wallet.uri"})
+
+
 class Devnet:
     def __init__(
         self,
@@ -53,18 +58,20 @@ class Devnet:
         timing: MinerTiming | None = None,
         validator_poll_s: float = 5.0,
         host: str = "127.0.0.1",
+        names: Mapping[str, str] = CONFIG_NAMES,
     ) -> None:
+        """`names`: what errors call `miners`, `faults` and `gateway_uri` (config keys, or CLI options)."""
         if miners < 1:
-            raise ConfigError(f"devnet.miners: a devnet needs at least one miner, found {miners}")
+            raise ConfigError(f"{names['miners']}: a devnet needs at least one miner, found {miners}")
         if len(faults) > miners:
-            raise ConfigError(f"devnet.faults: {len(faults)} fault modes for {miners} miners")
-        fault_modes = parse_faults(faults)
+            raise ConfigError(f"{names['faults']}: {len(faults)} fault modes for {miners} miners")
+        fault_modes = parse_faults(faults, key=names["faults"])
         self.netuid = netuid
         self.gateway_uri = gateway_uri
         try:
             self.gateway_hotkey: str = Keypair.create_from_uri(gateway_uri).ss58_address
         except Exception as exc:  # the binding raises plain errors for a malformed URI
-            raise ConfigError(f"wallet.uri: not a usable keypair URI ({exc})") from exc
+            raise ConfigError(f"{names['gateway_uri']}: not a usable keypair URI ({exc})") from exc
         weight_total = miners * (miners + 1) / 2
         self.validator = Validator(gateway_hotkey=self.gateway_hotkey, miners=self._miner_neurons, uid=miners,
                                    poll_interval_s=validator_poll_s, host=host)

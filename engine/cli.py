@@ -126,7 +126,8 @@ def cmd_devnet(args: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
 
     async def main() -> None:
-        devnet = Devnet(miners=args.miners, faults=faults, gateway_uri=args.gateway_uri)
+        devnet = Devnet(miners=args.miners, faults=faults, gateway_uri=args.gateway_uri,
+                        names={"miners": "--miners", "faults": "--faults", "gateway_uri": "--gateway-uri"})
         await run_until_signalled(devnet, on_ready=ready)
 
     trio.run(main)

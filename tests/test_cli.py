@@ -160,3 +160,15 @@ def test_devnet_state_keeps_keys_and_spool_out_of_the_operator_files(tmp_path: P
     assert settings.resolve(settings.auth.keys_file) == str(tmp_path / "devnet" / "keys.toml")
     assert settings.resolve(settings.scoring.spool_dir) == str(tmp_path / "devnet" / "spool")
     assert settings.auth.store == "file"
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--miners", "1", "--faults", ",http_500"], "error: --faults: 2 fault modes for 1 miners\n"),
+    (["--faults", "slowly"], "error: --faults[0]: expected one of"),
+    (["--miners", "0"], "error: --miners: a devnet needs at least one miner, found 0\n"),
+])
+def test_devnet_option_errors_name_the_option(
+    args: list[str], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["devnet", *args]) == 2
+    assert capsys.readouterr().err.startswith(expected)

@@ -57,6 +57,15 @@ def error_for(tmp_path: Path, text: str) -> str:
          "subnet.neurons[0].incentive: expected a number between 0.0 and 1.0, found a number 1.5"),
         ("[subnet]\nsync_interval_s = nan\n", "subnet.sync_interval_s: expected a finite number, found a number nan"),
         ("[subnet]\nsync_interval_s = inf\n", "subnet.sync_interval_s: expected a finite number, found a number inf"),
+        # addresses and neurons that cannot both be meant
+        ("[scoring]\nvalidator = \"127.0.0.1\"\n",
+         'scoring.validator: expected "host:port" (a port from 1 to 65535) or "", found a string "127.0.0.1"'),
+        ("[[subnet.neurons]]\naxon = \"1.2.3.4:0\"\n", 'subnet.neurons[0].axon: expected "host:port"'),
+        ("[[subnet.neurons]]\naxon = \"host name:80\"\n", 'subnet.neurons[0].axon: expected "host:port"'),
+        ("[[subnet.neurons]]\nuid = 3\n[[subnet.neurons]]\nuid = 4\n[[subnet.neurons]]\nuid = 3\n",
+         "subnet.neurons[2].uid: an integer 3 is already the uid of subnet.neurons[0]"),
+        ("[[subnet.neurons]]\nuid = 1\nhotkey = \"5F\"\n[[subnet.neurons]]\nuid = 2\nhotkey = \"5F\"\n",
+         'subnet.neurons[1].hotkey: a string "5F" is already the hotkey of subnet.neurons[0]'),
         # not TOML at all
         ("[server\nport = 1\n", "not valid TOML"),
         ("[server]\nport = 1\nport = 2\n", "not valid TOML"),
@@ -184,3 +193,8 @@ def test_write_default_refuses_to_replace_a_file_unless_forced(tmp_path: Path) -
     assert path.read_text(encoding="utf-8") == "# mine\n"
     write_default(path, force=True)
     assert path.read_text(encoding="utf-8") == render_default()
+
+
+@pytest.mark.parametrize("text", ["127.0.0.1:8091", "validator.example.com:443", "[::1]:8091", "localhost:65535"])
+def test_addresses_in_the_usual_spellings_are_accepted(tmp_path: Path, text: str) -> None:
+    assert load_text(tmp_path, f'[scoring]\nvalidator = "{text}"\n').scoring.validator == text
