@@ -217,3 +217,29 @@ async def test_answers_still_coming_at_shutdown_are_scored_or_spooled(nursery: t
         assert payload["chunks"][str(hanging)] == []
         healthy = [uid for uid in payload["uids"] if uid != hanging]
         assert all(payload["chunks"][str(uid)] for uid in healthy)
+
+
+async def test_web_retrieval_and_the_mixture_steps_reach_the_validator(net_factory: Any) -> None:
+    with trio.fail_after(60):
+        net = await net_factory(fanout=3)
+        validator = net.devnet.validator
+        response = await net.client.post("/web_retrieval", json={"search_query": "scored search", "n_miners": 2})
+        assert response.status_code == 200, response.text
+        response = await net.client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "mix it"}], "seed": 3, "mixture": True})
+        assert response.status_code == 200, response.text
+        await validator.wait_scored(3)  # the search, the mixture's first round, its final step
+        await trio.sleep(0.3)
+    payloads = validator.scored
+    assert len(payloads) == 3
+    search = [p for p in payloads if p["body"]["task"] == "WebRetrievalTask"]
+    assert len(search) == 1 and len(search[0]["uids"]) == 2
+    assert search[0]["body"]["messages"][-1]["content"] == "scored search"
+    rounds = sorted((p for p in payloads if p["body"]["task"] == "InferenceTask"), key=lambda p: len(p["uids"]))
+    final, first = rounds
+    assert len(first["uids"]) == 3 and len(final["uids"]) == 1
+    assert final["uids"][0] not in first["uids"], "a further miner combines the answers"
+    combined = final["body"]["messages"][-1]["content"]
+    for uid in first["uids"]:
+        assert "".join(first["chunks"][str(uid)]).strip() in combined
+    assert "".join(final["chunks"][str(final["uids"][0])]) == response.json()["choices"][0]["message"]["content"]
