@@ -16,7 +16,6 @@ Modes:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -29,6 +28,7 @@ import httpx
 import trio
 
 from actors.breaker import MinerHealth
+from engine import jsonio
 from engine.epistula import Signer, routing_headers
 from engine.organic import MinerAnswer, OrganicResult
 from engine.sse import DONE, iter_sse_data
@@ -285,7 +285,7 @@ class FanoutPool:
         job.cancel_scope.cancel()
 
     async def _run_job(self, job: FanoutJob) -> None:
-        body_bytes = json.dumps(job.body, separators=(",", ":")).encode()
+        body_bytes = jsonio.dumps(job.body)
         routing = routing_headers(job.body, client_timeout_s=job.timeout_s)
         try:
             with job.cancel_scope:
@@ -353,13 +353,13 @@ class FanoutPool:
         async with self.http.stream("POST", url, content=body_bytes, headers=headers) as response:
             if response.status_code != 200:
                 raise MinerFailure(f"HTTP {response.status_code}")
-            events = iter_sse_data(response.aiter_lines())
+            events = iter_sse_data(response.aiter_bytes())
             async for data in events:
                 if data == DONE:
                     answer.completed = True
                     break
                 try:
-                    chunk = json.loads(data)
+                    chunk = jsonio.loads(data)
                 except ValueError:
                     raise MinerFailure("sent a chunk that is not valid JSON") from None
                 if not isinstance(chunk, dict):

@@ -23,7 +23,6 @@ A validator that fails is skipped for `backoff_base_s`, doubling per consecutive
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections import deque
@@ -36,6 +35,7 @@ import trio
 
 from actors.spool import Spool, SpoolBatch
 from config.settings import ScoringSettings, Settings
+from engine import jsonio
 from engine.epistula import Signer
 from engine.organic import OrganicResult
 from engine.snapshot import SnapshotCell
@@ -57,11 +57,7 @@ class RunSync(Protocol):
 
 def encode_payload(result: OrganicResult) -> bytes:
     """The `/scoring` body as the exact bytes that are signed, sent and spooled."""
-    payload = result.scoring_payload()
-    try:
-        return json.dumps(payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-    except UnicodeEncodeError:  # lone surrogates in a miner's text: escape them instead
-        return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+    return jsonio.dumps(result.scoring_payload())
 
 
 @dataclass(frozen=True, slots=True)

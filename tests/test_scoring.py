@@ -386,7 +386,7 @@ async def test_a_payload_that_is_not_json_is_dropped_and_counted_the_rest_delive
         nursery: trio.Nursery, make: MakeForwarder, validators: Validators) -> None:
     forwarder: ScoringForwarder = await nursery.start(make().run)
     broken = organic(1)
-    broken.answers[0].timings[0] = float("nan")  # JSON has no NaN
+    broken.answers[0].raw_chunks.append({"choices": {1, 2}})  # a set: no JSON for it
     for result in (organic(0), broken, organic(2)):
         forwarder.submit_nowait(result)
     await until(lambda: len(validators.delivered) == 2)

@@ -216,6 +216,13 @@ async def test_invalid_json_is_400(shell: Shell) -> None:
     assert error["message"].startswith("The request body is not valid JSON")
 
 
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+async def test_non_json_number_constants_are_400(shell: Shell, constant: str) -> None:
+    response = await shell.client.post("/test/echo", content=b'{"temperature": %s}' % constant.encode())
+    error = assert_error(response, 400, "invalid_request_error", "invalid_json")
+    assert f"{constant} is not a JSON value" in error["message"]
+
+
 async def test_empty_body_is_400(shell: Shell) -> None:
     assert_error(await shell.client.post("/test/echo", content=b""), 400, "invalid_request_error", "invalid_json")
 

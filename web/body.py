@@ -18,9 +18,13 @@ async def json_body(*, allow_empty: bool = False) -> Any:
             return None
         raise ApiError(400, "The request body is empty; a JSON body is required.", code="invalid_json")
     try:
-        return json.loads(raw)
+        return json.loads(raw, parse_constant=_not_json)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"The request body is not valid JSON: {exc}", code="invalid_json") from exc
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def int_arg(name: str, raw: str | None, *, default: int | None = None, low: int | None = None,

@@ -1,0 +1,29 @@
+"""JSON on the hot path: orjson where it can, the standard library where orjson refuses.
+
+Every miner chunk is parsed and every scoring payload encoded here; orjson does both several times
+faster than `json`. Parsing is strict: NaN, lone surrogates and integers beyond 64 bits fail like any
+invalid chunk. Encoding falls back to `json` for what orjson refuses (lone surrogates, huge integers);
+NaN cannot reach it, as every input is parsed strictly (client bodies too, in `web/body.py`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+
+JSONDecodeError = orjson.JSONDecodeError  # a ValueError
+
+
+def loads(data: bytes | str) -> Any:
+    return orjson.loads(data)
+
+
+def dumps(value: Any) -> bytes:
+    """Compact UTF-8 JSON. A value that is not JSON at all (a set, an object) raises TypeError."""
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        pass  # lone surrogates or huge integers: the standard library writes them (escaped)
+    return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()

@@ -1,0 +1,53 @@
+"""Parsing miners' event streams from raw bytes, however the network splits them."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from engine.sse import encode_event, iter_sse_data
+
+STREAM = (b": a comment\r\n"
+          b"data: {\"a\": 1}\r\n\r\n"
+          b"event: note\ndata:{\"b\":2}\n\n"
+          b"data: line one\ndata: line two\n\n"
+          b"id: 7\rdata: [DONE]\r\r")
+EVENTS = [b'{"a": 1}', b'{"b":2}', b"line one\nline two", b"[DONE]"]
+
+
+def parse(pieces: list[bytes]) -> list[bytes]:
+    async def chunks() -> AsyncIterator[bytes]:
+        for piece in pieces:
+            yield piece
+
+    async def collect() -> list[bytes]:
+        return [data async for data in iter_sse_data(chunks())]
+
+    return trio.run(collect)
+
+
+def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
+    return [data[a:b] for a, b in itertools.pairwise(points)]
+
+
+def test_every_line_ending_and_field() -> None:
+    assert parse([STREAM]) == EVENTS
+
+
+@given(st.lists(st.integers(min_value=0, max_value=10_000), max_size=30))
+def test_the_events_do_not_depend_on_where_the_bytes_are_cut(cuts: list[int]) -> None:
+    assert parse(split_at(STREAM, cuts)) == EVENTS
+
+
+def test_a_last_event_without_its_blank_line_still_counts() -> None:
+    assert parse([b"data: {}\n\ndata: tail"]) == [b"{}", b"tail"]
+
+
+def test_encoded_events_parse_back() -> None:
+    payload = {"choices": [{"delta": {"content": "h\u00e9\n\u2603"}}]}
+    assert parse([encode_event(payload), encode_event("[DONE]")]) == [encode_event(payload)[6:-2], b"[DONE]"]
