@@ -1,62 +1,32 @@
 """KeepAliveTransport: the outbound connection pool, with O(1) work per request.
 
-httpx's default pool (httpcore's) re-examines every pooled connection on every request and on every
-response close, with a readability syscall per idle connection and a count of idle connections per
-idle connection (quadratic). With a kept connection per concurrent miner stream, that scan cost more
-than opening a new connection per request. Here each origin keeps a stack of idle HTTP/1.1
-connections; a request pops the most recently used one (checking only that one), and a response, once
-closed, pushes its connection back if it can be reused. Plain `http://` only (miners and
-validators); other schemes go through httpx's own transport.
+Each origin keeps a stack of idle HTTP/1.1 connections (`engine/http1.py`); a request pops the most
+recently used one (checking only that one: not expired, not closed by the server), and a response,
+once its body is read to the end and closed, pushes its connection back. httpx's default pool
+(httpcore's) re-examined every pooled connection on every request and response, and its h11 parser
+cost more CPU than the rest of a miner request; both showed in profiles of the gateway.
+
+Plain `http://` with a bytes body only (miners and validators); anything else goes through httpx's
+own transport.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from collections.abc import AsyncIterator
 
-import httpcore
 import httpx
 import trio
 
-# httpcore's errors and the httpx ones callers catch, most specific first.
-_ERRORS: tuple[tuple[type[Exception], type[httpx.HTTPError]], ...] = (
-    (httpcore.ConnectTimeout, httpx.ConnectTimeout),
-    (httpcore.ReadTimeout, httpx.ReadTimeout),
-    (httpcore.WriteTimeout, httpx.WriteTimeout),
-    (httpcore.PoolTimeout, httpx.PoolTimeout),
-    (httpcore.TimeoutException, httpx.TimeoutException),
-    (httpcore.ConnectError, httpx.ConnectError),
-    (httpcore.ReadError, httpx.ReadError),
-    (httpcore.WriteError, httpx.WriteError),
-    (httpcore.NetworkError, httpx.NetworkError),
-    (httpcore.RemoteProtocolError, httpx.RemoteProtocolError),
-    (httpcore.LocalProtocolError, httpx.LocalProtocolError),
-    (httpcore.ProtocolError, httpx.ProtocolError),
-    (httpcore.UnsupportedProtocol, httpx.UnsupportedProtocol),
-)
+from engine.http1 import Connection, ResponseHead, encode_head, timeouts
 
-Origin = tuple[bytes, int]
-
-
-@contextlib.contextmanager
-def httpx_errors() -> Iterator[None]:
-    """httpcore's exceptions become the httpx ones callers catch."""
-    try:
-        yield
-    except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError,
-            httpcore.UnsupportedProtocol) as exc:
-        for source, target in _ERRORS:
-            if isinstance(exc, source):
-                raise target(str(exc)) from exc
-        raise
+Origin = tuple[str, int]
 
 
 class KeepAliveTransport(httpx.AsyncBaseTransport):
     def __init__(self, *, keepalive_expiry_s: float = 60.0, max_idle_per_origin: int = 256) -> None:
         self.keepalive_expiry_s = keepalive_expiry_s
         self.max_idle_per_origin = max_idle_per_origin
-        self._idle: dict[Origin, list[httpcore.AsyncHTTPConnection]] = {}
+        self._idle: dict[Origin, list[Connection]] = {}
         self._other = httpx.AsyncHTTPTransport(trust_env=False)
         self.opened = 0  # connections made so far
         self.reused = 0  # requests sent on a kept connection
@@ -66,102 +36,88 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
-        if url.scheme != "http":
+        if url.scheme != "http" or not isinstance(request.stream, httpx.ByteStream):
             return await self._other.handle_async_request(request)
-        port = url.port or 80
-        origin = (url.raw_host, port)
-        core_request = httpcore.Request(
-            method=request.method,
-            url=httpcore.URL(scheme=url.raw_scheme, host=url.raw_host, port=port, target=url.raw_path),
-            headers=request.headers.raw,
-            content=request.stream,
-            extensions=request.extensions,
-        )
-        connection = await self._take(origin)
+        origin = (url.host, url.port or 80)
+        limits = timeouts(request.extensions)
+        method = request.method.encode()
+        head = encode_head(method, url.raw_path, request.headers.raw)
+        body = request.content
+        connection = self._take(origin)
+        fresh = connection is None
+        if connection is None:
+            connection = await self._open(origin, limits.get("connect"))
         try:
-            with httpx_errors():
-                try:
-                    response = await connection.handle_async_request(core_request)
-                except httpcore.ConnectionNotAvailable:
-                    # the server closed it between our check and our request: once more, on a new one
-                    await _close_quietly(connection)
-                    connection = self._new(origin)
-                    response = await connection.handle_async_request(core_request)
+            try:
+                await connection.send(head, body, limits.get("write"))
+                response_head = await connection.receive_head(method, limits.get("read"))
+            except (httpx.WriteError, httpx.RemoteProtocolError, httpx.ReadError):
+                if fresh or connection.answered:
+                    raise
+                # A kept connection the server closed just as we sent (no byte of answer came back):
+                # once more, on a new one.
+                await connection.aclose()
+                connection = await self._open(origin, limits.get("connect"))
+                await connection.send(head, body, limits.get("write"))
+                response_head = await connection.receive_head(method, limits.get("read"))
         except BaseException:
-            with trio.CancelScope(shield=True):
-                await _close_quietly(connection)
+            await connection.aclose()
             raise
         return httpx.Response(
-            status_code=response.status,
-            headers=response.headers,
-            stream=_PooledStream(self, origin, connection, response.stream),
-            extensions=response.extensions,
+            status_code=response_head.status,
+            headers=response_head.headers,
+            stream=_PooledBody(self, origin, connection, response_head, limits.get("read")),
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": response_head.reason},
         )
 
-    async def _take(self, origin: Origin) -> httpcore.AsyncHTTPConnection:
+    def _take(self, origin: Origin) -> Connection | None:
         stack = self._idle.get(origin)
+        now = trio.current_time()
         while stack:
             connection = stack.pop()
-            if connection.is_idle() and not connection.has_expired():
+            if connection.usable(now, self.keepalive_expiry_s):
                 self.reused += 1
                 return connection
-            await _close_quietly(connection)
-        return self._new(origin)
+            connection.stream.socket.close()  # idle, expired or closed by the server: nothing to flush
+        return None
 
-    def _new(self, origin: Origin) -> httpcore.AsyncHTTPConnection:
+    async def _open(self, origin: Origin, timeout_s: float | None) -> Connection:
         self.opened += 1
-        host, port = origin
-        return httpcore.AsyncHTTPConnection(
-            origin=httpcore.Origin(b"http", host, port), keepalive_expiry=self.keepalive_expiry_s,
-        )
+        return await Connection.open(origin[0], origin[1], timeout_s)
 
-    async def _release(self, origin: Origin, connection: httpcore.AsyncHTTPConnection) -> None:
-        """A response was closed: keep its connection if it ended cleanly (httpcore closed it otherwise)."""
-        if not connection.is_idle():
-            return
+    async def _release(self, origin: Origin, connection: Connection) -> None:
+        """A response was closed: keep its connection if it ended cleanly, else close it."""
         stack = self._idle.setdefault(origin, [])
-        if len(stack) < self.max_idle_per_origin:
+        if connection.reusable and len(stack) < self.max_idle_per_origin:
             stack.append(connection)
-            return
-        with trio.CancelScope(shield=True):
-            await _close_quietly(connection)
+        else:
+            await connection.aclose()
 
     async def aclose(self) -> None:
         stacks, self._idle = self._idle, {}
-        with trio.CancelScope(shield=True):
-            for stack in stacks.values():
-                for connection in stack:
-                    await _close_quietly(connection)
+        for stack in stacks.values():
+            for connection in stack:
+                await connection.aclose()
         await self._other.aclose()
 
 
-class _PooledStream(httpx.AsyncByteStream):
+class _PooledBody(httpx.AsyncByteStream):
     """A response body; closing it hands the connection back to the pool when it can be reused."""
 
-    def __init__(self, transport: KeepAliveTransport, origin: Origin, connection: httpcore.AsyncHTTPConnection,
-                 stream: Any) -> None:
+    def __init__(self, transport: KeepAliveTransport, origin: Origin, connection: Connection,
+                 head: ResponseHead, read_timeout_s: float | None) -> None:
         self._transport = transport
         self._origin = origin
         self._connection = connection
-        self._stream = stream
+        self._head = head
+        self._read_timeout_s = read_timeout_s
         self._closed = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        with httpx_errors():
-            async for part in self._stream:
-                yield part
+        async for part in self._connection.body(self._head, self._read_timeout_s):
+            yield part
 
     async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            with httpx_errors():
-                await self._stream.aclose()
-        finally:
+        if not self._closed:
+            self._closed = True
             await self._transport._release(self._origin, self._connection)
-
-
-async def _close_quietly(connection: httpcore.AsyncHTTPConnection) -> None:
-    with contextlib.suppress(httpcore.NetworkError, OSError):
-        await connection.aclose()  # the connection is gone either way

@@ -1,0 +1,240 @@
+"""The outbound HTTP/1.1 connection against raw servers on loopback: framing, reuse, and every way an
+answer can go wrong, each an httpx error."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable
+from functools import partial
+
+import httpx
+import pytest
+import trio
+import trio.lowlevel
+
+from engine.http1 import encode_head, parse_head
+from engine.keepalive import KeepAliveTransport
+from tests.test_keepalive import client
+
+__all__ = ["client"]
+
+Handler = Callable[[trio.SocketStream, int], Awaitable[None]]
+
+
+class RawServer:
+    """Serves each connection with `handler(stream, n)`, n counting connections from 1."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.accepted = 0
+        self.requests: list[bytes] = []
+        self.port = 0
+
+    async def serve(self, stream: trio.SocketStream) -> None:
+        self.accepted += 1
+        with contextlib.suppress(trio.BrokenResourceError):
+            await self.handler(stream, self.accepted)
+
+    async def read_request(self, stream: trio.SocketStream, pending: list[bytes]) -> bytes | None:
+        """One request (head and Content-Length body); None when the client closed."""
+        data = pending.pop() if pending else b""
+        while b"\r\n\r\n" not in data:
+            more = await stream.receive_some(65536)
+            if not more:
+                return None
+            data += more
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        while len(rest) < length:
+            rest += await stream.receive_some(65536)
+        pending.append(rest[length:])
+        self.requests.append(head + b"\r\n\r\n" + rest[:length])
+        return head
+
+
+async def start(nursery: trio.Nursery, handler: Handler) -> RawServer:
+    server = RawServer(handler)
+    listeners = await nursery.start(partial(trio.serve_tcp, server.serve, 0, host="127.0.0.1"))
+    server.port = listeners[0].socket.getsockname()[1]
+    return server
+
+
+async def serve_responses(nursery: trio.Nursery, *responses: bytes, byte_by_byte: bool = False) -> RawServer:
+    """A server answering the n-th request on a connection with responses[n] (the last one repeats)."""
+
+    async def handler(stream: trio.SocketStream, _: int) -> None:
+        pending: list[bytes] = []
+        i = 0
+        while await server.read_request(stream, pending) is not None:
+            response = responses[min(i, len(responses) - 1)]
+            i += 1
+            if byte_by_byte:
+                for k in range(len(response)):
+                    await stream.send_all(response[k:k + 1])
+                    await trio.lowlevel.checkpoint()
+            else:
+                await stream.send_all(response)
+
+    server = await start(nursery, handler)
+    return server
+
+
+async def serve_once_then_close(nursery: trio.Nursery, response: bytes) -> RawServer:
+    async def answer_then_close(stream: trio.SocketStream, _: int) -> None:
+        await server.read_request(stream, [])
+        await stream.send_all(response)
+        await stream.aclose()
+
+    server = await start(nursery, answer_then_close)
+    return server
+
+
+CHUNKED = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/event-stream\r\n\r\n"
+           b"7;ext=1\r\ndata: 1\r\n9\r\n\n\ndata: 2\r\n0\r\nTrailer: x\r\n\r\n")
+
+
+async def post(http: httpx.AsyncClient, server: RawServer, body: bytes = b'{"q": 1}') -> httpx.Response:
+    return await http.post(f"http://127.0.0.1:{server.port}/v1/x?y=1", content=body)
+
+
+async def test_a_chunked_answer_cut_at_every_byte_is_whole_and_the_connection_kept(
+        nursery: trio.Nursery, client: tuple[httpx.AsyncClient, KeepAliveTransport]) -> None:
+    http, transport = client
+    server = await serve_responses(nursery, CHUNKED, byte_by_byte=True)
+    with trio.fail_after(10):
+        for _ in range(3):
+            response = await post(http, server)
+            assert response.status_code == 200 and response.content == b"data: 1\n\ndata: 2"
+            assert response.headers["content-type"] == "text/event-stream"
+    assert (server.accepted, transport.opened, transport.reused) == (1, 1, 2)
+    assert server.requests[0] == (b"POST /v1/x?y=1 HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n" % server.port
+                                  + server.requests[0].split(b"\r\n", 2)[2])
+    assert server.requests[0].endswith(b'\r\n\r\n{"q": 1}')
+
+
+async def test_a_content_length_answer_keeps_the_connection(
+        nursery: trio.Nursery, client: tuple[httpx.AsyncClient, KeepAliveTransport]) -> None:
+    http, transport = client
+    server = await serve_responses(nursery, b"HTTP/1.1 201 Created\r\nContent-Length: 5\r\n\r\nhello")
+    with trio.fail_after(10):
+        for _ in range(2):
+            response = await post(http, server)
+            assert (response.status_code, response.text, response.reason_phrase) == (201, "hello", "Created")
+    assert server.accepted == 1 and transport.reused == 1
+
+
+@pytest.mark.parametrize("response", [
+    b"HTTP/1.1 200 OK\r\n\r\nuntil the close",  # no framing: the body runs to the close
+    b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 15\r\n\r\nuntil the close",
+    b"HTTP/1.0 200 OK\r\nContent-Length: 15\r\n\r\nuntil the close",
+])
+async def test_answers_that_end_the_connection_are_not_reused(
+        nursery: trio.Nursery, client: tuple[httpx.AsyncClient, KeepAliveTransport], response: bytes) -> None:
+    http, transport = client
+
+    server = await serve_once_then_close(nursery, response)
+    with trio.fail_after(10):
+        for _ in range(2):
+            assert (await post(http, server)).text == "until the close"
+    assert server.accepted == 2 and transport.reused == 0 and transport.idle_count() == 0
+
+
+async def test_informational_answers_are_skipped(
+        nursery: trio.Nursery, client: tuple[httpx.AsyncClient, KeepAliveTransport]) -> None:
+    http, _ = client
+    server = await serve_responses(
+        nursery, b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    with trio.fail_after(10):
+        assert (await post(http, server)).text == "ok"
+
+
+@pytest.mark.parametrize(("response", "message"), [
+    (b"ICY 200 OK\r\n\r\n", "not an HTTP/1.1 status line"),
+    (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", "malformed response header line"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello", "conflicting Content-Length"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\n", "invalid Content-Length"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "invalid chunk size"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nokXX\r\n", "chunk data not followed by CRLF"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf", "without sending complete message body"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nhalf", "without sending complete message body"),
+    (b"", "server disconnected without sending a response"),
+])
+async def test_broken_answers_are_protocol_errors(
+        nursery: trio.Nursery, client: tuple[httpx.AsyncClient, KeepAliveTransport], response: bytes,
+        message: str) -> None:
+    http, transport = client
+
+    server = await serve_once_then_close(nursery, response)
+    with trio.fail_after(10), pytest.raises(httpx.RemoteProtocolError, match=message):
+        await post(http, server)
+    assert transport.idle_count() == 0
+
+
+async def test_a_kept_connection_closed_as_the_request_goes_out_is_retried_once_on_a_new_one(
+        nursery: trio.Nursery, client: tuple[httpx.AsyncClient, KeepAliveTransport]) -> None:
+    http, transport = client
+
+    async def first_connection_drops_its_second_request(stream: trio.SocketStream, n: int) -> None:
+        pending: list[bytes] = []
+        answered = 0
+        while await server.read_request(stream, pending) is not None:
+            if n == 1 and answered == 1:
+                await stream.aclose()  # the race the readability check cannot see
+                return
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            answered += 1
+
+    server = await start(nursery, first_connection_drops_its_second_request)
+    with trio.fail_after(10):
+        assert (await post(http, server)).text == "ok"
+        assert (await post(http, server)).text == "ok"
+    assert server.accepted == 2 and len(server.requests) == 3
+    assert (transport.opened, transport.reused) == (2, 1)
+
+
+async def test_a_fresh_connection_is_not_retried(
+        nursery: trio.Nursery, client: tuple[httpx.AsyncClient, KeepAliveTransport]) -> None:
+    http, _ = client
+
+    async def drop(stream: trio.SocketStream, _: int) -> None:
+        await server.read_request(stream, [])
+        await stream.aclose()
+
+    server = await start(nursery, drop)
+    with trio.fail_after(10), pytest.raises(httpx.RemoteProtocolError):
+        await post(http, server)
+    assert server.accepted == 1
+
+
+async def test_a_body_that_stalls_is_a_read_timeout(
+        nursery: trio.Nursery, client: tuple[httpx.AsyncClient, KeepAliveTransport]) -> None:
+    http, _ = client
+
+    async def stall(stream: trio.SocketStream, _: int) -> None:
+        await server.read_request(stream, [])
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhal")
+        await trio.sleep_forever()
+
+    server = await start(nursery, stall)
+    with trio.fail_after(10), pytest.raises(httpx.ReadTimeout):
+        await http.post(f"http://127.0.0.1:{server.port}/", content=b"x", timeout=httpx.Timeout(5, read=0.2))
+
+
+def test_header_values_cannot_inject_lines() -> None:
+    with pytest.raises(httpx.LocalProtocolError):
+        encode_head(b"POST", b"/", [(b"X-Seed", b"1\r\nX-Evil: 1")])
+    with pytest.raises(httpx.LocalProtocolError):
+        encode_head(b"POST", b"/", [(b"X-Seed: 1\nX", b"1")])
+    assert encode_head(b"GET", b"/a", [(b"Host", b"h")]) == b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n"
+
+
+def test_what_frames_a_body() -> None:
+    head = parse_head(b"HTTP/1.1 204 No Content\r\nContent-Length: 9", method=b"POST")
+    assert head.length == 0 and head.keep_alive
+    head = parse_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 4", method=b"POST")
+    assert head.chunked and head.length is None
+    head = parse_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip", method=b"POST")
+    assert not head.chunked and head.length is None and not head.keep_alive  # runs to the close
+    head = parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: Keep-Alive, Close", method=b"GET")
+    assert not head.keep_alive
