@@ -30,6 +30,7 @@ import trio
 from actors.breaker import MinerHealth
 from engine import jsonio
 from engine.epistula import Signer, routing_headers
+from engine.keepalive import post_streaming
 from engine.organic import MinerAnswer, OrganicResult
 from engine.sse import DONE, iter_sse_data
 from engine.subnet import Neuron
@@ -350,7 +351,7 @@ class FanoutPool:
     async def _stream(self, job: FanoutJob, i: int, body_bytes: bytes, headers: dict[str, str]) -> None:
         neuron, answer = job.miners[i], job.answers[i]
         url = f"http://{neuron.axon}/v1/chat/completions"
-        async with self.http.stream("POST", url, content=body_bytes, headers=headers) as response:
+        async with post_streaming(self.http, url, body_bytes, headers) as response:
             if response.status_code != 200:
                 raise MinerFailure(f"HTTP {response.status_code}")
             events = iter_sse_data(response.aiter_bytes())

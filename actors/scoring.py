@@ -37,6 +37,7 @@ from actors.spool import Spool, SpoolBatch
 from config.settings import ScoringSettings, Settings
 from engine import jsonio
 from engine.epistula import Signer
+from engine.keepalive import post_streaming
 from engine.organic import OrganicResult
 from engine.snapshot import SnapshotCell
 from engine.subnet import SubnetSnapshot
@@ -393,7 +394,8 @@ class ScoringForwarder:
         reason: str
         try:
             with trio.fail_after(self.settings.timeout_s):
-                response = await self.http.post(url, content=body, headers=headers)
+                async with post_streaming(self.http, url, body, headers) as response:
+                    await response.aread()
         except trio.TooSlowError:
             reason = f"no answer within {self.settings.timeout_s:g}s"
         except httpx.HTTPError as exc:

@@ -12,7 +12,8 @@ own transport.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 
 import httpx
 import trio
@@ -20,6 +21,25 @@ import trio
 from engine.http1 import Connection, ResponseHead, encode_head, timeouts
 
 Origin = tuple[str, int]
+USER_AGENT = "sn1-gateway"
+
+
+@asynccontextmanager
+async def post_streaming(http: httpx.AsyncClient, url: str, body: bytes, headers: Mapping[str, str]
+                         ) -> AsyncIterator[httpx.Response]:
+    """`http.stream("POST", url, ...)` for the gateway's own traffic, sent straight to the client's
+    transport with the client's timeouts. The client's per-request layers (cookies, auth, redirects,
+    event hooks, base URL and default headers) are never used by this traffic, and in profiles they
+    cost as much as the connection itself."""
+    request = httpx.Request("POST", url, content=body, headers={"User-Agent": USER_AGENT, **headers},
+                            extensions={"timeout": http.timeout.as_dict()})
+    transport = http._transport_for_url(request.url)  # httpx has no public accessor for it
+    response = await transport.handle_async_request(request)
+    response.request = request
+    try:
+        yield response
+    finally:
+        await response.aclose()
 
 
 class KeepAliveTransport(httpx.AsyncBaseTransport):
