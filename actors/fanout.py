@@ -351,7 +351,7 @@ class FanoutPool:
     async def _stream(self, job: FanoutJob, i: int, body_bytes: bytes, headers: dict[str, str]) -> None:
         neuron, answer = job.miners[i], job.answers[i]
         url = f"http://{neuron.axon}/v1/chat/completions"
-        async with post_streaming(self.http, url, body_bytes, headers) as response:
+        async with post_streaming(self.http, url, body_bytes, headers, bounded=True) as response:  # job.timeout_s
             if response.status_code != 200:
                 raise MinerFailure(f"HTTP {response.status_code}")
             events = iter_sse_data(response.aiter_bytes())

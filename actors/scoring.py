@@ -394,7 +394,7 @@ class ScoringForwarder:
         reason: str
         try:
             with trio.fail_after(self.settings.timeout_s):
-                async with post_streaming(self.http, url, body, headers) as response:
+                async with post_streaming(self.http, url, body, headers, bounded=True) as response:
                     await response.aread()
         except trio.TooSlowError:
             reason = f"no answer within {self.settings.timeout_s:g}s"

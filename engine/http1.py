@@ -84,6 +84,12 @@ def parse_head(block: bytes, *, method: bytes) -> ResponseHead:
     return ResponseHead(status, reason, headers, False, None, False)
 
 
+def within(timeout_s: float | None) -> contextlib.AbstractContextManager[object]:
+    """`trio.fail_after(timeout_s)`; None: no limit, and no cancel scope (the caller bounds the whole
+    exchange; a scope per read costs as much as the read's parsing)."""
+    return contextlib.nullcontext() if timeout_s is None else trio.fail_after(timeout_s)
+
+
 class Connection:
     """A kept HTTP/1.1 connection. One request at a time; `reusable` once a response ended cleanly."""
 
@@ -98,7 +104,7 @@ class Connection:
     @classmethod
     async def open(cls, host: str, port: int, timeout_s: float | None) -> Connection:
         try:
-            with trio.fail_after(timeout_s if timeout_s is not None else float("inf")):
+            with within(timeout_s):
                 return cls(await trio.open_tcp_stream(host, port))
         except trio.TooSlowError:
             raise httpx.ConnectTimeout(f"no connection to {host}:{port} within {timeout_s}s") from None
@@ -115,7 +121,7 @@ class Connection:
         self.answered = False
         self.requests += 1
         try:
-            with trio.fail_after(timeout_s if timeout_s is not None else float("inf")):
+            with within(timeout_s):
                 await self.stream.send_all(head + body)
         except trio.TooSlowError:
             raise httpx.WriteTimeout(f"request not sent within {timeout_s}s") from None
@@ -124,7 +130,7 @@ class Connection:
 
     async def _receive(self, timeout_s: float | None) -> bytes:
         try:
-            with trio.fail_after(timeout_s if timeout_s is not None else float("inf")):
+            with within(timeout_s):
                 return await self.stream.receive_some(RECEIVE_BYTES)
         except trio.TooSlowError:
             raise httpx.ReadTimeout(f"nothing received within {timeout_s}s") from None

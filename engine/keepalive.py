@@ -25,14 +25,20 @@ USER_AGENT = "sn1-gateway"
 
 
 @asynccontextmanager
-async def post_streaming(http: httpx.AsyncClient, url: str, body: bytes, headers: Mapping[str, str]
-                         ) -> AsyncIterator[httpx.Response]:
+async def post_streaming(http: httpx.AsyncClient, url: str, body: bytes, headers: Mapping[str, str],
+                         *, bounded: bool = False) -> AsyncIterator[httpx.Response]:
     """`http.stream("POST", url, ...)` for the gateway's own traffic, sent straight to the client's
     transport with the client's timeouts. The client's per-request layers (cookies, auth, redirects,
     event hooks, base URL and default headers) are never used by this traffic, and in profiles they
-    cost as much as the connection itself."""
+    cost as much as the connection itself.
+
+    `bounded`: the caller puts a deadline on the whole exchange, so reads and writes need none of
+    their own (one cancel scope per read showed in profiles too); connecting keeps its timeout."""
+    timeout = http.timeout.as_dict()
+    if bounded:
+        timeout = {**timeout, "read": None, "write": None}
     request = httpx.Request("POST", url, content=body, headers={"User-Agent": USER_AGENT, **headers},
-                            extensions={"timeout": http.timeout.as_dict()})
+                            extensions={"timeout": timeout})
     transport = http._transport_for_url(request.url)  # httpx has no public accessor for it
     response = await transport.handle_async_request(request)
     response.request = request
