@@ -54,6 +54,7 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         self.max_idle_per_origin = max_idle_per_origin
         self._idle: dict[Origin, list[Connection]] = {}
         self._other = httpx.AsyncHTTPTransport(trust_env=False)
+        self._next_sweep = 0.0
         self.opened = 0  # connections made so far
         self.reused = 0  # requests sent on a kept connection
 
@@ -78,10 +79,9 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
                 await connection.send(head, body, limits.get("write"))
                 response_head = await connection.receive_head(method, limits.get("read"))
             except (httpx.WriteError, httpx.RemoteProtocolError, httpx.ReadError):
-                if fresh or connection.answered:
+                if fresh or not connection.closed_on_arrival():
                     raise
-                # A kept connection the server closed just as we sent (no byte of answer came back):
-                # once more, on a new one.
+                # A kept connection the server closed as the request went out: once more, on a new one.
                 await connection.aclose()
                 connection = await self._open(origin, limits.get("connect"))
                 await connection.send(head, body, limits.get("write"))
@@ -113,11 +113,25 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
 
     async def _release(self, origin: Origin, connection: Connection) -> None:
         """A response was closed: keep its connection if it ended cleanly, else close it."""
+        now = trio.current_time()
+        if now >= self._next_sweep:
+            self._sweep(now)
         stack = self._idle.setdefault(origin, [])
         if connection.reusable and len(stack) < self.max_idle_per_origin:
             stack.append(connection)
         else:
             await connection.aclose()
+
+    def _sweep(self, now: float) -> None:
+        """Close idle connections that expired or that their server closed, for every origin (also
+        those no request goes to any more), oldest first: at most every quarter of the expiry."""
+        self._next_sweep = now + self.keepalive_expiry_s / 4
+        for origin in list(self._idle):
+            stack = self._idle[origin]
+            while stack and not stack[0].usable(now, self.keepalive_expiry_s):
+                stack.pop(0).stream.socket.close()
+            if not stack:
+                del self._idle[origin]
 
     async def aclose(self) -> None:
         stacks, self._idle = self._idle, {}

@@ -159,6 +159,10 @@ async def test_informational_answers_are_skipped(
     (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf", "without sending complete message body"),
     (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nhalf", "without sending complete message body"),
     (b"", "server disconnected without sending a response"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\nxxxxxxxx\r\n0\r\n\r\n", "invalid chunk size"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x8\r\nxxxxxxxx\r\n0\r\n\r\n", "invalid chunk size"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1_0\r\n", "invalid chunk size"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n", "invalid Content-Length"),
 ])
 async def test_broken_answers_are_protocol_errors(
         nursery: trio.Nursery, client: tuple[httpx.AsyncClient, KeepAliveTransport], response: bytes,
@@ -238,3 +242,50 @@ def test_what_frames_a_body() -> None:
     assert not head.chunked and head.length is None and not head.keep_alive  # runs to the close
     head = parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: Keep-Alive, Close", method=b"GET")
     assert not head.keep_alive
+
+
+async def test_a_request_the_server_worked_on_before_closing_is_not_sent_again(
+        nursery: trio.Nursery, client: tuple[httpx.AsyncClient, KeepAliveTransport]) -> None:
+    http, _ = client
+
+    async def work_then_close_on_the_second(stream: trio.SocketStream, _: int) -> None:
+        pending: list[bytes] = []
+        await server.read_request(stream, pending)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await server.read_request(stream, pending)
+        await trio.sleep(0.3)  # works on it, then dies
+        await stream.aclose()
+
+    server = await start(nursery, work_then_close_on_the_second)
+    with trio.fail_after(10):
+        assert (await post(http, server)).text == "ok"
+        with pytest.raises(httpx.RemoteProtocolError):
+            await post(http, server)
+    assert len(server.requests) == 2 and server.accepted == 1
+
+
+async def test_idle_connections_are_swept_even_for_origins_not_asked_again(
+        nursery: trio.Nursery) -> None:
+    transport = KeepAliveTransport(keepalive_expiry_s=0.2)
+    async with httpx.AsyncClient(transport=transport, timeout=5) as http:
+        first = await serve_responses(nursery, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        second = await serve_responses(nursery, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        with trio.fail_after(10):
+            await post(http, first)
+            assert transport.idle_count() == 1
+            await trio.sleep(0.3)
+            await post(http, second)  # the first origin's connection has expired: closed now
+        assert transport.idle_count() == 1
+
+
+async def test_many_tiny_chunks_come_out_whole_and_batched_by_read(
+        nursery: trio.Nursery, client: tuple[httpx.AsyncClient, KeepAliveTransport]) -> None:
+    http, transport = client
+    body = b"".join(b"1\r\n%c\r\n" % (65 + i % 26) for i in range(20_000)) + b"0\r\n\r\n"
+    server = await serve_responses(nursery, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
+    with trio.fail_after(30):
+        async with http.stream("POST", f"http://127.0.0.1:{server.port}/", content=b"x") as response:
+            pieces = [piece async for piece in response.aiter_raw()]
+    assert b"".join(pieces) == bytes(65 + i % 26 for i in range(20_000))
+    assert len(pieces) < 200  # one piece per read, not one per chunk
+    assert transport.idle_count() == 1
