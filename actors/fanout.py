@@ -30,7 +30,7 @@ import trio
 from actors.breaker import MinerHealth
 from engine import jsonio
 from engine.epistula import Signer, routing_headers
-from engine.keepalive import post_streaming
+from engine.keepalive import ParsedUrls, post_streaming
 from engine.organic import MinerAnswer, OrganicResult
 from engine.sse import DONE, iter_sse_data
 from engine.subnet import Neuron
@@ -213,6 +213,7 @@ class FanoutPool:
         self.results_unscored = 0  # results with nowhere to go (no scoring forwarder)
         self._idle = trio.Event()
         self._idle.set()
+        self._urls = ParsedUrls()
 
     async def run(self, *, task_status: trio.TaskStatus[FanoutPool] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -350,7 +351,7 @@ class FanoutPool:
 
     async def _stream(self, job: FanoutJob, i: int, body_bytes: bytes, headers: dict[str, str]) -> None:
         neuron, answer = job.miners[i], job.answers[i]
-        url = f"http://{neuron.axon}/v1/chat/completions"
+        url = self._urls(f"http://{neuron.axon}/v1/chat/completions")
         async with post_streaming(self.http, url, body_bytes, headers, bounded=True) as response:  # job.timeout_s
             if response.status_code != 200:
                 raise MinerFailure(f"HTTP {response.status_code}")

@@ -37,7 +37,7 @@ from actors.spool import Spool, SpoolBatch
 from config.settings import ScoringSettings, Settings
 from engine import jsonio
 from engine.epistula import Signer
-from engine.keepalive import post_streaming
+from engine.keepalive import ParsedUrls, post_streaming
 from engine.organic import OrganicResult
 from engine.snapshot import SnapshotCell
 from engine.subnet import SubnetSnapshot
@@ -193,6 +193,7 @@ class ScoringForwarder:
         self.signer = signer
         self.subnet = subnet
         self.picker = ValidatorPicker(self.settings, subnet, rng or random.Random())
+        self._urls = ParsedUrls()
         self.spool = Spool(settings.resolve(self.settings.spool_dir), max_bytes=self.settings.spool_max_bytes)
         self.flush_deadline_s = flush_deadline_s
         self._run_sync = run_sync
@@ -390,7 +391,7 @@ class ScoringForwarder:
     async def _post(self, validator: Validator, body: bytes) -> bool:
         headers = self.signer.headers(body, validator.hotkey)
         headers["Content-Type"] = "application/json"
-        url = f"http://{validator.axon}/scoring"
+        url = self._urls(f"http://{validator.axon}/scoring")
         reason: str
         try:
             with trio.fail_after(self.settings.timeout_s):

@@ -24,8 +24,25 @@ Origin = tuple[str, int]
 USER_AGENT = "sn1-gateway"
 
 
+class ParsedUrls:
+    """Parsed URLs by their text, for the few endpoints asked again and again (miners, validators):
+    parsing one costs as much as the rest of building a request. Bounded: cleared when full."""
+
+    def __init__(self, limit: int = 4096) -> None:
+        self.limit = limit
+        self._parsed: dict[str, httpx.URL] = {}
+
+    def __call__(self, text: str) -> httpx.URL:
+        url = self._parsed.get(text)
+        if url is None:
+            if len(self._parsed) >= self.limit:
+                self._parsed.clear()
+            url = self._parsed[text] = httpx.URL(text)
+        return url
+
+
 @asynccontextmanager
-async def post_streaming(http: httpx.AsyncClient, url: str, body: bytes, headers: Mapping[str, str],
+async def post_streaming(http: httpx.AsyncClient, url: httpx.URL | str, body: bytes, headers: Mapping[str, str],
                          *, bounded: bool = False) -> AsyncIterator[httpx.Response]:
     """`http.stream("POST", url, ...)` for the gateway's own traffic, sent straight to the client's
     transport with the client's timeouts. The client's per-request layers (cookies, auth, redirects,
