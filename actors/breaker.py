@@ -57,10 +57,13 @@ class MinerHealth:
         state = self.state(uid)
         return state == "closed" or (state == "half_open" and not self._miners[uid].trial_in_flight)
 
-    def asking(self, uid: int) -> None:
-        """Note that the miner is being asked; a half-open miner gets one trial at a time."""
-        if self.state(uid) == "half_open":
-            self._miners[uid].trial_in_flight = True
+    def asking(self, uid: int) -> bool:
+        """Note that the miner is being asked. A half-open miner gets one trial at a time: True when
+        this request takes it (and must give it back with `released` if it ends undecided)."""
+        if self.state(uid) != "half_open" or self._miners[uid].trial_in_flight:
+            return False
+        self._miners[uid].trial_in_flight = True
+        return True
 
     def ttft(self, uid: int) -> float | None:
         record = self._miners.get(uid)

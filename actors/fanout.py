@@ -132,6 +132,7 @@ class FanoutJob:
     released: bool = False  # the handler is done with the job; what remains is collection for scoring
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     cut_reason: str | None = None  # why the job was cut short, when it was
+    trials: set[int] = field(default_factory=set)  # indices of miners whose half-open trial this job holds
     _on_release: Callable[[], None] | None = None
     _send: trio.MemorySendChannel[Event] = field(init=False)
     receive: trio.MemoryReceiveChannel[Event] = field(init=False)
@@ -228,20 +229,16 @@ class FanoutPool:
               request_id: str | None = None, timeout_s: float | None = None) -> FanoutJob:
         """Start asking `miners`; returns at once. Raises `PoolBusy` when the pool cannot take it.
 
-        The miners come from the selector, which noted each as being asked (a half-open breaker
-        admits one trial at a time); refused, they are released again.
+        Admitted, each miner is noted as being asked: a half-open one gets one trial at a time, and
+        the job remembers which trials it holds (`trials`), to give back any that ends undecided.
         """
-        try:
-            nursery = self._admit()
-        except PoolBusy:
-            for neuron in miners:
-                self.health.released(neuron.uid)
-            raise
+        nursery = self._admit()
         job = FanoutJob(
             request_id=request_id or uuid.uuid4().hex, task=task, body=body, miners=list(miners),
             mode=mode, timeout_s=timeout_s or request_timeout_s(body), stall_s=self.stall_s,
             _on_release=self._released,
         )
+        job.trials = {i for i, neuron in enumerate(job.miners) if self.health.asking(neuron.uid)}
         self._jobs[id(job)] = job
         self.jobs_serving += 1
         if self.jobs_running == 0:
@@ -345,7 +342,7 @@ class FanoutPool:
                 self.health.succeeded(neuron.uid, answer.timings[0] if answer.timings else None)
             elif outcome == "failed":
                 self.health.failed(neuron.uid, answer.error or "failed")
-            else:
+            elif i in job.trials:
                 self.health.released(neuron.uid)
         await self._settle(job, i)
 

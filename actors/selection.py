@@ -103,10 +103,7 @@ class Selector:
         if not pool:
             raise SelectionError(503, f"All {len(eligible)} miners eligible for {task} are failing right now; "
                                  "retry shortly.", code="miners_unhealthy")
-        chosen = self.rng.sample(pool, min(k, len(pool)))
-        for neuron in chosen:
-            self.health.asking(neuron.uid)
-        return chosen
+        return self.rng.sample(pool, min(k, len(pool)))
 
     def best(self, task: str, model: str | None, *, exclude: Sequence[int] = ()) -> Neuron:
         """One healthy miner with the highest incentive (a mixture's final answer), preferring one
@@ -117,9 +114,7 @@ class Selector:
         if not healthy:
             raise self._none_error(index, task, model)
         skip = set(exclude)
-        chosen = next((n for n in healthy if n.uid not in skip), healthy[0])
-        self.health.asking(chosen.uid)
-        return chosen
+        return next((n for n in healthy if n.uid not in skip), healthy[0])
 
     def explicit(self, uids: Sequence[int]) -> list[Neuron]:
         """The miners a client named; a uid not in the metagraph, or not serving, is a 400."""
@@ -130,10 +125,7 @@ class Selector:
         silent = [u for u in uids if not by_uid[u].axon]
         if silent:
             raise SelectionError(400, f"uids that serve no axon: {silent}", code="uid_not_serving", param="uids")
-        chosen = [by_uid[u] for u in dict.fromkeys(uids)]
-        for neuron in chosen:
-            self.health.asking(neuron.uid)
-        return chosen
+        return [by_uid[u] for u in dict.fromkeys(uids)]
 
     def _none_error(self, index: SelectionIndex, task: str, model: str | None) -> SelectionError:
         if not index.miners():

@@ -3,7 +3,8 @@
 Every miner chunk is parsed and every scoring payload encoded here; orjson does both several times
 faster than `json`. Parsing is strict: NaN, lone surrogates and integers beyond 64 bits fail like any
 invalid chunk. Encoding falls back to `json` for what orjson refuses (lone surrogates, huge integers);
-NaN cannot reach it, as every input is parsed strictly (client bodies too, in `web/body.py`).
+NaN and infinities cannot reach it (orjson would write them as null): every input is parsed strictly,
+client bodies too (`web/body.py` refuses NaN, Infinity and numbers beyond a float's range).
 """
 
 from __future__ import annotations

@@ -188,6 +188,17 @@ async def test_mixture_does_not_wait_for_the_slowest_miner(stack: Stack) -> None
     assert "1. quick" in combined and "sluggish" not in combined
 
 
+async def test_mixture_combines_only_whole_answers(stack: Stack) -> None:
+    stack.miners.scripts[9001] = answer(["quick"], first_delay=0.05)
+    stack.miners.scripts[9002] = answer([f"w{i} " for i in range(20)], first_delay=0.05, step=0.1)  # 2 s
+    stack.miners.scripts[9003] = answer(["combined"])
+    response = await stack.chat(uids=[1, 2], mixture=True)
+    assert response.status_code == 200, response.text
+    (final,) = [json.loads(r.content) for r in stack.miners.received if r.url.port == 9003]
+    combined = final["messages"][-1]["content"]
+    assert "1. quick" in combined and "w0" not in combined, "an answer still being written is left out"
+
+
 async def test_usage_has_all_three_counts(stack: Stack) -> None:
     for port in (9001, 9002, 9003):
         stack.miners.scripts[port] = answer(["a", "b", "c"])

@@ -218,21 +218,26 @@ async def test_capacity_cuts_short_the_oldest_finished_collection(
     assert pool.statistics()["collections_cut_short"] == 2
 
 
-async def test_a_refused_start_gives_back_the_half_open_trial(
+async def test_half_open_trials_are_taken_once_and_given_back_only_by_their_holder(
         miners: Miners, results: list[OrganicResult], nursery: trio.Nursery, autojump_clock: Any) -> None:
     http = httpx.AsyncClient(transport=miners.transport())
     health = MinerHealth(failure_threshold=1, cooldown_s=5.0)
     pool: FanoutPool = await nursery.start(FanoutPool(
-        http, Signer(Keypair.create_from_uri("//Gateway")), health, results.append, max_serving=1).run)
+        http, Signer(Keypair.create_from_uri("//Gateway")), health, results.append, max_serving=2).run)
     miners.scripts[9001] = 500
-    miners.scripts[9002] = [(0.0, chunk("busy")), (1000.0, DONE)]
     await finished(pool.start(BODY, [neuron(1)], mode="stream", task="InferenceTask"))
     await trio.sleep(6)
     assert health.state(1) == "half_open" and health.allows(1)
-    serving = pool.start(BODY, [neuron(2)], mode="stream", task="InferenceTask")  # the pool is now full
-    health.asking(1)  # what the selector does for the miner it picks
-    assert not health.allows(1)
-    with pytest.raises(PoolBusy):
+    miners.scripts[9001] = [(0.0, chunk("slow")), (1000.0, DONE)]
+    trial = pool.start(BODY, [neuron(1)], mode="stream", task="InferenceTask")
+    assert trial.trials == {0} and not health.allows(1)
+    explicit = pool.start(BODY, [neuron(1)], mode="stream", task="InferenceTask")  # uids named by a client
+    assert explicit.trials == set()
+    with pytest.raises(PoolBusy):  # refused: it took nothing, so it gives nothing back
         pool.start(BODY, [neuron(1)], mode="stream", task="InferenceTask")
-    assert health.allows(1), "the trial was not used: the next request may make it"
-    serving.cancel_scope.cancel()
+    explicit.cancel_scope.cancel()
+    await finished(explicit)
+    assert not health.allows(1), "the trial still runs in the first request"
+    trial.cancel_scope.cancel()
+    await finished(trial)
+    assert health.allows(1), "cut short undecided, the trial is given back"

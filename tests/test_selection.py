@@ -84,9 +84,12 @@ def test_open_breakers_are_skipped() -> None:
         sel.pick("InferenceTask", None, 5)
     assert info.value.status == 503
     clock[0] = 61.0  # half-open: one trial each
-    assert sorted(n.uid for n in sel.pick("InferenceTask", None, 5)) == [1, 2]
+    picked = sel.pick("InferenceTask", None, 5)
+    assert sorted(n.uid for n in picked) == [1, 2]
+    assert all(health.asking(n.uid) for n in picked)  # what the fan-out does as it starts them
     with pytest.raises(SelectionError):
         sel.pick("InferenceTask", None, 5)  # trials in flight
+    assert not health.asking(1)  # a trial is taken once
 
 
 def test_explicit_uids() -> None:

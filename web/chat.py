@@ -217,8 +217,9 @@ async def mixture_job(services: Services, request: ChatRequest) -> FanoutJob:
     first_round = start_job(services, request, request.miner_body, mode="all")
     await wait_first_round(first_round, services.settings.fanout.mixture_deadline_s)
     first_round.release()
-    answers = [a for a in first_round.answers if a.chunks and not a.error]
-    if not answers:  # past the deadline: take what has arrived, whole or not
+    answers = [a for a in first_round.answers
+               if a.chunks and not a.error and (a.completed or a.finish_reason is not None)]
+    if not answers:  # none whole in time: take what has arrived
         answers = [a for a in first_round.answers if a.chunks]
     if not answers:
         raise ApiError(502, "No miner answered the mixture's first round.", code="miners_failed",
