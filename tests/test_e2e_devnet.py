@@ -103,7 +103,7 @@ async def test_one_faulty_miner_of_five_never_shows(net_factory: Any, fault: str
             text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-1] if e.get("choices"))
             assert text.strip()
             # the answer comes at the pace of the fastest healthy miner, not the faulty one
-            assert ttft < SLOW_S / 2
+            assert ttft < 1.0, ttft  # healthy miners: 0.02 s; the slow fault: 5 s
             response = await net.client.post("/v1/chat/completions", json={
                 "messages": [{"role": "user", "content": f"again {i} {fault}"}]})
             assert response.status_code == 200, response.text
