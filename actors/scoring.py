@@ -367,6 +367,9 @@ class ScoringForwarder:
                 key = self._next_inflight
                 self._next_inflight += 1
                 self._inflight[key] = body
+                # The fan-out that produced this result has just woken its request's handler too: let
+                # the client's answer go out before the signing and sending below.
+                await trio.lowlevel.checkpoint()
                 if await self._send_once(body):
                     del self._inflight[key]
                     continue
