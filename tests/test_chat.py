@@ -222,3 +222,15 @@ async def test_errors_after_the_key_is_counted_carry_the_rate_limit_headers(
     assert response.headers["X-RateLimit-Limit"] == "1000"
     assert int(response.headers["X-RateLimit-Remaining"]) < 1000
     assert "X-RateLimit-Reset" in response.headers
+
+
+async def test_a_burst_of_chunks_arrives_whole_and_in_order(stack: Stack) -> None:
+    words = [f"w{i} " for i in range(300)]
+    stack.miners.scripts[9001] = answer(words, step=0.0)  # all at once: they queue up and go out together
+    response = await stack.chat(stream=True, uids=[1], stream_options={"include_usage": True})
+    assert response.status_code == 200
+    events = sse_events(response.text)
+    assert events[-1] == "[DONE]" and events[-2]["usage"]["completion_tokens"] == 300
+    chunks = [e for e in events[:-2] if e["choices"]]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "".join(words)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
