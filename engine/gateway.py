@@ -82,14 +82,22 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     return config
 
 
+CLOSE_CALLBACKS = "sn1_gateway.close_callbacks"  # ASGI scope key: see `shield_response_end`
+
+
 def shield_response_end(app: ASGIFramework, limit_s: float) -> ASGIFramework:
-    """Let the last body message of each response finish even when the app's task is cancelled.
+    """Let the last body message of each response finish even when the app's task is cancelled, and
+    run the request's close callbacks however the exchange ends.
 
     Quart-Trio cancels its request task as soon as hypercorn reports the response complete, and
     hypercorn does that from inside this very send, before it re-arms the connection's keep-alive
     watch. Cancelled there, an idle keep-alive connection is never closed: neither after
     `keep_alive_timeout` nor at shutdown, which then waits the whole drain deadline. The shield is
     bounded by `limit_s`, so a client that stops reading cannot hold it.
+
+    Handlers append plain callables to `scope[CLOSE_CALLBACKS]`; they run once the app is done with
+    the request, also when the client left before a streamed body was ever started (its generator's
+    own `finally` then never runs).
     """
 
     async def app_with_shielded_end(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
@@ -104,7 +112,13 @@ def shield_response_end(app: ASGIFramework, limit_s: float) -> ASGIFramework:
             else:
                 await send(message)
 
-        await app(scope, receive, send_end_shielded)
+        callbacks: list[Callable[[], object]] = []
+        scope[CLOSE_CALLBACKS] = callbacks  # type: ignore[literal-required]
+        try:
+            await app(scope, receive, send_end_shielded)
+        finally:
+            for callback in callbacks:
+                callback()
 
     return app_with_shielded_end
 

@@ -23,8 +23,9 @@ from config.settings import (
     SubnetSettings,
     WalletSettings,
 )
-from engine.gateway import Gateway, run
+from engine.gateway import Gateway, run, shield_response_end
 from tests.scripted_miners import Miners
+from web.app import create_app
 
 UIDS = (1, 2, 3)
 
@@ -53,6 +54,12 @@ class Stack:
     miners: Miners
     key: str
     client: httpx.AsyncClient
+
+    @property
+    def gateway_app(self) -> Any:
+        """The application as the server runs it (inside the gateway's ASGI wrapper), to drive over
+        ASGI directly where a socket cannot time a disconnect."""
+        return shield_response_end(create_app(self.gateway.services), 5.0)
 
     async def chat(self, **body: Any) -> httpx.Response:
         body.setdefault("messages", [{"role": "user", "content": "hello"}])

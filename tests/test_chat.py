@@ -234,3 +234,36 @@ async def test_a_burst_of_chunks_arrives_whole_and_in_order(stack: Stack) -> Non
     chunks = [e for e in events[:-2] if e["choices"]]
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "".join(words)
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_a_stream_whose_body_never_starts_is_released(stack: Stack) -> None:
+    """The client leaves while the response head is written: the body's generator never runs, so its
+    `finally` cannot release the job; the scope's close callbacks do."""
+    stack.miners.scripts[9001] = [(0.0, chunk(f"w{i}")) for i in range(200)]  # more than a channel holds
+    app = stack.gateway_app
+    body = json.dumps({"messages": [{"role": "user", "content": "x"}], "stream": True, "uids": [1]}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
+             "root_path": "", "server": ("127.0.0.1", 1), "client": ("127.0.0.1", 2), "extensions": {},
+             "headers": [(b"host", b"x"), (b"content-type", b"application/json"),
+                         (b"api-key", stack.key.encode()), (b"content-length", str(len(body)).encode())]}
+    gone = trio.Event()
+    asked = [False]
+
+    async def receive() -> dict[str, Any]:
+        if not asked[0]:
+            asked[0] = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            gone.set()  # the client's FIN is read while the head is being written
+            await trio.sleep(0.01)
+
+    pool = stack.gateway.services.fanout
+    with trio.fail_after(10):
+        await app(scope, receive, send)
+        assert pool.jobs_serving == 0
+        await pool.wait_idle()  # the miner's 200 chunks were collected: nothing waits on a gone client

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import trio
 from quart import Blueprint, Response
+from quart import request as quart_request
 
 from actors.fanout import Broken, Chunk, Complete, End, Event, Failed, FanoutJob
+from engine.gateway import CLOSE_CALLBACKS
 from engine.organic import MinerAnswer
 from engine.services import Services
 from engine.sse import DONE_EVENT, encode_event
@@ -112,6 +114,13 @@ def estimated_prompt_tokens(messages: list[dict[str, Any]]) -> int:
     return -(-chars // 4) + 4 * len(messages)
 
 
+def on_close(callback: Callable[[], object]) -> None:
+    """Run `callback` when the current exchange ends, however it ends (see `shield_response_end`)."""
+    callbacks: list[Callable[[], object]] | None = quart_request.scope.get(CLOSE_CALLBACKS)  # type: ignore[assignment]
+    if callbacks is not None:
+        callbacks.append(callback)
+
+
 def usage_of(answer: MinerAnswer | None, messages: list[dict[str, Any]]) -> dict[str, int] | None:
     """OpenAI `usage`, all three counts: the miner's own where it sent them; else one completion token
     per content chunk (Subnet 1 miners stream a token a chunk) and the prompt estimated by length."""
@@ -186,6 +195,8 @@ async def stream_response(services: Services, grant: Grant, request: ChatRequest
         finally:
             job.release()
 
+    # The client may leave before the body is ever started: then only the scope's callbacks run.
+    on_close(job.release)
     headers = {**grant.headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                "X-Request-Id": job.request_id}
     response = Response(events(), content_type="text/event-stream", headers=headers)
