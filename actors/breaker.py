@@ -28,6 +28,7 @@ class MinerRecord:
     opened_at: float | None = None
     cooldown_s: float = 0.0
     trial_in_flight: bool = False
+    trials: int = 0  # trials given so far: the number of the one in flight
     last_error: str | None = None
 
 
@@ -57,13 +58,15 @@ class MinerHealth:
         state = self.state(uid)
         return state == "closed" or (state == "half_open" and not self._miners[uid].trial_in_flight)
 
-    def asking(self, uid: int) -> bool:
-        """Note that the miner is being asked. A half-open miner gets one trial at a time: True when
-        this request takes it (and must give it back with `released` if it ends undecided)."""
-        if self.state(uid) != "half_open" or self._miners[uid].trial_in_flight:
-            return False
-        self._miners[uid].trial_in_flight = True
-        return True
+    def asking(self, uid: int) -> int | None:
+        """Note that the miner is being asked. A half-open miner gets one trial at a time: when this
+        request takes it, the trial's number, to give back with `released` if it ends undecided."""
+        record = self._miners.get(uid)
+        if record is None or self.state(uid) != "half_open" or record.trial_in_flight:
+            return None
+        record.trial_in_flight = True
+        record.trials += 1
+        return record.trials
 
     def ttft(self, uid: int) -> float | None:
         record = self._miners.get(uid)
@@ -96,10 +99,11 @@ class MinerHealth:
             record.cooldown_s = self.cooldown_s
             record.opened_at = self.clock()
 
-    def released(self, uid: int) -> None:
-        """The miner was asked but neither succeeded nor failed (the request was cancelled)."""
+    def released(self, uid: int, trial: int) -> None:
+        """Trial number `trial` ended undecided (its request was cancelled). Only that trial is given
+        back: since then the miner may have failed again and a later trial be running."""
         record = self._miners.get(uid)
-        if record is not None:
+        if record is not None and record.trials == trial:
             record.trial_in_flight = False
 
     def report(self) -> dict[str, dict[str, Any]]:

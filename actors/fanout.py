@@ -132,7 +132,7 @@ class FanoutJob:
     released: bool = False  # the handler is done with the job; what remains is collection for scoring
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     cut_reason: str | None = None  # why the job was cut short, when it was
-    trials: set[int] = field(default_factory=set)  # indices of miners whose half-open trial this job holds
+    trials: dict[int, int] = field(default_factory=dict)  # miner index -> number of the half-open trial it holds
     _on_release: Callable[[], None] | None = None
     _send: trio.MemorySendChannel[Event] = field(init=False)
     receive: trio.MemoryReceiveChannel[Event] = field(init=False)
@@ -238,7 +238,8 @@ class FanoutPool:
             mode=mode, timeout_s=timeout_s or request_timeout_s(body), stall_s=self.stall_s,
             _on_release=self._released,
         )
-        job.trials = {i for i, neuron in enumerate(job.miners) if self.health.asking(neuron.uid)}
+        job.trials = {i: trial for i, neuron in enumerate(job.miners)
+                      if (trial := self.health.asking(neuron.uid)) is not None}
         self._jobs[id(job)] = job
         self.jobs_serving += 1
         if self.jobs_running == 0:
@@ -343,7 +344,7 @@ class FanoutPool:
             elif outcome == "failed":
                 self.health.failed(neuron.uid, answer.error or "failed")
             elif i in job.trials:
-                self.health.released(neuron.uid)
+                self.health.released(neuron.uid, job.trials[i])
         await self._settle(job, i)
 
     async def _stream(self, job: FanoutJob, i: int, body_bytes: bytes, headers: dict[str, str]) -> None:

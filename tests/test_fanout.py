@@ -230,9 +230,9 @@ async def test_half_open_trials_are_taken_once_and_given_back_only_by_their_hold
     assert health.state(1) == "half_open" and health.allows(1)
     miners.scripts[9001] = [(0.0, chunk("slow")), (1000.0, DONE)]
     trial = pool.start(BODY, [neuron(1)], mode="stream", task="InferenceTask")
-    assert trial.trials == {0} and not health.allows(1)
+    assert trial.trials == {0: 1} and not health.allows(1)
     explicit = pool.start(BODY, [neuron(1)], mode="stream", task="InferenceTask")  # uids named by a client
-    assert explicit.trials == set()
+    assert explicit.trials == {}
     with pytest.raises(PoolBusy):  # refused: it took nothing, so it gives nothing back
         pool.start(BODY, [neuron(1)], mode="stream", task="InferenceTask")
     explicit.cancel_scope.cancel()

@@ -221,3 +221,20 @@ def test_unknown_model_names_do_not_grow_the_index() -> None:
         with pytest.raises(SelectionError):
             sel.pick("InferenceTask", f"made-up-{i}", 1)
     assert sel.index() is index and len(index._memo) <= 3
+
+
+def test_only_the_trial_a_request_holds_is_given_back() -> None:
+    clock = [0.0]
+    health = MinerHealth(failure_threshold=1, cooldown_s=10, clock=lambda: clock[0])
+    health.failed(1, "HTTP 500")
+    clock[0] = 11.0
+    first = health.asking(1)
+    assert first == 1 and not health.allows(1)
+    health.failed(1, "HTTP 500")  # another request, naming the uid, failed: open again, for longer
+    clock[0] = 100.0
+    second = health.asking(1)
+    assert second == 2
+    health.released(1, first)  # the first request, cut short at last
+    assert not health.allows(1), "the second trial still runs"
+    health.released(1, second)
+    assert health.allows(1)
