@@ -2,7 +2,8 @@
 
 Each field may carry `metadata` read by the loader and the default-file writer:
 `doc` (the comment written by `sn1-gateway init`), `min` / `max` (inclusive bounds), `address`
-(a "host:port" string, or empty) and `env` (an environment variable that overrides the file). `Literal` types list the accepted words.
+(a "host:port" string, or empty) and `env` (an environment variable that overrides the file).
+`Literal` types list the accepted words.
 """
 
 from __future__ import annotations

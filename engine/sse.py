@@ -15,12 +15,16 @@ async def iter_sse_data(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
     SSE spec). No text decoding: what miners send is JSON, parsed from bytes. Lines end in LF, CRLF
     or CR; comments (":"), `event:`, `id:` and `retry:` lines carry nothing used here."""
     data: list[bytes] = []
-    pending = b""
+    pending: list[bytes] = []  # the pieces of a line not ended yet: joined once, when it ends
     async for chunk in chunks:
-        lines, pending = _split_lines(pending + chunk)
+        if b"\n" not in chunk and b"\r" not in chunk:
+            pending.append(chunk)
+            continue
+        lines, rest = _split_lines(b"".join(pending) + chunk)
+        pending = [rest]
         for event in _events(lines, data):
             yield event
-    lines, _ = _split_lines(pending + b"\n\n")  # the end of the body ends the last event
+    lines, _ = _split_lines(b"".join(pending) + b"\n\n")  # the end of the body ends the last event
     for event in _events(lines, data):
         yield event
 

@@ -267,3 +267,16 @@ async def test_a_stream_whose_body_never_starts_is_released(stack: Stack) -> Non
         await app(scope, receive, send)
         assert pool.jobs_serving == 0
         await pool.wait_idle()  # the miner's 200 chunks were collected: nothing waits on a gone client
+
+
+async def test_a_client_leaving_during_the_mixture_first_round_releases_it(stack: Stack) -> None:
+    for port in (9001, 9002):
+        stack.miners.scripts[port] = answer(["slow"], first_delay=1.0)
+    stack.miners.scripts[9003] = answer(["combined"])
+    pool = stack.gateway.services.fanout
+    with trio.move_on_after(0.3):  # the client gives up while the first round is still out
+        await stack.chat(uids=[1, 2], mixture=True)
+    with trio.fail_after(5):
+        while pool.jobs_serving:  # noqa: ASYNC110 - the handler lets go once the exchange ends
+            await trio.sleep(0.01)
+    assert pool.jobs_running == 1  # the first round is still heard out, for scoring

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from config.loading import load_settings
@@ -172,3 +175,31 @@ def test_devnet_option_errors_name_the_option(
 ) -> None:
     assert main(["devnet", *args]) == 2
     assert capsys.readouterr().err.startswith(expected)
+
+
+def test_serve_devnet_answers_with_its_printed_key_and_leaves_no_state_behind(tmp_path: Path) -> None:
+    script = Path(sys.executable).with_name("sn1-gateway")
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "work").mkdir()
+    popen = subprocess.Popen([str(script), "serve", "--devnet"], cwd=tmp_path / "work", env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert popen.stdout is not None
+        banner = [popen.stdout.readline() for _ in range(3)]
+        assert "listening on " in banner[0], banner
+        url = banner[0].split("listening on ", 1)[1].split()[0]
+        key = banner[2].rsplit(" ", 1)[1].strip()
+        assert len(list((tmp_path / "tmp").iterdir())) == 1  # its keys and spool live here while it runs
+        response = httpx.post(f"{url}/v1/chat/completions", headers={"api-key": key}, timeout=30,
+                              json={"messages": [{"role": "user", "content": "Hello!"}]})
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["content"]
+        popen.send_signal(signal.SIGINT)
+        assert popen.wait(20) == 0
+    finally:
+        if popen.poll() is None:
+            popen.kill()
+        popen.communicate(timeout=10)
+    assert list((tmp_path / "work").iterdir()) == [], "no keys file or spool in the working folder"
+    assert list((tmp_path / "tmp").iterdir()) == [], "the temporary state is removed at exit"

@@ -51,3 +51,9 @@ def test_a_last_event_without_its_blank_line_still_counts() -> None:
 def test_encoded_events_parse_back() -> None:
     payload = {"choices": [{"delta": {"content": "h\u00e9\n\u2603"}}]}
     assert parse([encode_event(payload), encode_event("[DONE]")]) == [encode_event(payload)[6:-2], b"[DONE]"]
+
+
+def test_a_long_line_in_many_pieces_is_one_event() -> None:
+    line = b"data: " + b"x" * 100_000
+    pieces = [line[i:i + 100] for i in range(0, len(line), 100)] + [b"\n\ndata: [DONE]\n\n"]
+    assert parse(pieces) == [b"x" * 100_000, b"[DONE]"]

@@ -115,10 +115,10 @@ def estimated_prompt_tokens(messages: list[dict[str, Any]]) -> int:
 
 
 def on_close(callback: Callable[[], object]) -> None:
-    """Run `callback` when the current exchange ends, however it ends (see `shield_response_end`)."""
-    callbacks: list[Callable[[], object]] | None = quart_request.scope.get(CLOSE_CALLBACKS)  # type: ignore[assignment]
-    if callbacks is not None:
-        callbacks.append(callback)
+    """Run `callback` when the current exchange ends, however it ends (see `shield_response_end`,
+    which every served app runs inside)."""
+    callbacks: list[Callable[[], object]] = quart_request.scope[CLOSE_CALLBACKS]  # type: ignore[literal-required]
+    callbacks.append(callback)
 
 
 def usage_of(answer: MinerAnswer | None, messages: list[dict[str, Any]]) -> dict[str, int] | None:
@@ -172,31 +172,26 @@ async def stream_response(services: Services, grant: Grant, request: ChatRequest
         """One write per wake-up: chunks that queued up meanwhile (a loaded gateway, a fast miner) go
         out together, as one send, instead of one send and one pass through the server each."""
         current: Event = event
-        try:
-            while True:
-                data, done = render(current)
-                parts = [data]
-                while not done:
-                    try:
-                        current = job.receive.receive_nowait()
-                    except trio.WouldBlock:
-                        break
-                    except trio.EndOfChannel:
-                        current = Broken("the answer ended unexpectedly")
-                    data, done = render(current)
-                    parts.append(data)
-                yield b"".join(parts) if len(parts) > 1 else parts[0]
-                if done:
-                    return
+        while True:
+            data, done = render(current)
+            parts = [data]
+            while not done:
                 try:
-                    current = await job.receive.receive()
+                    current = job.receive.receive_nowait()
+                except trio.WouldBlock:
+                    break
                 except trio.EndOfChannel:
                     current = Broken("the answer ended unexpectedly")
-        finally:
-            job.release()
+                data, done = render(current)
+                parts.append(data)
+            yield b"".join(parts) if len(parts) > 1 else parts[0]
+            if done:
+                return
+            try:
+                current = await job.receive.receive()
+            except trio.EndOfChannel:
+                current = Broken("the answer ended unexpectedly")
 
-    # The client may leave before the body is ever started: then only the scope's callbacks run.
-    on_close(job.release)
     headers = {**grant.headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                "X-Request-Id": job.request_id}
     response = Response(events(), content_type="text/event-stream", headers=headers)
@@ -240,6 +235,7 @@ async def wait_first_round(job: FanoutJob, deadline_s: float) -> None:
 async def mixture_job(services: Services, request: ChatRequest) -> FanoutJob:
     """First round to several miners (see `wait_first_round`), then one miner combines the answers."""
     first_round = start_job(services, request, request.miner_body, mode="all")
+    on_close(first_round.release)  # also when the client leaves during the first round
     await wait_first_round(first_round, services.settings.fanout.mixture_deadline_s)
     first_round.release()
     answers = [a for a in first_round.answers
@@ -270,13 +266,12 @@ def blueprint(services: Services) -> Blueprint:
             else:
                 job = start_job(services, request, request.miner_body,
                                 mode="stream" if request.stream else "complete")
-            try:
-                if request.stream:
-                    return await stream_response(services, grant, request, job)  # its body releases the job
-                return await complete_response(services, grant, request, job)
-            except BaseException:
-                job.release()
-                raise
+            # However the exchange ends (answered, failed, the client gone, even before a streamed
+            # body was started), the handler lets go of the job; the miners go on only for scoring.
+            on_close(job.release)
+            if request.stream:
+                return await stream_response(services, grant, request, job)
+            return await complete_response(services, grant, request, job)
 
     @bp.get("/v1/models")
     async def models() -> Response:

@@ -84,6 +84,7 @@ def fanout_errors() -> Iterator[None]:
         raise ApiError(503, f"The gateway is at capacity ({exc}); retry shortly.", code="overloaded",
                        headers={"Retry-After": "1"}) from exc
 
+
 def json_response(payload: Any, status: int = 200, *, headers: Mapping[str, str] | None = None) -> Response:
     return Response(
         json.dumps(payload, separators=(",", ":")),

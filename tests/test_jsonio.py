@@ -1,0 +1,32 @@
+"""Hot-path JSON: orjson's output, and the standard library's where orjson refuses a value."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine import jsonio
+
+
+def test_compact_utf8_as_the_standard_library_reads_it() -> None:
+    value = {"text": "h\u00e9 \u2603", "n": [1, 2.5, None, True], "nested": {"k": "v"}}
+    encoded = jsonio.dumps(value)
+    assert b" " not in encoded.replace("h\u00e9 \u2603".encode(), b"")
+    assert json.loads(encoded) == value and jsonio.loads(encoded) == value
+
+
+@pytest.mark.parametrize("value", [{"text": "lone \ud800 surrogate"}, {"seed": 2**70}])
+def test_what_orjson_refuses_is_written_by_the_standard_library(value: dict[str, object]) -> None:
+    assert json.loads(jsonio.dumps(value)) == value
+
+
+def test_not_json_at_all_is_a_type_error() -> None:
+    with pytest.raises(TypeError):
+        jsonio.dumps({"choices": {1, 2}})
+
+
+@pytest.mark.parametrize("text", [b"NaN", b'{"a": Infinity}', b"{'a': 1}", b'"\\ud800"'])
+def test_parsing_is_strict(text: bytes) -> None:
+    with pytest.raises(ValueError):
+        jsonio.loads(text)
