@@ -203,3 +203,22 @@ def test_serve_devnet_answers_with_its_printed_key_and_leaves_no_state_behind(tm
         popen.communicate(timeout=10)
     assert list((tmp_path / "work").iterdir()) == [], "no keys file or spool in the working folder"
     assert list((tmp_path / "tmp").iterdir()) == [], "the temporary state is removed at exit"
+
+
+def test_settle_heap_freezes_start_up_objects_and_collects_young_ones_less_often() -> None:
+    import gc
+
+    from engine.cli import GC_YOUNG_THRESHOLD, settle_heap
+
+    before = gc.get_threshold()
+    try:
+        settle_heap()
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *before[1:])
+        assert gc.get_freeze_count() > 1000  # modules, classes and everything else made so far
+        cycle: list[object] = []
+        cycle.append(cycle)
+        del cycle
+        assert gc.collect() >= 1  # cycles made afterwards are still found and freed
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
