@@ -172,6 +172,7 @@ class Run:
     gateways: list[dict[str, Any]] = field(default_factory=list)
     calibration: dict[str, float] = field(default_factory=dict)
     load_at_start: list[float] = field(default_factory=list)
+    floor: list[Measured] = field(default_factory=list)
 
     def log(self, message: str) -> None:
         print(f"[bench] {message}", flush=True)
@@ -272,6 +273,26 @@ class Run:
         endpoint = miner.endpoint
         return lambda: request_bytes(endpoint, body_bytes, {**routing, **signer.headers(body_bytes, miner.hotkey)})
 
+    async def floor_phases(self) -> None:
+        """The same completion requests sent to a bare Quart-Trio app on Hypercorn (`bench.floor`)."""
+        options = self.options
+        child = await start_child(self.nursery, "floor", [sys.executable, "-m", "bench.floor", "--tokens",
+                                                          str(options.answer_tokens)],
+                                  cwd=self.workdir, ready=gateway_ready)
+        self.log(f"stack floor (bare Quart-Trio on Hypercorn) up at {child.ready} (pid {child.pid})")
+        try:
+            endpoint = Endpoint.parse(child.ready, CHAT_PATH)
+            body = client_body(stream=False, max_tokens=4 * options.answer_tokens)
+            for concurrency in options.concurrencies:
+                measured = await self.measure(endpoint, self.gateway_requests(endpoint, "floor", body),
+                                              concurrency=concurrency, stream=False, gateway_pid=child.pid)
+                self.floor.append(measured)
+                entry = report.floor_entry(measured)
+                self.log(f"stack floor c={concurrency}: {entry['rps']} req/s, p50 {entry['p50_ms']} ms, "
+                         f"CPU {entry['cpu_ms_per_request']} ms/req, errors {entry['errors']}")
+        finally:
+            await child.stop()
+
     async def open_streams_phase(self, devnet: Devnet, slow_uid: int) -> None:
         options = self.options
         config = gateway_config(devnet, uids={slow_uid}, fanout=1, scoring=options.scoring, workdir=self.workdir)
@@ -351,6 +372,7 @@ class Run:
                     await self.stop_gateway(child)
             if options.open_streams > 0:
                 await self.open_streams_phase(devnet, slow_uid)
+        await self.floor_phases()
         miners_cpu = self.devnet.sample().cpu_s if self.devnet is not None else None
         return self.document(started, fd_limit, miners_cpu)
 
@@ -409,6 +431,7 @@ class Run:
                                                           rss_before_mb=self.held_rss_before_mb),
                 "runs": self.gateways,
             },
+            "stack_floor": report.floor_document(self.floor),
             "miners_process": {"cpu_s": report.rounded(miners_cpu_s, 2)},
             "load_generator": {"cpu_s": round(self.load_cpu_s, 2), "wall_s": round(self.load_wall_s, 2),
                                "cpu_share": round(self.load_cpu_s / self.load_wall_s, 3)

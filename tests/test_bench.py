@@ -78,6 +78,16 @@ async def test_quick_bench_writes_complete_results(tmp_path: Path) -> None:
     assert held["rss_mb"] > 10
     assert all(run["exit_code"] == 0 for run in process["runs"])  # each gateway stopped cleanly on SIGTERM
 
+    floor = doc["stack_floor"]
+    assert [p["concurrency"] for p in floor["phases"]] == doc["config"]["concurrencies"]
+    for p in floor["phases"]:
+        assert p["errors"] == 0 and p["requests"] > 0 and p["cpu_ms_per_request"] > 0, p
+        assert 0 < p["p50_ms"] <= p["p99_ms"], p
+    assert floor["cpu_ms_per_request"] > 0 and floor["p50_ms_at_c1"] > 0
+    assert [t["stack_floor"] for t in doc["targets"][:3]] == [floor["p50_ms_at_c1"], floor["cpu_ms_per_request"],
+                                                              floor["cpu_ms_per_request"]]
+    assert "stack floor: bare Quart-Trio app on Hypercorn" in stdout
+
     assert doc["load_generator"]["cpu_s"] > 0 and doc["load_generator"]["wall_s"] > 0
     assert [t["met"] is not None for t in doc["targets"]] == [True] * 4  # every target was measured
 
@@ -118,3 +128,19 @@ def test_endpoint_parses_urls_and_axons() -> None:
     assert Endpoint.parse("127.0.0.1:9001/v1/x") == Endpoint("127.0.0.1", 9001, "/v1/x")
     with pytest.raises(ValueError):
         Endpoint.parse("https://example.org")
+
+
+async def test_the_stack_floor_app_parses_the_request_and_answers_a_fixed_completion() -> None:
+    from bench.floor import floor_app
+
+    client = floor_app(tokens=5, max_body_bytes=4096).test_client()
+    ok = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert ok.status_code == 200
+    answer = await ok.get_json()
+    assert answer["object"] == "chat.completion" and answer["usage"]["completion_tokens"] == 5
+    assert answer["choices"][0]["message"]["content"].split() == [f"word{i}" for i in range(5)]
+    for body, code in ((b"{nope", "invalid_json"), (b"[1]", "invalid_body")):
+        bad = await client.post("/v1/chat/completions", data=body)
+        assert bad.status_code == 400 and (await bad.get_json())["error"]["code"] == code
+    too_big = await client.post("/v1/chat/completions", data=b"x" * 5000)
+    assert too_big.status_code == 413
