@@ -14,14 +14,16 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from typing import Protocol
 
 import httpx
 import trio
 
-from engine.http1 import Connection, ResponseHead, encode_head, timeouts
+from engine.http1 import Connection, Headers, ResponseHead, encode_head, timeouts
 
 Origin = tuple[str, int]
 USER_AGENT = "sn1-gateway"
+USER_AGENT_BYTES = USER_AGENT.encode()
 
 
 class ParsedUrls:
@@ -41,28 +43,51 @@ class ParsedUrls:
         return url
 
 
+class StreamedResponse(Protocol):
+    """What callers of `post_streaming` read: the status, then the body as it comes or whole."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    def aiter_bytes(self) -> AsyncIterator[bytes]: ...
+
+    async def aread(self) -> bytes: ...
+
+
 @asynccontextmanager
-async def post_streaming(http: httpx.AsyncClient, url: httpx.URL | str, body: bytes, headers: Mapping[str, str],
-                         *, bounded: bool = False) -> AsyncIterator[httpx.Response]:
-    """`http.stream("POST", url, ...)` for the gateway's own traffic, sent straight to the client's
-    transport with the client's timeouts. The client's per-request layers (cookies, auth, redirects,
-    event hooks, base URL and default headers) are never used by this traffic, and in profiles they
-    cost as much as the connection itself.
+async def post_streaming(http: httpx.AsyncClient, url: httpx.URL, body: bytes, headers: Mapping[str, str],
+                         *, bounded: bool = False) -> AsyncIterator[StreamedResponse]:
+    """`http.stream("POST", url, ...)` for the gateway's own traffic, with the client's timeouts.
+
+    On the gateway's pool (`KeepAliveTransport`) the request goes straight to a pooled connection:
+    no httpx request or response objects, none of the client's per-request layers (cookies, auth,
+    redirects, event hooks, default headers), which in profiles cost as much as the connection
+    itself. Any other transport (tests, `https://`) gets an ordinary httpx request.
 
     `bounded`: the caller puts a deadline on the whole exchange, so reads and writes need none of
     their own (one cancel scope per read showed in profiles too); connecting keeps its timeout."""
     timeout = http.timeout.as_dict()
     if bounded:
         timeout = {**timeout, "read": None, "write": None}
+    transport = http._transport_for_url(url)  # httpx has no public accessor for it
+    if isinstance(transport, KeepAliveTransport) and url.scheme == "http":
+        fields = [(b"Host", url.netloc), (b"User-Agent", USER_AGENT_BYTES),
+                  (b"Content-Length", str(len(body)).encode())]
+        fields += [(name.encode(), value.encode()) for name, value in headers.items()]
+        pooled = await transport.exchange(url, b"POST", fields, body, timeout)
+        try:
+            yield pooled
+        finally:
+            await pooled.aclose()
+        return
     request = httpx.Request("POST", url, content=body, headers={"User-Agent": USER_AGENT, **headers},
                             extensions={"timeout": timeout})
-    transport = http._transport_for_url(request.url)  # httpx has no public accessor for it
-    response = await transport.handle_async_request(request)
-    response.request = request
+    plain = await transport.handle_async_request(request)
+    plain.request = request
     try:
-        yield response
+        yield plain
     finally:
-        await response.aclose()
+        await plain.aclose()
 
 
 class KeepAliveTransport(httpx.AsyncBaseTransport):
@@ -82,11 +107,21 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         url = request.url
         if url.scheme != "http" or not isinstance(request.stream, httpx.ByteStream):
             return await self._other.handle_async_request(request)
+        pooled = await self.exchange(url, request.method.encode(), request.headers.raw, request.content,
+                                     timeouts(request.extensions))
+        return httpx.Response(
+            status_code=pooled.status_code,
+            headers=pooled.head.headers,
+            stream=pooled,
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": pooled.head.reason},
+        )
+
+    async def exchange(self, url: httpx.URL, method: bytes, headers: Headers, body: bytes,
+                       limits: Mapping[str, float | None]) -> PooledResponse:
+        """Send one request on a pooled (or new) connection and read the response head. `headers` are
+        sent as they are (Host and Content-Length included); `limits` are httpx's timeout names."""
         origin = (url.host, url.port or 80)
-        limits = timeouts(request.extensions)
-        method = request.method.encode()
-        head = encode_head(method, url.raw_path, request.headers.raw)
-        body = request.content
+        head = encode_head(method, url.raw_path, headers)
         connection = self._take(origin)
         fresh = connection is None
         if connection is None:
@@ -106,12 +141,7 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         except BaseException:
             await connection.aclose()
             raise
-        return httpx.Response(
-            status_code=response_head.status,
-            headers=response_head.headers,
-            stream=_PooledBody(self, origin, connection, response_head, limits.get("read")),
-            extensions={"http_version": b"HTTP/1.1", "reason_phrase": response_head.reason},
-        )
+        return PooledResponse(self, origin, connection, response_head, limits.get("read"))
 
     def _take(self, origin: Origin) -> Connection | None:
         stack = self._idle.get(origin)
@@ -158,21 +188,31 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         await self._other.aclose()
 
 
-class _PooledBody(httpx.AsyncByteStream):
-    """A response body; closing it hands the connection back to the pool when it can be reused."""
+class PooledResponse(httpx.AsyncByteStream):
+    """A response on a pooled connection: its head, and its body (also as an httpx response's stream).
+    Closing it hands the connection back to the pool when it can be reused."""
+
+    __slots__ = ("_closed", "_connection", "_origin", "_read_timeout_s", "_transport", "head", "status_code")
 
     def __init__(self, transport: KeepAliveTransport, origin: Origin, connection: Connection,
                  head: ResponseHead, read_timeout_s: float | None) -> None:
         self._transport = transport
         self._origin = origin
         self._connection = connection
-        self._head = head
+        self.head = head
+        self.status_code = head.status
         self._read_timeout_s = read_timeout_s
         self._closed = False
 
+    def aiter_bytes(self) -> AsyncIterator[bytes]:
+        return self._connection.body(self.head, self._read_timeout_s)
+
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for part in self._connection.body(self._head, self._read_timeout_s):
+        async for part in self._connection.body(self.head, self._read_timeout_s):
             yield part
+
+    async def aread(self) -> bytes:
+        return b"".join([part async for part in self.aiter_bytes()])
 
     async def aclose(self) -> None:
         if not self._closed:

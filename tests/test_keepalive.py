@@ -15,13 +15,14 @@ from hypercorn.trio import serve
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from engine.keepalive import KeepAliveTransport
+from engine.keepalive import KeepAliveTransport, ParsedUrls, post_streaming
 
 
 @dataclass
 class Server:
     url: str
     client_ports: list[int] = field(default_factory=list)  # one entry per request: the connection it came on
+    seen: list[tuple[dict[str, str], bytes]] = field(default_factory=list)  # /echo: headers and body
 
     @property
     def connections(self) -> int:
@@ -41,6 +42,13 @@ def make_app(server: Server) -> QuartTrio:
                 await trio.sleep(0.01)
 
         return Response(body(), content_type="text/event-stream")
+
+    @app.post("/echo")
+    async def echo() -> Response:
+        server.client_ports.append(request.scope["client"][1])
+        body = await request.get_data()
+        server.seen.append(({k.lower(): v for k, v in request.headers.items()}, body))
+        return Response(body[::-1], status=201)
 
     @app.get("/slow")
     async def slow() -> str:
@@ -158,3 +166,37 @@ async def test_errors_are_httpx_errors(
         server = await start_server(nursery)
         with pytest.raises(httpx.ReadTimeout):
             await http.get(f"{server.url}/slow", timeout=httpx.Timeout(5, read=0.2))
+
+
+async def test_post_streaming_on_the_pool_sends_the_headers_given_and_reuses_the_connection(
+    nursery: trio.Nursery, client: tuple[httpx.AsyncClient, KeepAliveTransport]
+) -> None:
+    http, transport = client
+    server = await start_server(nursery)
+    url = ParsedUrls()(f"{server.url}/echo")
+    with trio.fail_after(10):
+        async with post_streaming(http, url, b"hello", {"Epistula-Signature": "0xabc", "Model": "m\u00e9"},
+                                  bounded=True) as response:
+            assert response.status_code == 201
+            assert b"".join([part async for part in response.aiter_bytes()]) == b"olleh"
+        async with post_streaming(http, url, b"again", {}) as response:
+            assert (response.status_code, await response.aread()) == (201, b"niaga")
+    (headers, body), _ = server.seen
+    assert body == b"hello"
+    assert headers["host"] == url.netloc.decode() and headers["content-length"] == "5"
+    assert headers["user-agent"] == "sn1-gateway" and headers["epistula-signature"] == "0xabc"
+    assert headers["model"].encode("latin-1") == "m\u00e9".encode()  # sent as UTF-8
+    assert server.connections == 1 and (transport.opened, transport.reused) == (1, 1)
+
+
+async def test_post_streaming_on_another_transport_is_an_ordinary_httpx_request() -> None:
+    seen: list[httpx.Request] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(202, content=request.content.upper())
+
+    async with (httpx.AsyncClient(transport=httpx.MockTransport(handle)) as http,
+                post_streaming(http, httpx.URL("http://miner:9/x"), b"abc", {"A": "1"}) as response):
+        assert (response.status_code, await response.aread()) == (202, b"ABC")
+    assert seen[0].headers["a"] == "1" and seen[0].headers["user-agent"] == "sn1-gateway"
