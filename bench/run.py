@@ -28,6 +28,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import httpx
 import tomlkit
 import trio
 from bittensor_core import Keypair
@@ -199,8 +200,12 @@ class Run:
 
     async def stop_gateway(self, child: Child[str]) -> None:
         self.note_peak(child.pid)
+        scoring = await scoring_report(child.ready)
+        if scoring is not None:
+            self.log(f"{child.name} scoring: {scoring['submitted']} submitted, {scoring['delivered']} delivered, "
+                     f"{scoring['spooled']} spooled, {scoring['queued']} queued, dropped {scoring['dropped']}")
         code = await child.stop()
-        self.gateways.append({"name": child.name, "exit_code": code})
+        self.gateways.append({"name": child.name, "exit_code": code, "scoring": scoring})
 
     def note_peak(self, pid: int | None) -> None:
         if pid is not None:
@@ -439,6 +444,22 @@ class Run:
         }
         doc["targets"] = report.targets(doc)
         return doc
+
+
+SCORING_FIGURES = ("submitted", "delivered", "spooled", "queued", "overflow", "in_flight", "attempts_failed")
+
+
+async def scoring_report(gateway_url: str) -> dict[str, Any] | None:
+    """What a gateway's scoring forwarder did (from `/health/ready`), so a run shows whether every
+    organic reached the validator while it was measured; None when the gateway did not say."""
+    try:
+        async with httpx.AsyncClient(timeout=5.0, trust_env=False) as http:
+            response = await http.get(f"{gateway_url}/health/ready")
+        stats = response.json()["scoring"]
+        return {**{name: stats[name] for name in SCORING_FIGURES},
+                "dropped": {k: v for k, v in stats["dropped"].items() if v}}
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return None
 
 
 def calibration() -> dict[str, float]:

@@ -77,6 +77,11 @@ async def test_quick_bench_writes_complete_results(tmp_path: Path) -> None:
     assert held["opened"] == held["finished"] == held["wanted"] and held["errors"] == 0
     assert held["rss_mb"] > 10
     assert all(run["exit_code"] == 0 for run in process["runs"])  # each gateway stopped cleanly on SIGTERM
+    for run in process["runs"]:  # every organic went to the devnet validator, none dropped
+        scoring = run["scoring"]
+        assert scoring["submitted"] > 0 and scoring["dropped"] == {} and scoring["attempts_failed"] == 0, run
+        assert scoring["delivered"] + scoring["queued"] + scoring["overflow"] + scoring["in_flight"] \
+            + scoring["spooled"] >= scoring["submitted"], run
 
     floor = doc["stack_floor"]
     assert [p["concurrency"] for p in floor["phases"]] == doc["config"]["concurrencies"]
