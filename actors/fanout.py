@@ -32,7 +32,7 @@ from engine import jsonio
 from engine.epistula import Signer, routing_headers
 from engine.keepalive import ParsedUrls, post_streaming
 from engine.organic import MinerAnswer, OrganicResult
-from engine.sse import DONE, iter_sse_data
+from engine.sse import DONE, SseData
 from engine.subnet import Neuron
 
 log = logging.getLogger("sn1_gateway.fanout")
@@ -348,38 +348,49 @@ class FanoutPool:
         await self._settle(job, i)
 
     async def _stream(self, job: FanoutJob, i: int, body_bytes: bytes, headers: dict[str, str]) -> None:
-        neuron, answer = job.miners[i], job.answers[i]
-        url = self._urls(f"http://{neuron.axon}/v1/chat/completions")
+        url = self._urls(f"http://{job.miners[i].axon}/v1/chat/completions")
         async with post_streaming(self.http, url, body_bytes, headers, bounded=True) as response:  # job.timeout_s
             if response.status_code != 200:
                 raise MinerFailure(f"HTTP {response.status_code}")
-            events = iter_sse_data(response.aiter_bytes())
-            async for data in events:
-                if data == DONE:
-                    answer.completed = True
+            body = response.aiter_bytes()
+            parser = SseData()
+            async for piece in body:
+                events = parser.feed(piece)
+                if events and await self._take(job, i, events):
                     break
-                try:
-                    chunk = jsonio.loads(data)
-                except ValueError:
-                    raise MinerFailure("sent a chunk that is not valid JSON") from None
-                if not isinstance(chunk, dict):
-                    raise MinerFailure("sent a chunk that is not a JSON object")
-                text, finish = content_of(chunk)
-                answer.raw_chunks.append(chunk)
-                if text:
-                    answer.chunks.append(text)
-                    answer.timings.append(round(trio.current_time() - job.started, 6))
-                if finish is not None:
-                    answer.finish_reason = finish
-                if job.mode == "stream":
-                    await self._forward(job, i, chunk, text, finish)
             else:
+                await self._take(job, i, parser.end())
                 return
             # Read on to the end of the body (it follows [DONE] at once), or the connection cannot go
             # back to the pool and the next request to this miner pays for a new one.
             with trio.move_on_after(DRAIN_AFTER_DONE_S):
-                async for _ in events:
+                async for _ in body:
                     pass
+
+    async def _take(self, job: FanoutJob, i: int, events: list[bytes]) -> bool:
+        """The events one read brought (so they arrived at one time); True once [DONE] has come."""
+        answer = job.answers[i]
+        at = round(trio.current_time() - job.started, 6)
+        for data in events:
+            if data == DONE:
+                answer.completed = True
+                return True
+            try:
+                chunk = jsonio.loads(data)
+            except ValueError:
+                raise MinerFailure("sent a chunk that is not valid JSON") from None
+            if not isinstance(chunk, dict):
+                raise MinerFailure("sent a chunk that is not a JSON object")
+            text, finish = content_of(chunk)
+            answer.raw_chunks.append(chunk)
+            if text:
+                answer.chunks.append(text)
+                answer.timings.append(at)
+            if finish is not None:
+                answer.finish_reason = finish
+            if job.mode == "stream":
+                await self._forward(job, i, chunk, text, finish)
+        return False
 
     async def _forward(self, job: FanoutJob, i: int, chunk: dict[str, Any], text: str, finish: str | None) -> None:
         if job.client_gone:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Iterator
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
 from engine import jsonio
@@ -10,22 +10,43 @@ from engine import jsonio
 DONE = b"[DONE]"
 
 
-async def iter_sse_data(chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
-    """The `data` of each event of a body, as bytes; multi-line data is joined with newlines (per the
-    SSE spec). No text decoding: what miners send is JSON, parsed from bytes. Lines end in LF, CRLF
-    or CR; comments (":"), `event:`, `id:` and `retry:` lines carry nothing used here."""
-    data: list[bytes] = []
-    pending: list[bytes] = []  # the pieces of a line not ended yet: joined once, when it ends
-    async for chunk in chunks:
-        if b"\n" not in chunk and b"\r" not in chunk:
-            pending.append(chunk)
-            continue
-        lines, rest = _split_lines(b"".join(pending) + chunk)
-        pending = [rest]
-        for event in _events(lines, data):
+class SseData:
+    """The `data` of each event of a body, as bytes, from the body's pieces as they arrive (`feed`, then
+    `end` when the body ends). Multi-line data is joined with newlines (per the SSE spec). No text
+    decoding: what miners send is JSON, parsed from bytes. Lines end in LF, CRLF or CR; comments (":"),
+    `event:`, `id:` and `retry:` lines carry nothing used here. A piece's events come as one list, so a
+    caller handles everything one read brought in one go."""
+
+    __slots__ = ("_data", "_pending")
+
+    def __init__(self) -> None:
+        self._data: list[bytes] = []  # the data lines of the event not ended yet
+        self._pending: list[bytes] = []  # the pieces of a line not ended yet: joined once, when it ends
+
+    def feed(self, piece: bytes) -> list[bytes]:
+        if b"\n" not in piece and b"\r" not in piece:
+            self._pending.append(piece)
+            return []
+        if self._pending:
+            piece = b"".join(self._pending) + piece
+        lines, rest = _split_lines(piece)
+        self._pending = [rest] if rest else []
+        return _events(lines, self._data)
+
+    def end(self) -> list[bytes]:
+        """The end of the body ends the last event."""
+        lines, _ = _split_lines(b"".join(self._pending) + b"\n\n")
+        self._pending = []
+        return _events(lines, self._data)
+
+
+async def iter_sse_data(pieces: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    """`SseData` over a whole body, one event at a time."""
+    parser = SseData()
+    async for piece in pieces:
+        for event in parser.feed(piece):
             yield event
-    lines, _ = _split_lines(b"".join(pending) + b"\n\n")  # the end of the body ends the last event
-    for event in _events(lines, data):
+    for event in parser.end():
         yield event
 
 
@@ -40,13 +61,15 @@ def _split_lines(buffer: bytes) -> tuple[list[bytes], bytes]:
     return lines, rest + b"\r" if held else rest
 
 
-def _events(lines: list[bytes], data: list[bytes]) -> Iterator[bytes]:
+def _events(lines: list[bytes], data: list[bytes]) -> list[bytes]:
+    events = []
     for line in lines:
         if line.startswith(b"data:"):
             data.append(line[6:] if line.startswith(b"data: ") else line[5:])
         elif not line and data:
-            yield b"\n".join(data)
+            events.append(data[0] if len(data) == 1 else b"\n".join(data))
             data.clear()
+    return events
 
 
 def encode_event(payload: Any) -> bytes:
