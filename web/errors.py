@@ -6,7 +6,6 @@ unexpected exceptions are mapped here, at the boundary, so no route returns a ba
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -17,6 +16,7 @@ from werkzeug.exceptions import HTTPException
 
 from actors.fanout import PoolBusy
 from actors.selection import SelectionError
+from engine import jsonio
 
 log = logging.getLogger("sn1_gateway.web")
 
@@ -87,7 +87,7 @@ def fanout_errors() -> Iterator[None]:
 
 def json_response(payload: Any, status: int = 200, *, headers: Mapping[str, str] | None = None) -> Response:
     return Response(
-        json.dumps(payload, separators=(",", ":")),
+        jsonio.dumps(payload),
         status=status,
         content_type="application/json",
         headers=dict(headers or {}),
