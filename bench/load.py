@@ -44,6 +44,11 @@ class Endpoint:
             raise ValueError(f"expected an http://host:port URL, not {url!r}")
         return cls(parts.hostname, parts.port or 80, parts.path or default_path)
 
+    @property
+    def base_url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
 
 def request_bytes(endpoint: Endpoint, body: bytes, headers: dict[str, str]) -> bytes:
     """One POST, ready to write; `Content-Length` framing, keep-alive."""

@@ -62,6 +62,8 @@ class Measured:
     load: LoadResult
     gateway_cpu_s: float | None = None  # None for the direct phase (no gateway involved)
     miners_cpu_s: float | None = None
+    scoring_drain_s: float = 0.0  # how long the gateway took, after the load, to forward the phase's organics
+    scoring_backlog: int | None = None  # organics it still held when the wait ended (None: not asked)
 
 
 def rps(result: LoadResult) -> float:
@@ -89,6 +91,7 @@ def completion_entry(fanout: int, gateway: Measured, direct: Measured) -> dict[s
         "p90_ms": compared(ms(percentile(g.latencies, 90)), ms(percentile(d.latencies, 90))),
         "p99_ms": compared(ms(percentile(g.latencies, 99)), ms(percentile(d.latencies, 99))),
         "gateway_cpu_ms_per_completion": rounded(per_request_ms(gateway.gateway_cpu_s, g.completed)),
+        **_scoring_drain(gateway),
         "miners_cpu_ms_per_completion": compared(per_request_ms(gateway.miners_cpu_s, g.completed),
                                                  per_request_ms(direct.miners_cpu_s, d.completed)),
         "load_cpu_ms_per_request": compared(per_request_ms(g.cpu_s, g.completed),
@@ -111,9 +114,16 @@ def streaming_entry(fanout: int, gateway: Measured, direct: Measured) -> dict[st
         "tokens_per_s_per_stream": compared(percentile(g.token_rates, 50), percentile(d.token_rates, 50), 1),
         "streams_per_s": compared(rps(g), rps(d), 1),
         "gateway_cpu_ms_per_stream": rounded(per_request_ms(gateway.gateway_cpu_s, g.completed)),
+        **_scoring_drain(gateway),
         "load_cpu_ms_per_stream": compared(per_request_ms(g.cpu_s, g.completed),
                                            per_request_ms(d.cpu_s, d.completed)),
     }
+
+
+def _scoring_drain(gateway: Measured) -> dict[str, Any]:
+    """How long the gateway went on forwarding the phase's organics after the load (its CPU meanwhile
+    is counted in the phase's), and how many it still held when the wait ended."""
+    return {"scoring_drain_s": rounded(gateway.scoring_drain_s, 2), "scoring_backlog_left": gateway.scoring_backlog}
 
 
 def _statuses(result: LoadResult) -> dict[str, int]:

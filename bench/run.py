@@ -136,8 +136,9 @@ def gateway_ready(text: str) -> str | None:
     return found.group(1) if found else None
 
 
-def gateway_config(devnet: Devnet, *, uids: set[int], fanout: int, scoring: bool, workdir: Path) -> str:
-    """A gateway config for the devnet: the miners `uids` (and the validator), fan-out `fanout`."""
+def gateway_config(devnet: Devnet, *, uids: set[int], fanout: int, scoring: bool, workdir: Path, name: str) -> str:
+    """A gateway config for the devnet: the miners `uids` (and the validator), fan-out `fanout`; a spool of
+    its own (one gateway never replays another's organics while it is measured)."""
     neurons = [n for n in devnet.miners() if n["uid"] in uids] + devnet.validators()
     config = {
         "server": {"host": "127.0.0.1", "port": 0},
@@ -148,7 +149,7 @@ def gateway_config(devnet: Devnet, *, uids: set[int], fanout: int, scoring: bool
         "fanout": {"miners": fanout, "max_inflight": 4096, "first_token_timeout_s": 60.0},
         "scoring": {"enabled": scoring, **{k: v for k, v in devnet.config.get("scoring", {}).items()
                                            if k in ("validator", "validator_hotkey")},
-                    "spool_dir": str(workdir / "spool")},
+                    "spool_dir": str(workdir / f"spool-{name}")},
     }
     return tomlkit.dumps(config)
 
@@ -214,7 +215,10 @@ class Run:
     # -- phases ---------------------------------------------------------------------------------------
 
     async def measure(self, endpoint: Endpoint, make_request: Callable[[], bytes], *, concurrency: int,
-                      stream: bool, gateway_pid: int | None) -> Measured:
+                      stream: bool, gateway_pid: int | None, scoring_of: str | None = None) -> Measured:
+        """One load phase. With `scoring_of` (a gateway's URL), the phase ends only once that gateway has
+        forwarded every organic it took (or `SCORING_DRAIN_S` passed): the CPU of scoring the phase's
+        completions is the phase's, not the next one's, and nothing is left for the next gateway."""
         before: dict[str, ProcessSample | None] = {}
         after: dict[str, ProcessSample | None] = {}
         miners_pid = self.devnet.pid if self.devnet is not None else None
@@ -232,9 +236,17 @@ class Run:
                                 on_stop=probe(after))
         self.load_wall_s += time.perf_counter() - wall0
         self.load_cpu_s += cpu_seconds() - cpu0
+        backlog: int | None = None
+        drain_s = 0.0
+        if scoring_of is not None:
+            drained = time.perf_counter()
+            backlog = await wait_scoring_drained(scoring_of, SCORING_DRAIN_S)
+            drain_s = time.perf_counter() - drained
+            probe(after)()
         self.note_peak(gateway_pid)
         return Measured(result, gateway_cpu_s=_delta(before["gateway"], after["gateway"]),
-                        miners_cpu_s=_delta(before["miners"], after["miners"]))
+                        miners_cpu_s=_delta(before["miners"], after["miners"]), scoring_drain_s=drain_s,
+                        scoring_backlog=backlog)
 
     async def fanout_phases(self, fanout: int, gateway: Endpoint, api_key: str, gateway_pid: int | None,
                             miner: MinerTarget, label: str) -> None:
@@ -244,7 +256,8 @@ class Run:
             direct = await self.measure(miner.endpoint, self.direct_requests(miner, body),
                                         concurrency=concurrency, stream=False, gateway_pid=None)
             through = await self.measure(gateway, self.gateway_requests(gateway, api_key, body),
-                                         concurrency=concurrency, stream=False, gateway_pid=gateway_pid)
+                                         concurrency=concurrency, stream=False, gateway_pid=gateway_pid,
+                                         scoring_of=gateway.base_url)
             entry = report.completion_entry(fanout, through, direct)
             self.completions.append(entry)
             self.completion_phases.setdefault(fanout, []).append(through)
@@ -257,7 +270,8 @@ class Run:
         direct = await self.measure(miner.endpoint, self.direct_requests(miner, body), concurrency=concurrency,
                                     stream=True, gateway_pid=None)
         through = await self.measure(gateway, self.gateway_requests(gateway, api_key, body),
-                                     concurrency=concurrency, stream=True, gateway_pid=gateway_pid)
+                                     concurrency=concurrency, stream=True, gateway_pid=gateway_pid,
+                                     scoring_of=gateway.base_url)
         entry = report.streaming_entry(fanout, through, direct)
         self.streaming.append(entry)
         self.log(f"{label} streaming x{concurrency}: first token p50 {entry['ttft_p50_ms']['gateway']} ms "
@@ -300,8 +314,10 @@ class Run:
 
     async def open_streams_phase(self, devnet: Devnet, slow_uid: int) -> None:
         options = self.options
-        config = gateway_config(devnet, uids={slow_uid}, fanout=1, scoring=options.scoring, workdir=self.workdir)
-        child, api_key = await self.start_gateway("gateway-open-streams", config)
+        name = "gateway-open-streams"
+        config = gateway_config(devnet, uids={slow_uid}, fanout=1, scoring=options.scoring, workdir=self.workdir,
+                                name=name)
+        child, api_key = await self.start_gateway(name, config)
         try:
             endpoint = Endpoint.parse(child.ready, CHAT_PATH)
             max_tokens = 24 if not options.quick else 6
@@ -366,9 +382,10 @@ class Run:
         else:
             assert devnet is not None
             for fanout in options.fanouts:
+                name = f"gateway-fanout-{fanout}"
                 config = gateway_config(devnet, uids=set(range(BENCH_MINERS)), fanout=fanout,
-                                        scoring=options.scoring, workdir=self.workdir)
-                child, api_key = await self.start_gateway(f"gateway-fanout-{fanout}", config)
+                                        scoring=options.scoring, workdir=self.workdir, name=name)
+                child, api_key = await self.start_gateway(name, config)
                 try:
                     with self.profiling(child.pid, f"fanout-{fanout}"):
                         await self.fanout_phases(fanout, Endpoint.parse(child.ready, CHAT_PATH), api_key,
@@ -446,6 +463,27 @@ class Run:
         return doc
 
 
+SCORING_DRAIN_S = 60.0  # the longest a phase waits for its gateway to forward its organics
+SCORING_POLL_S = 0.1
+
+
+async def wait_scoring_drained(gateway_url: str, limit_s: float) -> int | None:
+    """Until the gateway holds no organic still to forward (queued, overflowing, in flight or in
+    its spool); how many it still held when `limit_s` ran out (0 when drained; None when it does not
+    report scoring, e.g. scoring is off or the gateway is not ours)."""
+    left: int | None = None
+    with trio.move_on_after(limit_s):
+        while True:
+            stats = await scoring_report(gateway_url)
+            if stats is None:
+                return None
+            left = stats["queued"] + stats["overflow"] + stats["in_flight"] + stats["spool_pending"]
+            if left == 0:
+                return 0
+            await trio.sleep(SCORING_POLL_S)
+    return left
+
+
 SCORING_FIGURES = ("submitted", "delivered", "spooled", "queued", "overflow", "in_flight", "attempts_failed")
 
 
@@ -456,7 +494,9 @@ async def scoring_report(gateway_url: str) -> dict[str, Any] | None:
         async with httpx.AsyncClient(timeout=5.0, trust_env=False) as http:
             response = await http.get(f"{gateway_url}/health/ready")
         stats = response.json()["scoring"]
-        return {**{name: stats[name] for name in SCORING_FIGURES},
+        if not stats["enabled"]:
+            return None
+        return {**{name: stats[name] for name in SCORING_FIGURES}, "spool_pending": stats["spool"]["pending"],
                 "dropped": {k: v for k, v in stats["dropped"].items() if v}}
     except (httpx.HTTPError, ValueError, KeyError, TypeError):
         return None

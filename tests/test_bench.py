@@ -58,11 +58,14 @@ async def test_quick_bench_writes_complete_results(tmp_path: Path) -> None:
             assert_compared(e[key], f"{where}.{key}")
         assert e["p50_ms"]["gateway"] <= e["p90_ms"]["gateway"] <= e["p99_ms"]["gateway"], where
         assert e["gateway_cpu_ms_per_completion"] is not None, where
+        # the phase ended once the gateway had forwarded all its organics (their CPU is the phase's)
+        assert e["scoring_backlog_left"] == 0 and e["scoring_drain_s"] >= 0, where
 
     assert {e["fanout"] for e in doc["streaming"]} == set(doc["config"]["fanouts"])
     for e in doc["streaming"]:
         where = f"streaming[fanout {e['fanout']}]"
         assert e["errors"] == {"gateway": 0, "direct": 0}, where
+        assert e["scoring_backlog_left"] == 0, where
         for key in ("ttft_p50_ms", "ttft_p99_ms", "tokens_per_s_per_stream", "tokens_per_stream"):
             assert_compared(e[key], f"{where}.{key}")
         # the gateway passes on every token of the bench miners' fixed-length answer
