@@ -252,6 +252,7 @@ class ScoringForwarder:
             "queued": channel.current_buffer_used,
             "queue_size": channel.max_buffer_size,
             "overflow": len(self._overflow),
+            "writing": len(self._writing),
             "in_flight": len(self._inflight),
             "delivered": self.delivered,
             "replayed": self.replayed,

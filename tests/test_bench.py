@@ -152,3 +152,44 @@ async def test_the_stack_floor_app_parses_the_request_and_answers_a_fixed_comple
         assert bad.status_code == 400 and (await bad.get_json())["error"]["code"] == code
     too_big = await client.post("/v1/chat/completions", data=b"x" * 5000)
     assert too_big.status_code == 413
+
+
+async def test_the_scoring_drain_wait_counts_everything_held_and_gives_up_when_stuck(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+    from quart_trio import QuartTrio
+
+    from bench import run
+
+    backlog = {"queued": 1, "overflow": 0, "writing": 1, "in_flight": 1, "spool": 1, "running": 1}
+    enabled = {"on": True}
+    app = QuartTrio("drain_test")
+
+    @app.get("/health/ready")
+    async def ready() -> dict[str, Any]:
+        scoring = {"enabled": enabled["on"], "submitted": 9, "delivered": 4, "spooled": 1, "attempts_failed": 0,
+                   "dropped": {"overflow": 0}, "spool": {"pending": backlog["spool"]},
+                   **{k: backlog[k] for k in ("queued", "overflow", "writing", "in_flight")}}
+        return {"ready": True, "scoring": scoring, "fanout": {"running": backlog["running"]}}
+
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    url = (await nursery.start(serve, app, config))[0]
+    monkeypatch.setattr(run, "SCORING_STUCK_S", 0.3)
+    with trio.fail_after(10):
+        assert await run.wait_scoring_drained(url, 5.0) == 5  # stuck at 5: ends early, says how many
+        report = await run.scoring_report(url)
+        assert report is not None and report["spool_pending"] == 1 and report["dropped"] == {}
+
+        async def drain() -> None:
+            await trio.sleep(0.2)
+            backlog.update(queued=0, writing=0, in_flight=0, spool=0, running=0)
+
+        nursery.start_soon(drain)
+        assert await run.wait_scoring_drained(url, 5.0) == 0
+        enabled["on"] = False
+        assert await run.wait_scoring_drained(url, 5.0) is None  # scoring off: nothing to wait for
+        assert await run.scoring_report(url) is None
