@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from functools import partial
 
 import trio
 from hypercorn.trio import serve
@@ -63,19 +64,14 @@ async def serve_floor(host: str, port: int, tokens: int) -> None:
     app = floor_app(tokens, settings.server.max_body_bytes)
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
-        urls = await nursery.start(partial_serve, app, settings, shutdown)
+        urls = await nursery.start(partial(serve, shield_response_end(app, settings.server.drain_timeout_s),
+                                           hypercorn_config(settings), shutdown_trigger=shutdown.wait, mode="asgi"))
         settle_heap()
         print(f"floor listening on {urls[0]}", flush=True)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for _ in signals:
                 shutdown.set()
                 break
-
-
-async def partial_serve(app: QuartTrio, settings: Settings, shutdown: trio.Event,
-                        task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
-    await serve(shield_response_end(app, settings.server.drain_timeout_s),
-                hypercorn_config(settings), shutdown_trigger=shutdown.wait, mode="asgi", task_status=task_status)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -487,8 +487,7 @@ async def wait_scoring_drained(gateway_url: str, limit_s: float) -> int | None:
         with trio.move_on_after(limit_s):
             while True:
                 report = await readiness(http, gateway_url)
-                stats = scoring_of(report)
-                if stats is None or report is None:
+                if report is None or (stats := scoring_of(report)) is None:
                     return None
                 left = (stats["queued"] + stats["overflow"] + stats["writing"] + stats["in_flight"]
                         + stats["spool_pending"] + int(report.get("fanout", {}).get("running", 0)))

@@ -1,10 +1,11 @@
 """JSON on the hot path: orjson where it can, the standard library where orjson refuses.
 
-Every miner chunk is parsed and every scoring payload encoded here; orjson does both several times
-faster than `json`. Parsing is strict: NaN, lone surrogates and integers beyond 64 bits fail like any
+Every miner chunk is parsed and every scoring payload and JSON response encoded here; orjson does
+both several times faster than `json`. Parsing is strict: NaN, lone surrogates and integers beyond 64 bits fail like any
 invalid chunk. Encoding falls back to `json` for what orjson refuses (lone surrogates, huge integers);
-NaN and infinities cannot reach it (orjson would write them as null): every input is parsed strictly,
-client bodies too (`web/body.py` refuses NaN, Infinity and numbers beyond a float's range).
+NaN and infinities do not come in from outside (every input is parsed strictly, client bodies too:
+`web/body.py` refuses NaN, Infinity and numbers beyond a float's range); one the gateway computed itself
+is written as null, never as the invalid `NaN`.
 """
 
 from __future__ import annotations

@@ -208,7 +208,7 @@ class PooledResponse(httpx.AsyncByteStream):
         return self._connection.body(self.head, self._read_timeout_s)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for part in self._connection.body(self.head, self._read_timeout_s):
+        async for part in self.aiter_bytes():
             yield part
 
     async def aread(self) -> bytes:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
 from engine import jsonio
@@ -38,16 +37,6 @@ class SseData:
         lines, _ = _split_lines(b"".join(self._pending) + b"\n\n")
         self._pending = []
         return _events(lines, self._data)
-
-
-async def iter_sse_data(pieces: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
-    """`SseData` over a whole body, one event at a time."""
-    parser = SseData()
-    async for piece in pieces:
-        for event in parser.feed(piece):
-            yield event
-    for event in parser.end():
-        yield event
 
 
 def _split_lines(buffer: bytes) -> tuple[list[bytes], bytes]:

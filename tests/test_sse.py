@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator
 
-import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.sse import encode_event, iter_sse_data
+from engine.sse import SseData, encode_event
 
 STREAM = (b": a comment\r\n"
           b"data: {\"a\": 1}\r\n\r\n"
@@ -20,14 +18,9 @@ EVENTS = [b'{"a": 1}', b'{"b":2}', b"line one\nline two", b"[DONE]"]
 
 
 def parse(pieces: list[bytes]) -> list[bytes]:
-    async def chunks() -> AsyncIterator[bytes]:
-        for piece in pieces:
-            yield piece
-
-    async def collect() -> list[bytes]:
-        return [data async for data in iter_sse_data(chunks())]
-
-    return trio.run(collect)
+    parser = SseData()
+    events = [event for piece in pieces for event in parser.feed(piece)]
+    return events + parser.end()
 
 
 def split_at(data: bytes, cuts: list[int]) -> list[bytes]:

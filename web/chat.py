@@ -141,8 +141,7 @@ def usage_of(answer: MinerAnswer | None, messages: list[dict[str, Any]]) -> dict
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def record_usage(services: Services, grant: Grant, request: ChatRequest, answer: MinerAnswer | None) -> None:
-    usage = usage_of(answer, request.messages)
+def record_usage(services: Services, grant: Grant, usage: dict[str, int] | None) -> None:
     services.keys.record_usage_nowait(grant.key_id, tokens=(usage or {}).get("completion_tokens", 0))
 
 
@@ -156,16 +155,17 @@ async def stream_response(services: Services, grant: Grant, request: ChatRequest
         """The client's bytes for one event, and whether the stream ends with it."""
         if isinstance(current, Chunk):
             return encode_event(out.chunk(current.data)), False
+        usage = usage_of(job.winner_answer, request.messages)
         if isinstance(current, End):
             parts = [] if out.sent_finish else [encode_event(out.finish(current.finish_reason))]
-            if request.include_usage and (usage := usage_of(job.winner_answer, request.messages)) is not None:
+            if request.include_usage and usage is not None:
                 parts.append(encode_event({**out.finish(None), "choices": [], "usage": usage}))
             parts.append(DONE_EVENT)
         else:
             message = current.error if isinstance(current, Broken) else "every miner failed"
             parts = [encode_event(ApiError(502, f"The miner's answer broke off: {message}",
                                            code="miner_stream_broken").body())]
-        record_usage(services, grant, request, job.winner_answer)
+        record_usage(services, grant, usage)
         return b"".join(parts), True
 
     async def events() -> AsyncIterator[bytes]:
@@ -218,7 +218,7 @@ async def complete_response(services: Services, grant: Grant, request: ChatReque
     }
     if (usage := usage_of(answer, request.messages)) is not None:
         body["usage"] = usage
-    record_usage(services, grant, request, answer)
+    record_usage(services, grant, usage)
     return json_response(body, headers={**grant.headers, "X-Request-Id": job.request_id})
 
 
