@@ -15,10 +15,43 @@ from typing import Any
 
 import orjson
 
+MAX_DEPTH = 32  # how deep what a peer sends may nest (OpenAI chunks and requests nest about 8 deep)
+
+
+class TooDeep(ValueError):
+    """JSON nested deeper than allowed: refused like any invalid JSON."""
+
 
 def loads(data: bytes | str) -> Any:
     """Strict JSON; anything else raises ValueError."""
     return orjson.loads(data)
+
+
+def loads_bounded(data: bytes | str, *, max_depth: int = MAX_DEPTH) -> Any:
+    """Strict JSON nested at most `max_depth` deep (a scalar is depth 0); anything else raises
+    ValueError (`TooDeep` for the nesting). A text with no more brackets than `max_depth` cannot nest
+    deeper, so the usual case costs two byte counts; only bracket-rich texts are walked."""
+    value = orjson.loads(data)  # orjson itself refuses nesting beyond 1024 (ValueError)
+    openers = data.count(b"{") + data.count(b"[") if isinstance(data, bytes) else data.count("{") + data.count("[")
+    if openers > max_depth:
+        check_depth(value, max_depth)
+    return value
+
+
+def check_depth(value: Any, max_depth: int = MAX_DEPTH) -> None:
+    """Raise `TooDeep` when containers in `value` nest deeper than `max_depth` (no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth >= max_depth:
+            raise TooDeep(f"JSON nested deeper than {max_depth} levels")
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
 
 
 def dumps(value: Any) -> bytes:

@@ -30,3 +30,19 @@ def test_not_json_at_all_is_a_type_error() -> None:
 def test_parsing_is_strict(text: bytes) -> None:
     with pytest.raises(ValueError):
         jsonio.loads(text)
+
+
+@pytest.mark.parametrize("loads", [jsonio.loads_bounded, lambda data: jsonio.loads_bounded(data.decode())])
+def test_bounded_parsing_refuses_deep_nesting(loads: object) -> None:
+    assert callable(loads)
+    assert loads(b"[" * 32 + b"]" * 32) == eval("[" * 32 + "]" * 32)
+    for text in (b"[" * 33 + b"]" * 33, b'{"a":' * 40 + b"1" + b"}" * 40, b"[" * 100_000):
+        with pytest.raises(ValueError):
+            loads(text)
+
+
+def test_bounded_parsing_counts_depth_not_brackets() -> None:
+    wide = jsonio.dumps({"items": [{"k": [1]} for _ in range(1000)], "text": "[[[[{{{{" * 100})
+    assert jsonio.loads_bounded(wide, max_depth=4)["items"][0] == {"k": [1]}
+    with pytest.raises(jsonio.TooDeep):
+        jsonio.loads_bounded(wide, max_depth=3)
