@@ -2,7 +2,10 @@
 
 Updated by every fan-out; read on the hot path without awaiting. A miner that fails
 `failure_threshold` times in a row is skipped for `cooldown_s` (open), then let through for one trial
-(half-open): success closes the breaker, failure opens it again for twice as long (capped).
+(half-open): success closes the breaker, failure opens it again for twice as long (capped). Only the
+request holding the trial decides it: outcomes of other requests still running then are counted in the
+figures but move nothing. Callers leave out what is not the miner's doing (a request the miner refused
+for the client's own input, the gateway's own failures, requests naming their miners).
 """
 
 from __future__ import annotations
@@ -72,30 +75,45 @@ class MinerHealth:
         record = self._miners.get(uid)
         return None if record is None else record.ttft_ewma_s
 
-    def succeeded(self, uid: int, ttft_s: float | None) -> None:
+    def _decides(self, record: MinerRecord, uid: int, trial: int | None, moves: bool) -> bool:
+        """Whether an outcome may move the breaker: always while it is closed; while it is open or
+        half-open, only the outcome of the request holding the trial in flight."""
+        if not moves:
+            return False
+        if record.opened_at is None:
+            return True
+        return (trial is not None and record.trial_in_flight and record.trials == trial
+                and self.state(uid) == "half_open")
+
+    def succeeded(self, uid: int, ttft_s: float | None, trial: int | None = None, *, moves: bool = True) -> None:
+        """A good answer. `trial`: the half-open trial the request holds; `moves=False`: counted in the
+        figures only (a request that named its miners)."""
         record = self._miners.setdefault(uid, MinerRecord())
         record.successes += 1
-        record.consecutive_failures = 0
         record.failure_ewma *= 1 - ALPHA
         if ttft_s is not None:
             record.ttft_ewma_s = ttft_s if record.ttft_ewma_s is None else (
                 ALPHA * ttft_s + (1 - ALPHA) * record.ttft_ewma_s)
+        if not self._decides(record, uid, trial, moves):
+            return
+        record.consecutive_failures = 0
         record.opened_at = None
         record.cooldown_s = 0.0
         record.trial_in_flight = False
 
-    def failed(self, uid: int, error: str) -> None:
+    def failed(self, uid: int, error: str, trial: int | None = None, *, moves: bool = True) -> None:
         record = self._miners.setdefault(uid, MinerRecord())
-        was_trial = self.state(uid) == "half_open"
         record.failures += 1
-        record.consecutive_failures += 1
         record.failure_ewma = ALPHA + (1 - ALPHA) * record.failure_ewma
         record.last_error = error
-        record.trial_in_flight = False
-        if was_trial:
+        if not self._decides(record, uid, trial, moves):
+            return
+        record.consecutive_failures += 1
+        if record.opened_at is not None:  # the trial failed: open again, for longer
+            record.trial_in_flight = False
             record.cooldown_s = min(record.cooldown_s * 2, self.cooldown_s * MAX_COOLDOWN_FACTOR)
             record.opened_at = self.clock()
-        elif record.consecutive_failures >= self.failure_threshold and record.opened_at is None:
+        elif record.consecutive_failures >= self.failure_threshold:
             record.cooldown_s = self.cooldown_s
             record.opened_at = self.clock()
 

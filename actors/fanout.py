@@ -9,9 +9,15 @@ Modes:
 - "stream": the winner is the first miner to send a content chunk; its chunks are passed on as they
   arrive. Subnet 1 miners answer a seeded request with the same text, so when the winner breaks or
   stalls (no chunk for `stall_s`), another miner whose answer so far begins with exactly what the
-  client has received takes over from that point. Without such a miner the stream ends in an error.
+  client has received takes over from that point. Without such a miner the stream ends in an error,
+  at once when no miner that has said something can still catch up, else after `stall_s`.
 - "complete": the winner is the first miner to finish a valid answer.
-- "all": no winner; the caller waits for `finished` (mixture of miners, first round).
+- "all": no winner; the caller waits for `finished` (mixture of miners, first round; web retrieval).
+
+Miners asked only for scoring (`scoring_only`) are never a winner nor a successor.
+
+Every miner's answer is bounded (`AnswerBounds`, from the request's token budget): bytes, events, one
+event's size, and time. Going over is that miner's failure; its connection is closed.
 """
 
 from __future__ import annotations
@@ -30,9 +36,10 @@ import trio
 from actors.breaker import MinerHealth
 from engine import jsonio
 from engine.epistula import Signer, routing_headers
+from engine.http1 import GatewayLimitError
 from engine.keepalive import ParsedUrls, post_streaming
 from engine.organic import MinerAnswer, OrganicResult
-from engine.sse import DONE, SseData
+from engine.sse import DONE, SseData, SseTooLarge
 from engine.subnet import Neuron
 
 log = logging.getLogger("sn1_gateway.fanout")
@@ -40,28 +47,65 @@ log = logging.getLogger("sn1_gateway.fanout")
 Mode = Literal["stream", "complete", "all"]
 DRAIN_AFTER_DONE_S = 0.25  # how long the end of a miner's body may lag behind its [DONE]
 JOB_EVENTS = 64  # winner events buffered towards the handler; beyond that the winner's stream waits
+DEFAULT_MAX_NEW_TOKENS = 1024
+MIN_TIMEOUT_S, MAX_TIMEOUT_S = 60.0, 300.0
+# Answers the miner gives because of what the client sent: not the miner's failure.
+CLIENT_CAUSED_STATUSES = frozenset({400, 413, 422})
+MAX_USAGE_TOKENS = 2**31 - 1
+
+
+def token_budget(body: dict[str, Any]) -> int:
+    """The request's `max_new_tokens` (OpenAI's `max_tokens` counts too), else upstream's default."""
+    params = body.get("sampling_parameters")
+    limit = params.get("max_new_tokens") if isinstance(params, dict) else None
+    if not isinstance(limit, int) or isinstance(limit, bool):
+        limit = body.get("max_tokens")
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
+        limit = DEFAULT_MAX_NEW_TOKENS
+    return limit
 
 
 def request_timeout_s(body: dict[str, Any]) -> float:
-    """The predecessor's budget: 30 s, plus 10 s per doubling of max_new_tokens beyond 512."""
-    params = body.get("sampling_parameters")
-    limit = params.get("max_new_tokens") if isinstance(params, dict) else None
-    if not isinstance(limit, int | float) or isinstance(limit, bool):
-        limit = body.get("max_tokens")
-    if not isinstance(limit, int | float) or isinstance(limit, bool) or limit <= 0:
-        limit = 256
-    return float(max(30, 10 * max(0, math.floor(math.log2(limit / 256))) + 30))
+    """Upstream v2.19's budget for one miner's answer (also the wait for its first chunk):
+    clamp(max(30, 10 * floor(log2(max_new_tokens / 256)) + 30), 60, 300) seconds, or the client's
+    `timeout` field clamped the same way."""
+    given = body.get("timeout")
+    if isinstance(given, int | float) and not isinstance(given, bool) and math.isfinite(given) and given > 0:
+        seconds = float(given)
+    else:
+        seconds = float(max(30, 10 * math.floor(math.log2(token_budget(body) / 256)) + 30))
+    return min(max(seconds, MIN_TIMEOUT_S), MAX_TIMEOUT_S)
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerBounds:
+    """What one miner's answer may hold, derived from the token budget with a generous margin: a
+    Subnet 1 miner streams a token per chunk, a chunk with logprobs is well under 4 KiB."""
+
+    max_bytes: int
+    max_events: int
+    max_event_bytes: int = 64 * 1024
+
+    @classmethod
+    def for_tokens(cls, tokens: int) -> AnswerBounds:
+        return cls(max_bytes=min(64 * 1024 + 4096 * tokens, 32 * 1024 * 1024), max_events=2 * tokens + 64)
 
 
 class MinerFailure(Exception):
     """One miner's answer is unusable; the message says why."""
 
 
+class ClientCaused(MinerFailure):
+    """The miner refused the request for what the client sent (a 4xx): not held against the miner."""
+
+
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """A chunk of the winner's stream."""
+    """Text of the winner's stream, with the miner's chunk choice it came in (None for text a successor
+    supplied at a takeover): only ever read through an allowlist."""
 
-    data: dict[str, Any]
+    text: str
+    choice: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +117,7 @@ class End:
 
 @dataclass(frozen=True, slots=True)
 class Broken:
-    """The winner failed after it had started answering."""
+    """The winner failed after it had started answering, and no miner could take over."""
 
     error: str
 
@@ -95,18 +139,33 @@ class Complete:
 Event = Chunk | End | Broken | Failed | Complete
 
 
-def content_of(chunk: dict[str, Any]) -> tuple[str, str | None]:
-    """The text delta and finish_reason of an OpenAI chat chunk (empty text when there is none)."""
+def content_of(chunk: dict[str, Any]) -> tuple[str, str | None, dict[str, Any] | None]:
+    """The text delta, finish_reason and choice of an OpenAI chat chunk (empty text when there is none)."""
     choices = chunk.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        return "", None
+        return "", None, None
     choice = choices[0]
     delta = choice.get("delta")
     if not isinstance(delta, dict):
         delta = choice.get("message") if isinstance(choice.get("message"), dict) else {}
     text = delta.get("content") if isinstance(delta, dict) else None
     finish = choice.get("finish_reason")
-    return (text if isinstance(text, str) else ""), (finish if isinstance(finish, str) else None)
+    return (text if isinstance(text, str) else ""), (finish if isinstance(finish, str) else None), choice
+
+
+def usage_counts(value: Any) -> dict[str, int] | None:
+    """A miner's `usage`, kept only when each count is a plausible non-negative integer."""
+    if not isinstance(value, dict):
+        return None
+    counts = {}
+    for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        count = value.get(name)
+        if count is None:
+            continue
+        if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= MAX_USAGE_TOKENS:
+            return None
+        counts[name] = count
+    return counts or None
 
 
 @dataclass
@@ -117,47 +176,116 @@ class FanoutJob:
     miners: list[Neuron]
     mode: Mode
     timeout_s: float
+    bounds: AnswerBounds
     started: float = field(default_factory=trio.current_time)
     answers: list[MinerAnswer] = field(default_factory=list)
     winner: int | None = None
     stall_s: float = 1.5
+    moves_breakers: bool = True  # False for requests that name their miners
+    scoring_only: int = 0  # how many of `miners`, at the end, are asked only for scoring
     finished: trio.Event = field(default_factory=trio.Event)
     first_done: trio.Event = field(default_factory=trio.Event)  # a miner finished well, or the job ended
-    client_gone: bool = False
+    answered: bool = False  # the handler has had its last event (the answer is whole, broken or failed)
+    handler_left: bool = False  # the handler stopped reading (client gone, timeout, released)
     winner_broken: bool = False
+    broken_at: float | None = None  # when the winner broke with no successor ready
     takeovers: int = 0
-    _sent: list[str] = field(default_factory=list)  # the text the client has received
-    _winner_seen_at: float = 0.0  # when the winner last sent a chunk
-    _pending: int = 0
     released: bool = False  # the handler is done with the job; what remains is collection for scoring
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     cut_reason: str | None = None  # why the job was cut short, when it was
     trials: dict[int, int] = field(default_factory=dict)  # miner index -> number of the half-open trial it holds
+    _sent: list[str] = field(default_factory=list)  # the text the client has received, in pieces
+    _sent_len: int = 0
+    _sent_text: str = ""  # "".join(_sent), joined again only when _sent has grown
+    _sent_joined: int = 0  # pieces in _sent_text
+    _winner_seen_at: float = 0.0  # when the winner last sent a chunk
+    _settled: list[bool] = field(default_factory=list)
+    _checked: list[tuple[int, int]] = field(default_factory=list)  # per answer: chunks, chars agreeing with _sent
+    _diverged: list[bool] = field(default_factory=list)
+    _pending: int = 0  # primary miners (not scoring-only) still answering
     _on_release: Callable[[], None] | None = None
     _send: trio.MemorySendChannel[Event] = field(init=False)
     receive: trio.MemoryReceiveChannel[Event] = field(init=False)
 
     def __post_init__(self) -> None:
         self._send, self.receive = trio.open_memory_channel[Event](JOB_EVENTS)
-        self.answers = [MinerAnswer(uid=n.uid, hotkey=n.hotkey) for n in self.miners]
-        self._pending = len(self.miners)
+        primaries = len(self.miners) - self.scoring_only
+        self.answers = [MinerAnswer(uid=n.uid, hotkey=n.hotkey, scoring_only=i >= primaries)
+                        for i, n in enumerate(self.miners)]
+        self._pending = primaries
+        self._settled = [False] * len(self.miners)
+        self._checked = [(0, 0)] * len(self.miners)
+        self._diverged = [False] * len(self.miners)
+
+    @property
+    def streaming(self) -> bool:
+        """Whether events still go to the handler."""
+        return not (self.answered or self.handler_left)
+
+    def sent_text(self) -> str:
+        if self._sent_joined != len(self._sent):
+            self._sent_text, self._sent_joined = "".join(self._sent), len(self._sent)
+        return self._sent_text
+
+    def _send_text(self, text: str) -> None:
+        self._sent.append(text)
+        self._sent_len += len(text)
+
+    def covers(self, j: int) -> bool:
+        """Whether answer j so far begins with everything the client has received. Incremental: each
+        of its chunks is compared once (a chunk reaching past the received text again until it is
+        passed), so watching a stalled winner costs no more than the text that arrives."""
+        if self._diverged[j]:
+            return False
+        chunks = self.answers[j].chunks
+        sent = self.sent_text()
+        n, pos = self._checked[j]
+        while n < len(chunks) and pos < len(sent):
+            piece = chunks[n]
+            if pos + len(piece) > len(sent):  # reaches past what was sent: compare the part within
+                if not sent.startswith(piece[:len(sent) - pos], pos):
+                    self._diverged[j] = True
+                    return False
+                self._checked[j] = (n, pos)
+                return True
+            if not sent.startswith(piece, pos):
+                self._diverged[j] = True
+                return False
+            n, pos = n + 1, pos + len(piece)
+        self._checked[j] = (n, pos)
+        return pos >= len(sent)
+
+    def _rest_of(self, j: int) -> str:
+        """What answer j (which covers the received text) says beyond it."""
+        n, pos = self._checked[j]
+        return "".join(self.answers[j].chunks[n:])[self._sent_len - pos:]
+
+    def _candidate(self, j: int) -> bool:
+        answer = self.answers[j]
+        return j != self.winner and not answer.scoring_only and answer.error is None
 
     def successor(self, now: float) -> int | None:
         """A miner that can continue the client's stream: the winner is broken or stalled, and this
         miner's answer so far begins with exactly what the client received (and it has not failed)."""
-        if self.winner is None or self.client_gone:
+        if self.winner is None or not self.streaming:
             return None
         if not self.winner_broken and now - self._winner_seen_at < self.stall_s:
             return None
-        sent = "".join(self._sent)
-        for j, answer in enumerate(self.answers):
-            if j != self.winner and answer.error is None and answer.chunks and answer.text.startswith(sent):
+        for j in range(len(self.answers)):
+            if self._candidate(j) and self.answers[j].chunks and self.covers(j):
                 return j
         return None
+
+    def may_catch_up(self) -> bool:
+        """Whether a miner still answering has said nothing yet that differs from what the client has:
+        it may yet reach it (the stall watcher waits for that at most `stall_s`)."""
+        return any(self._candidate(j) and not self._settled[j] and (self.covers(j) or not self._diverged[j])
+                   for j in range(len(self.answers)))
 
     def release(self) -> None:
         """The handler is done: no more events for it; the miners go on only for scoring."""
         self.receive.close()
+        self.handler_left = True
         if not self.released:
             self.released = True
             if self._on_release is not None:
@@ -168,15 +296,18 @@ class FanoutJob:
         return None if self.winner is None else self.answers[self.winner]
 
     def errors(self) -> dict[int, str]:
-        return {a.uid: a.error or "no answer" for a in self.answers if a.error or not a.chunks}
+        return {a.uid: a.error or "no answer" for a in self.answers
+                if not a.scoring_only and (a.error or not a.chunks)}
 
     async def _emit(self, event: Event) -> None:
-        if self.client_gone:
+        if not self.streaming:
             return
+        if isinstance(event, End | Broken | Failed | Complete):
+            self.answered = True
         try:
             await self._send.send(event)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self.client_gone = True  # the handler left (client disconnect, timeout): keep collecting
+            self.handler_left = True  # the handler left (client disconnect, timeout): keep collecting
 
     def result(self) -> OrganicResult:
         return OrganicResult(
@@ -212,6 +343,8 @@ class FanoutPool:
         self.jobs_total = 0
         self.jobs_refused = 0
         self.results_unscored = 0  # results with nowhere to go (no scoring forwarder)
+        self.miner_failures: dict[str, int] = {"failed": 0, "client_caused": 0, "over_bounds": 0}
+        self.gateway_errors = 0  # asks that failed on the gateway's side (not held against the miner)
         self._idle = trio.Event()
         self._idle.set()
         self._urls = ParsedUrls()
@@ -226,20 +359,25 @@ class FanoutPool:
             self._nursery = None
 
     def start(self, body: dict[str, Any], miners: Sequence[Neuron], *, mode: Mode, task: str,
-              request_id: str | None = None, timeout_s: float | None = None) -> FanoutJob:
-        """Start asking `miners`; returns at once. Raises `PoolBusy` when the pool cannot take it.
+              request_id: str | None = None, timeout_s: float | None = None,
+              scoring_only: Sequence[Neuron] = (), moves_breakers: bool = True) -> FanoutJob:
+        """Start asking `miners` (and `scoring_only`, whose answers only go to scoring); returns at
+        once. Raises `PoolBusy` when the pool cannot take it.
 
         Admitted, each miner is noted as being asked: a half-open one gets one trial at a time, and
         the job remembers which trials it holds (`trials`), to give back any that ends undecided.
+        `moves_breakers=False` (a request naming its miners) leaves every breaker as it is.
         """
         nursery = self._admit()
         job = FanoutJob(
-            request_id=request_id or uuid.uuid4().hex, task=task, body=body, miners=list(miners),
-            mode=mode, timeout_s=timeout_s or request_timeout_s(body), stall_s=self.stall_s,
-            _on_release=self._released,
+            request_id=request_id or uuid.uuid4().hex, task=task, body=body,
+            miners=[*miners, *scoring_only], mode=mode, timeout_s=timeout_s or request_timeout_s(body),
+            bounds=AnswerBounds.for_tokens(token_budget(body)), stall_s=self.stall_s,
+            moves_breakers=moves_breakers, scoring_only=len(scoring_only), _on_release=self._released,
         )
-        job.trials = {i: trial for i, neuron in enumerate(job.miners)
-                      if (trial := self.health.asking(neuron.uid)) is not None}
+        if moves_breakers:
+            job.trials = {i: trial for i, neuron in enumerate(miners)
+                          if (trial := self.health.asking(neuron.uid)) is not None}
         self._jobs[id(job)] = job
         self.jobs_serving += 1
         if self.jobs_running == 0:
@@ -320,7 +458,9 @@ class FanoutPool:
         neuron, answer = job.miners[i], job.answers[i]
         headers = {**routing, **self.signer.headers(body_bytes, neuron.hotkey),
                    "Content-Type": "application/json", "Accept": "text/event-stream"}
-        outcome = "cancelled"
+        # "ok" and "failed" are the miner's doing; "neutral" (the client's input, the gateway's own
+        # failure, a cancelled request) moves no breaker.
+        outcome = "neutral"
         try:
             with trio.move_on_after(job.timeout_s) as scope:
                 await self._stream(job, i, body_bytes, headers)
@@ -331,70 +471,100 @@ class FanoutPool:
             if not answer.chunks:
                 raise MinerFailure("answered no content")
             outcome = "ok"
+        except ClientCaused as exc:
+            answer.error = str(exc)
+            self.miner_failures["client_caused"] += 1
         except MinerFailure as exc:
             answer.error, outcome = str(exc), "failed"
+            self.miner_failures["failed"] += 1
+        except GatewayLimitError as exc:
+            answer.error = f"gateway error: {exc}"
+            self.gateway_errors += 1
         except httpx.HTTPError as exc:
             answer.error, outcome = describe_http_error(exc), "failed"
+            self.miner_failures["failed"] += 1
         except Exception as exc:  # a defect must cost one miner's answer, not every request in the pool
             log.exception("unexpected error asking uid %d", neuron.uid)
-            answer.error, outcome = f"gateway error: {type(exc).__name__}", "failed"
+            answer.error = f"gateway error: {type(exc).__name__}"
+            self.gateway_errors += 1
         finally:
+            trial, moves = job.trials.get(i), job.moves_breakers
             if outcome == "ok":
-                self.health.succeeded(neuron.uid, answer.timings[0] if answer.timings else None)
+                self.health.succeeded(neuron.uid, answer.timings[0] if answer.timings else None, trial, moves=moves)
             elif outcome == "failed":
-                self.health.failed(neuron.uid, answer.error or "failed")
-            elif i in job.trials:
-                self.health.released(neuron.uid, job.trials[i])
+                self.health.failed(neuron.uid, answer.error or "failed", trial, moves=moves)
+            elif trial is not None:
+                self.health.released(neuron.uid, trial)
         await self._settle(job, i)
 
     async def _stream(self, job: FanoutJob, i: int, body_bytes: bytes, headers: dict[str, str]) -> None:
         url = self._urls(f"http://{job.miners[i].axon}/v1/chat/completions")
+        answer, bounds = job.answers[i], job.bounds
         async with post_streaming(self.http, url, body_bytes, headers, bounded=True) as response:  # job.timeout_s
-            if response.status_code != 200:
-                raise MinerFailure(f"HTTP {response.status_code}")
+            status = response.status_code
+            if status != 200:
+                raise (ClientCaused if status in CLIENT_CAUSED_STATUSES else MinerFailure)(f"HTTP {status}")
             body = response.aiter_bytes()
-            parser = SseData()
-            async for piece in body:
-                events = parser.feed(piece)
-                if events and await self._take(job, i, events):
-                    break
-            else:
-                await self._take(job, i, parser.end())
-                return
+            parser = SseData(bounds.max_event_bytes)
+            try:
+                async for piece in body:
+                    answer.received_bytes += len(piece)
+                    if answer.received_bytes > bounds.max_bytes:
+                        raise self._over_bounds(f"answer over {bounds.max_bytes} bytes")
+                    events = parser.feed(piece)
+                    if events and await self._take(job, i, events):
+                        break
+                else:
+                    await self._take(job, i, parser.end())
+                    return
+            except SseTooLarge as exc:
+                raise self._over_bounds(str(exc)) from None
             # Read on to the end of the body (it follows [DONE] at once), or the connection cannot go
             # back to the pool and the next request to this miner pays for a new one.
             with trio.move_on_after(DRAIN_AFTER_DONE_S):
-                async for _ in body:
-                    pass
+                async for piece in body:
+                    answer.received_bytes += len(piece)
+                    if answer.received_bytes > bounds.max_bytes:
+                        break
+
+    def _over_bounds(self, why: str) -> MinerFailure:
+        self.miner_failures["over_bounds"] += 1
+        return MinerFailure(why)
 
     async def _take(self, job: FanoutJob, i: int, events: list[bytes]) -> bool:
         """The events one read brought (so they arrived at one time); True once [DONE] has come."""
         answer = job.answers[i]
+        answer.events += len(events)
+        if answer.events > job.bounds.max_events:
+            raise self._over_bounds(f"answer over {job.bounds.max_events} events")
         at = round(trio.current_time() - job.started, 6)
+        forward = job.mode == "stream" and not answer.scoring_only
         for data in events:
             if data == DONE:
                 answer.completed = True
                 return True
             try:
-                chunk = jsonio.loads(data)
+                chunk = jsonio.loads_bounded(data)
             except ValueError:
-                raise MinerFailure("sent a chunk that is not valid JSON") from None
+                raise MinerFailure("sent a chunk that is not valid JSON (or nested too deep)") from None
             if not isinstance(chunk, dict):
                 raise MinerFailure("sent a chunk that is not a JSON object")
-            text, finish = content_of(chunk)
-            answer.raw_chunks.append(chunk)
+            text, finish, choice = content_of(chunk)
+            if "usage" in chunk:
+                answer.usage = usage_counts(chunk["usage"]) or answer.usage
             if text:
                 answer.chunks.append(text)
                 answer.timings.append(at)
+                # As received; a chunk sent over several data lines holds newlines: written compactly.
+                answer.raw_chunks.append(jsonio.dumps(chunk) if b"\n" in data or b"\r" in data else data)
             if finish is not None:
                 answer.finish_reason = finish
-            if job.mode == "stream":
-                await self._forward(job, i, chunk, text, finish)
+            if forward and job.streaming:
+                await self._forward(job, i, text, finish, choice)
         return False
 
-    async def _forward(self, job: FanoutJob, i: int, chunk: dict[str, Any], text: str, finish: str | None) -> None:
-        if job.client_gone:
-            return
+    async def _forward(self, job: FanoutJob, i: int, text: str, finish: str | None,
+                       choice: dict[str, Any] | None) -> None:
         if job.winner is None:
             if not text:
                 return
@@ -405,38 +575,47 @@ class FanoutPool:
             return
         job._winner_seen_at = trio.current_time()
         if text:
-            job._sent.append(text)
-        await job._emit(Chunk(chunk))
+            job._send_text(text)
+            await job._emit(Chunk(text, choice))
         if finish is not None:
-            await job._emit(End(finish))
-            job.client_gone = True  # the client's answer is whole; the rest is for scoring only
+            await job._emit(End(finish))  # the client's answer is whole; the rest is for scoring only
 
     async def _watch_stalls(self, job: FanoutJob) -> None:
-        """A stalled winner is noticed even when no other chunk arrives to prompt the check."""
-        while not job.client_gone:
+        """A stalled winner is noticed even when no other chunk arrives to prompt the check, and a
+        broken winner that nobody can continue ends the stream within `stall_s`."""
+        while job.streaming:
             await trio.sleep(job.stall_s / 2)
-            successor = job.successor(trio.current_time())
+            now = trio.current_time()
+            successor = job.successor(now)
             if successor is not None:
                 await self._take_over(job, successor)
+            elif job.broken_at is not None and (now - job.broken_at >= job.stall_s or not job.may_catch_up()):
+                await self._end_broken(job)
 
     async def _take_over(self, job: FanoutJob, j: int) -> None:
         """Continue the client's stream from miner j, which has already said what the client has."""
         answer = job.answers[j]
         log.info("request %s: uid %d takes over the stream from uid %d", job.request_id, answer.uid,
                  job.answers[job.winner or 0].uid)
-        job.winner, job.winner_broken, job.takeovers = j, False, job.takeovers + 1
+        rest = job._rest_of(j)
+        job.winner, job.winner_broken, job.broken_at = j, False, None
+        job.takeovers += 1
         job._winner_seen_at = trio.current_time()
-        rest = answer.text[len("".join(job._sent)):]
         if rest:
-            job._sent.append(rest)
-            await job._emit(Chunk({"choices": [{"index": 0, "delta": {"content": rest}, "finish_reason": None}]}))
+            job._send_text(rest)
+            await job._emit(Chunk(rest))
         if answer.finish_reason is not None or answer.completed:
             await job._emit(End(answer.finish_reason))
-            job.client_gone = True
+
+    async def _end_broken(self, job: FanoutJob) -> None:
+        await job._emit(Broken(job.answers[job.winner or 0].error or "the answer broke off"))
 
     async def _settle(self, job: FanoutJob, i: int) -> None:
         """One miner is done: tell the handler what that changes."""
         answer = job.answers[i]
+        job._settled[i] = True
+        if answer.scoring_only:
+            return
         job._pending -= 1
         if not answer.error:
             job.first_done.set()
@@ -446,14 +625,14 @@ class FanoutPool:
                     job.winner_broken = True
                 else:
                     await job._emit(End(answer.finish_reason))
-                    job.client_gone = True
-            if job.winner_broken and not job.client_gone:
+            if job.winner_broken and job.streaming:
                 successor = job.successor(trio.current_time())
                 if successor is not None:
                     await self._take_over(job, successor)
-                elif job._pending == 0:
-                    await job._emit(Broken(job.answers[job.winner or 0].error or "the answer broke off"))
-                    job.client_gone = True
+                elif not job.may_catch_up():
+                    await self._end_broken(job)
+                elif job.broken_at is None:
+                    job.broken_at = trio.current_time()  # the stall watcher ends it after `stall_s`
         elif job.mode == "complete" and job.winner is None and not answer.error:
             job.winner = i
             await job._emit(Complete(answer))
@@ -467,7 +646,8 @@ class FanoutPool:
     def statistics(self) -> dict[str, Any]:
         return {"running": self.jobs_running, "serving": self.jobs_serving, "total": self.jobs_total,
                 "refused": self.jobs_refused, "collections_cut_short": self.jobs_evicted,
-                "unscored": self.results_unscored}
+                "unscored": self.results_unscored, "miner_failures": dict(self.miner_failures),
+                "gateway_errors": self.gateway_errors}
 
 
 class PoolBusy(Exception):

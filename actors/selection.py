@@ -33,6 +33,7 @@ class SelectionIndex:
     availability: AvailabilitySnapshot
     validator_stake_limit: float
     _memo: dict[tuple[str, str | None], tuple[Neuron, ...]] = field(default_factory=dict)
+    _advertised: frozenset[str] | None = None
 
     def miners(self) -> tuple[Neuron, ...]:
         """Serving neurons that are not validators, best incentive first."""
@@ -45,6 +46,15 @@ class SelectionIndex:
                 if not (n.validator_permit and n.stake >= limit)
             )
         return found
+
+    def serves_model(self, model: str) -> bool:
+        """Whether any miner advertises `model` (every model counts while nothing is known)."""
+        if self.availability.everyone:
+            return True
+        advertised = self._advertised
+        if advertised is None:
+            advertised = self._advertised = frozenset(self.availability.models())
+        return model in advertised
 
     def eligible(self, task: str, model: str | None) -> tuple[Neuron, ...]:
         if self.availability.everyone:
@@ -86,10 +96,16 @@ class Selector:
             self._versions = versions
         return self._index
 
-    def pick(self, task: str, model: str | None, k: int, *, exclude: Iterable[int] = ()) -> list[Neuron]:
-        """Up to k miners sampled from the top of the eligible pool, skipping open circuit breakers."""
+    def pick(self, task: str, model: str | None, k: int, *, exclude: Iterable[int] = (),
+             fallback: bool = False) -> list[Neuron]:
+        """Up to k miners sampled from the top of the eligible pool, skipping open circuit breakers.
+
+        `fallback`, as upstream: when no miner is available for the task with that model, miners
+        available for the task, and when none is, any serving miner."""
         index = self.index()
         eligible = index.eligible(task, model)
+        if not eligible and fallback:
+            eligible = index.eligible(task, None) or index.miners()
         if not eligible:
             raise self._none_error(index, task, model)
         skip = set(exclude)
@@ -103,6 +119,14 @@ class Selector:
         if not pool:
             raise SelectionError(503, f"All {len(eligible)} miners eligible for {task} are failing right now; "
                                  "retry shortly.", code="miners_unhealthy")
+        return self.rng.sample(pool, min(k, len(pool)))
+
+    def extra(self, k: int, *, exclude: Iterable[int] = ()) -> list[Neuron]:
+        """Up to k serving miners drawn at random from the whole subnet (not only the top by incentive),
+        skipping `exclude` and open breakers: asked only so that organic traffic scores every miner."""
+        skip = set(exclude)
+        allows = self.health.allows
+        pool = [n for n in self.index().miners() if n.uid not in skip and allows(n.uid)]
         return self.rng.sample(pool, min(k, len(pool)))
 
     def best(self, task: str, model: str | None, *, exclude: Sequence[int] = ()) -> Neuron:

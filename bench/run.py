@@ -38,6 +38,7 @@ from bench import report
 from bench.load import Endpoint, HeldStreams, LoadResult, cpu_seconds, hold_streams, request_bytes, run_load
 from bench.processes import Child, ChildFailed, cli, raise_fd_limit, run_command, sample, start_child
 from bench.report import Measured, ProcessSample
+from config.settings import FanoutSettings
 from engine.epistula import Signer, routing_headers
 from web.chat_request import parse_chat_request
 
@@ -288,7 +289,7 @@ class Run:
 
     def direct_requests(self, miner: MinerTarget, body: dict[str, Any]) -> Callable[[], bytes]:
         """What the gateway would send the miner for `body`, signed afresh per request (as it signs)."""
-        miner_body = parse_chat_request(body).miner_body
+        miner_body = parse_chat_request(body, default_model=FanoutSettings().default_model).miner_body
         body_bytes = json.dumps(miner_body, separators=(",", ":")).encode()
         routing = {**routing_headers(miner_body, client_timeout_s=request_timeout_s(miner_body)),
                    "Accept": "text/event-stream"}

@@ -87,14 +87,27 @@ class AvailabilitySettings:
 @dataclass(frozen=True)
 class FanoutSettings:
     miners: int = setting(5, "miners asked per request", min=1, max=64)
-    top_pool: int = setting(50, "sample from this many eligible miners, best incentive first", min=1)
+    top_pool: int = setting(300, "sample from this many eligible miners, best incentive first", min=1)
+    extra_scoring_miners: int = setting(
+        0, "more miners per request, drawn at random from the whole subnet, whose answers only go to "
+        "scoring (upstream v2.19 asks 50): each costs one more miner stream and a larger scoring payload",
+        min=0, max=256)
+    default_model: str = setting(
+        "mrfakename/mistral-small-3.1-24b-instruct-2503-hf",
+        "the model asked of miners when a request names \"Default\" or no model, and instead of a model "
+        "no miner serves")
+    strict_models: bool = setting(
+        False, "a model no miner serves is a 404, instead of going to the miners for the task as default_model")
     validator_stake_limit: float = setting(
         1000.0, "neurons with a validator permit and at least this stake are never asked", min=0.0
     )
     connect_timeout_s: float = setting(10.0, "connect timeout towards a miner", min=0.1)
     first_token_timeout_s: float = setting(
-        15.0, "budget for the first content token of the whole fan-out", min=0.1
+        0.0, "budget for the first content token of the whole fan-out; 0: the request's own time budget "
+        "(upstream's: 60 s, more for long answers, or the request's `timeout` within 60-300 s)", min=0.0
     )
+    sse_keepalive_s: float = setting(
+        5.0, "while a streaming client waits, an SSE comment is sent this often", min=0.1, max=300.0)
     stall_timeout_s: float = setting(
         1.5, "a streaming winner silent this long is replaced by a miner that said the same so far", min=0.05
     )

@@ -26,6 +26,10 @@ RECEIVE_BYTES = 65536
 Headers = list[tuple[bytes, bytes]]
 
 
+class GatewayLimitError(httpx.TransportError):
+    """The gateway's own resources ran out (open files, the outbound connection cap): not the peer's failure."""
+
+
 def encode_head(method: bytes, target: bytes, headers: Headers) -> bytes:
     """The request line and headers; a CR or LF inside a name or value is refused (no injection)."""
     lines = [method + b" " + target + b" HTTP/1.1"]

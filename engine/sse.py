@@ -7,6 +7,11 @@ from typing import Any
 from engine import jsonio
 
 DONE = b"[DONE]"
+MAX_EVENT_BYTES = 64 * 1024  # one line, and one event's data, from a miner
+
+
+class SseTooLarge(ValueError):
+    """A line or an event longer than the parser's limit: the sender's fault."""
 
 
 class SseData:
@@ -14,29 +19,39 @@ class SseData:
     `end` when the body ends). Multi-line data is joined with newlines (per the SSE spec). No text
     decoding: what miners send is JSON, parsed from bytes. Lines end in LF, CRLF or CR; comments (":"),
     `event:`, `id:` and `retry:` lines carry nothing used here. A piece's events come as one list, so a
-    caller handles everything one read brought in one go."""
+    caller handles everything one read brought in one go.
 
-    __slots__ = ("_data", "_pending")
+    Bounded: a line, or the data of one event, longer than `max_event_bytes` raises `SseTooLarge` as
+    soon as it is seen (a line that never ends is not held until it does)."""
 
-    def __init__(self) -> None:
+    __slots__ = ("_data", "_limit", "_pending", "_pending_bytes")
+
+    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
         self._data: list[bytes] = []  # the data lines of the event not ended yet
         self._pending: list[bytes] = []  # the pieces of a line not ended yet: joined once, when it ends
+        self._pending_bytes = 0
+        self._limit = max_event_bytes
 
     def feed(self, piece: bytes) -> list[bytes]:
         if b"\n" not in piece and b"\r" not in piece:
             self._pending.append(piece)
+            self._pending_bytes += len(piece)
+            if self._pending_bytes > self._limit:
+                raise SseTooLarge(f"an event stream line over {self._limit} bytes")
             return []
         if self._pending:
             piece = b"".join(self._pending) + piece
         lines, rest = _split_lines(piece)
         self._pending = [rest] if rest else []
-        return _events(lines, self._data)
+        self._pending_bytes = len(rest)
+        return _events(lines, self._data, self._limit)
 
     def end(self) -> list[bytes]:
         """The end of the body ends the last event."""
         lines, _ = _split_lines(b"".join(self._pending) + b"\n\n")
         self._pending = []
-        return _events(lines, self._data)
+        self._pending_bytes = 0
+        return _events(lines, self._data, self._limit)
 
 
 def _split_lines(buffer: bytes) -> tuple[list[bytes], bytes]:
@@ -50,11 +65,15 @@ def _split_lines(buffer: bytes) -> tuple[list[bytes], bytes]:
     return lines, rest + b"\r" if held else rest
 
 
-def _events(lines: list[bytes], data: list[bytes]) -> list[bytes]:
+def _events(lines: list[bytes], data: list[bytes], limit: int) -> list[bytes]:
     events = []
     for line in lines:
+        if len(line) > limit:
+            raise SseTooLarge(f"an event stream line over {limit} bytes")
         if line.startswith(b"data:"):
             data.append(line[6:] if line.startswith(b"data: ") else line[5:])
+            if len(data) > 1 and sum(map(len, data)) > limit:
+                raise SseTooLarge(f"an event over {limit} bytes")
         elif not line and data:
             events.append(data[0] if len(data) == 1 else b"\n".join(data))
             data.clear()

@@ -70,7 +70,7 @@ async def test_winner_is_first_content_not_first_headers(
     miners.scripts[9002] = answer(["fast", "one"], first_delay=0.1)
     job = pool.start(BODY, [neuron(1), neuron(2)], mode="stream", task="InferenceTask")
     events = await collect(job)
-    texts = [e.data["choices"][0]["delta"].get("content") for e in events if isinstance(e, Chunk)]
+    texts = [e.text for e in events if isinstance(e, Chunk)]
     assert [t for t in texts if t] == ["fast", "one"]
     assert job.miners[job.winner or 0].uid == 2
     await finished(job)
@@ -81,8 +81,7 @@ async def test_winner_is_first_content_not_first_headers(
 async def test_finish_reason_is_passed_on(pool: FanoutPool, miners: Miners, autojump_clock: Any) -> None:
     miners.scripts[9001] = answer(["a", "b"], finish="length")
     events = await collect(pool.start(BODY, [neuron(1)], mode="stream", task="InferenceTask"))
-    finishes = [e.data["choices"][0]["finish_reason"] for e in events if isinstance(e, Chunk)]
-    assert finishes[-1] == "length"
+    assert [e.text for e in events if isinstance(e, Chunk)] == ["a", "b"]
     assert isinstance(events[-1], End) and events[-1].finish_reason == "length"
 
 
@@ -151,14 +150,22 @@ async def test_failing_miner_opens_its_breaker(pool: FanoutPool, miners: Miners,
     assert pool.health.state(1) == "half_open" and pool.health.allows(1)
 
 
-def test_timeout_budget_follows_max_new_tokens() -> None:
-    assert request_timeout_s({}) == 30
-    assert request_timeout_s({"sampling_parameters": {"max_new_tokens": 1024}}) == 50
+def test_timeout_budget_is_upstreams() -> None:
+    # clamp(max(30, 10 * floor(log2(max_new_tokens / 256)) + 30), 60, 300); default 1024 tokens
+    assert request_timeout_s({}) == 60
+    assert request_timeout_s({"sampling_parameters": {"max_new_tokens": 1024}}) == 60
+    assert request_timeout_s({"sampling_parameters": {"max_new_tokens": 8}}) == 60
     assert request_timeout_s({"max_tokens": 4096}) == 70
+    assert request_timeout_s({"sampling_parameters": {"max_new_tokens": 16384}}) == 90
+    assert request_timeout_s({"sampling_parameters": {"max_new_tokens": 2**40}}) == 300
+    # the client's `timeout` field, clamped the same way
+    assert request_timeout_s({"timeout": 10, "sampling_parameters": {"max_new_tokens": 16384}}) == 60
+    assert request_timeout_s({"timeout": 120}) == 120
+    assert request_timeout_s({"timeout": 1000}) == 300
 
 
 def text_of(events: list[Any]) -> str:
-    return "".join(e.data["choices"][0]["delta"].get("content") or "" for e in events if isinstance(e, Chunk))
+    return "".join(e.text or "" for e in events if isinstance(e, Chunk))
 
 
 async def test_a_broken_winner_is_continued_by_a_miner_that_said_the_same(

@@ -23,6 +23,7 @@ from bittensor_core import Keypair
 from actors.scoring import ScoringForwarder, encode_payload
 from actors.spool import Spool
 from config.settings import ScoringSettings, Settings
+from engine import jsonio
 from engine.epistula import Signer, Verifier
 from engine.organic import MinerAnswer, OrganicResult
 from engine.snapshot import SnapshotCell
@@ -47,7 +48,7 @@ def organic(i: int, uids: Iterable[int] = (12, 40, 7), task: str = "InferenceTas
             uid=uid, hotkey=hotkey(f"miner{uid}"),
             chunks=[f"r{i}-m{uid}-a", f"r{i}-m{uid}-b"] if uid % 2 == 0 else [f"r{i}-m{uid}"],
             timings=[0.01 * uid, 0.02 * uid] if uid % 2 == 0 else [0.03 * uid],
-            raw_chunks=[{"choices": [{"index": 0, "delta": {"content": f"r{i}-m{uid}"}}]}],
+            raw_chunks=[jsonio.dumps({"choices": [{"index": 0, "delta": {"content": f"r{i}-m{uid}"}}]})],
         )
         for uid in uids
     )
@@ -386,7 +387,7 @@ async def test_a_payload_that_is_not_json_is_dropped_and_counted_the_rest_delive
         nursery: trio.Nursery, make: MakeForwarder, validators: Validators) -> None:
     forwarder: ScoringForwarder = await nursery.start(make().run)
     broken = organic(1)
-    broken.answers[0].raw_chunks.append({"choices": {1, 2}})  # a set: no JSON for it
+    broken.body["extra"] = {1, 2}  # a set: no JSON for it
     for result in (organic(0), broken, organic(2)):
         forwarder.submit_nowait(result)
     await until(lambda: len(validators.delivered) == 2)

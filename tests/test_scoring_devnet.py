@@ -24,6 +24,7 @@ from actors.spool import Spool
 from config.settings import AuthSettings, AvailabilitySettings, ScoringSettings, ServerSettings, Settings
 from devnet.network import DEFAULT_GATEWAY_URI, Devnet
 from devnet.validator import Validator
+from engine import jsonio
 from engine.epistula import Signer
 from engine.gateway import Gateway, run
 from engine.organic import MinerAnswer, OrganicResult
@@ -39,7 +40,7 @@ def organic(i: int, order: tuple[int, ...]) -> OrganicResult:
     answers = tuple(
         MinerAnswer(uid=uid, hotkey=f"miner-{uid}", chunks=[f"m{uid}:r{i}:{k}" for k in range(uid % 3 + 1)],
                     timings=[0.01 * (k + 1) for k in range(uid % 3 + 1)],
-                    raw_chunks=[{"choices": [{"index": 0, "delta": {"content": f"m{uid}:r{i}:{k}"}}]}
+                    raw_chunks=[jsonio.dumps({"choices": [{"index": 0, "delta": {"content": f"m{uid}:r{i}:{k}"}}]})
                                 for k in range(uid % 3 + 1)])
         for uid in order
     )

@@ -230,7 +230,7 @@ def test_only_the_trial_a_request_holds_is_given_back() -> None:
     clock[0] = 11.0
     first = health.asking(1)
     assert first == 1 and not health.allows(1)
-    health.failed(1, "HTTP 500")  # another request, naming the uid, failed: open again, for longer
+    health.failed(1, "HTTP 500", first)  # the trial failed: open again, for longer
     clock[0] = 100.0
     second = health.asking(1)
     assert second == 2
@@ -238,3 +238,30 @@ def test_only_the_trial_a_request_holds_is_given_back() -> None:
     assert not health.allows(1), "the second trial still runs"
     health.released(1, second)
     assert health.allows(1)
+
+
+def test_only_the_request_holding_the_trial_decides_it() -> None:
+    clock = [0.0]
+    health = MinerHealth(failure_threshold=1, cooldown_s=10, clock=lambda: clock[0])
+    health.failed(1, "HTTP 500")
+    clock[0] = 11.0
+    trial = health.asking(1)
+    # Requests started before the breaker opened end now: they are counted, they decide nothing.
+    health.failed(1, "HTTP 500")
+    health.succeeded(1, 0.1)
+    assert health.state(1) == "half_open" and not health.allows(1)
+    assert health.report()["1"]["failures"] == 2 and health.report()["1"]["successes"] == 1
+    health.succeeded(1, 0.1, trial)
+    assert health.state(1) == "closed"
+
+
+def test_requests_naming_their_miners_move_no_breaker() -> None:
+    health = MinerHealth(failure_threshold=2, cooldown_s=10, clock=lambda: 0.0)
+    for _ in range(5):
+        health.failed(1, "HTTP 500", moves=False)
+    assert health.state(1) == "closed" and health.report()["1"]["failures"] == 5
+    health.failed(1, "HTTP 500")
+    health.failed(1, "HTTP 500")
+    assert health.state(1) == "open"
+    health.succeeded(1, 0.1, moves=False)
+    assert health.state(1) == "open"

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.sse import SseData, encode_event
+from engine.sse import SseData, SseTooLarge, encode_event
 
 STREAM = (b": a comment\r\n"
           b"data: {\"a\": 1}\r\n\r\n"
@@ -17,8 +18,8 @@ STREAM = (b": a comment\r\n"
 EVENTS = [b'{"a": 1}', b'{"b":2}', b"line one\nline two", b"[DONE]"]
 
 
-def parse(pieces: list[bytes]) -> list[bytes]:
-    parser = SseData()
+def parse(pieces: list[bytes], limit: int = 200_000) -> list[bytes]:
+    parser = SseData(limit)
     events = [event for piece in pieces for event in parser.feed(piece)]
     return events + parser.end()
 
@@ -50,3 +51,21 @@ def test_a_long_line_in_many_pieces_is_one_event() -> None:
     line = b"data: " + b"x" * 100_000
     pieces = [line[i:i + 100] for i in range(0, len(line), 100)] + [b"\n\ndata: [DONE]\n\n"]
     assert parse(pieces) == [b"x" * 100_000, b"[DONE]"]
+
+
+def test_a_line_over_the_limit_is_refused_before_it_ends() -> None:
+    parser = SseData(1000)
+    assert parser.feed(b"data: [1]\n\n") == [b"[1]"]
+    parser.feed(b"data: " + b"x" * 900)
+    with pytest.raises(SseTooLarge):
+        parser.feed(b"x" * 200)  # no line end in sight: refused now, not when (if ever) it ends
+
+
+@pytest.mark.parametrize("stream", [
+    b"data: " + b"y" * 2000 + b"\n\n",  # one whole line in one piece
+    b"data: " + b"z" * 600 + b"\ndata: " + b"z" * 600 + b"\n\n",  # an event of many lines
+])
+def test_an_event_over_the_limit_is_refused(stream: bytes) -> None:
+    with pytest.raises(SseTooLarge):
+        parse([stream], limit=1000)
+    assert parse([stream], limit=5000)

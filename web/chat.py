@@ -1,17 +1,17 @@
 """`POST /v1/chat/completions`, `GET /v1/models` and the miners' status page.
 
 A chat request is fanned out to several miners. Streaming: the first miner to send content wins and
-its chunks are passed on (one stable id, the requested model name, the miner's finish_reason), then
-`[DONE]`; a winner that breaks mid-stream ends the stream with an error event and no `[DONE]`.
-Non-streaming: the first complete valid answer. Mixture of miners: a first round answered by several
-miners (never waiting past its deadline), then one healthy, high-incentive miner combines them.
+its text is passed on (one stable id, the requested model name, its finish_reason), then `[DONE]`; a
+winner that breaks mid-stream with nobody to take over ends the stream with an error event and no
+`[DONE]`. While a streaming client waits (for the first token, or a slow miner), an SSE comment goes out
+every `fanout.sse_keepalive_s`, so clients and proxies do not time out. Non-streaming: the first
+complete valid answer. Mixture of miners: a first round answered by several miners (never waiting past
+its deadline), then one healthy, high-incentive miner combines them.
 """
 
 from __future__ import annotations
 
-import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import trio
@@ -20,18 +20,18 @@ from quart import request as quart_request
 
 from actors.fanout import Broken, Chunk, Complete, End, Event, Failed, FanoutJob
 from engine.gateway import CLOSE_CALLBACKS
-from engine.organic import MinerAnswer
 from engine.services import Services
 from engine.sse import DONE_EVENT, encode_event
 from web.auth import Grant, authorize, rate_limit_headers_on_errors
 from web.body import json_body
-from web.chat_request import ChatRequest, parse_chat_request
+from web.chat_request import DEFAULT_MODEL_ALIAS, ChatRequest, parse_chat_request
+from web.completion_format import ChatStream, completion_body, usage_of
 from web.errors import ApiError, fanout_errors, json_response
 
-DEFAULT_MODEL_NAME = "sn1"
 MIXTURE_PREAMBLE = "I have received the following answers from other assistants:"
 MIXTURE_CLOSING = "I will now combine them into one concise reply."
 MIXTURE_MIN_GRACE_S = 0.5
+KEEPALIVE_COMMENT = b": keep-alive\n\n"
 
 
 def mixture_message(answers: list[str]) -> dict[str, str]:
@@ -39,17 +39,43 @@ def mixture_message(answers: list[str]) -> dict[str, str]:
     return {"role": "assistant", "content": f"{MIXTURE_PREAMBLE}\n\n{numbered}\n\n{MIXTURE_CLOSING}"}
 
 
+def answered_model(request: ChatRequest) -> str:
+    """The model name the client's answer carries: the one it asked for, or the one "Default" means."""
+    requested = request.requested_model
+    return request.model if requested is None or requested == DEFAULT_MODEL_ALIAS else requested
+
+
+def resolve_model(services: Services, request: ChatRequest) -> ChatRequest:
+    """A model that no miner advertises goes to miners for the task as the subnet's default model (as
+    upstream serves it), so that validators can score the answers; `fanout.strict_models` keeps it a 404."""
+    fanout = services.settings.fanout
+    if fanout.strict_models or request.model == fanout.default_model:
+        return request
+    if services.selector.index().serves_model(request.model):
+        return request
+    return request.with_model(fanout.default_model)
+
+
 def start_job(services: Services, request: ChatRequest, body: dict[str, Any], *, mode: str,
-              k: int | None = None, final: bool = False, exclude: tuple[int, ...] = ()) -> FanoutJob:
-    """Choose the miners and start asking them; selection and overload become client errors."""
+              final: bool = False, exclude: tuple[int, ...] = ()) -> FanoutJob:
+    """Choose the miners and start asking them; selection and overload become client errors.
+
+    A request naming its `uids` asks exactly those and moves no miner's breaker; otherwise
+    `fanout.extra_scoring_miners` more miners, drawn at random, answer for scoring only."""
+    settings = services.settings.fanout
+    selector = services.selector
+    scoring_only: list[Any] = []
     with fanout_errors():
         if final:
-            miners = [services.selector.best(request.task, request.model, exclude=exclude)]
+            miners = [selector.best(request.task, request.model, exclude=exclude)]
         elif request.uids is not None:
-            miners = services.selector.explicit(request.uids)
+            miners = selector.explicit(request.uids)
         else:
-            miners = services.selector.pick(request.task, request.model, k or services.settings.fanout.miners)
-        return services.fanout.start(body, miners, mode=mode, task=request.task)  # type: ignore[arg-type]
+            miners = selector.pick(request.task, request.model, settings.miners, fallback=not settings.strict_models)
+            if settings.extra_scoring_miners and mode != "all":
+                scoring_only = selector.extra(settings.extra_scoring_miners, exclude=[n.uid for n in miners])
+        return services.fanout.start(body, miners, mode=mode, task=request.task,  # type: ignore[arg-type]
+                                     scoring_only=scoring_only, moves_breakers=request.uids is None)
 
 
 def failed_error(event: Failed) -> ApiError:
@@ -58,60 +84,24 @@ def failed_error(event: Failed) -> ApiError:
                     details=reasons)
 
 
-async def first_event(job: FanoutJob, budget_s: float, *, what: str) -> Event:
-    """The job's first event within `budget_s`; 504 when none came (the job goes on for scoring)."""
-    with trio.move_on_after(budget_s):
+def first_token_timeout(services: Services, job: FanoutJob) -> ApiError:
+    return ApiError(504, f"No miner produced a first token within {first_token_budget_s(services, job):g}s.",
+                    code="miner_timeout")
+
+
+def first_token_budget_s(services: Services, job: FanoutJob) -> float:
+    """`fanout.first_token_timeout_s`, or (0, the default) the request's own time budget."""
+    return services.settings.fanout.first_token_timeout_s or job.timeout_s
+
+
+async def next_event(job: FanoutJob, timeout_s: float) -> Event | None:
+    """The job's next event within `timeout_s`, else None."""
+    with trio.move_on_after(timeout_s):
         try:
             return await job.receive.receive()
         except trio.EndOfChannel:
-            raise ApiError(502, "The miners' answers ended without a result.", code="miners_failed") from None
-    job.release()
-    raise ApiError(504, f"No miner produced {what} within {budget_s:g}s.", code="miner_timeout")
-
-
-class ChatStream:
-    """Turns the winner's chunks into the client's OpenAI chunks."""
-
-    def __init__(self, model: str | None) -> None:
-        self.id = f"chatcmpl-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.model = model
-        self.sent_role = False
-        self.sent_finish = False
-
-    def chunk(self, raw: Mapping[str, Any]) -> dict[str, Any]:
-        if self.model is None:
-            self.model = raw.get("model") if isinstance(raw.get("model"), str) else DEFAULT_MODEL_NAME
-        choices = raw.get("choices")
-        choice = dict(choices[0]) if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
-        delta = dict(choice.get("delta") or {}) if isinstance(choice.get("delta"), dict) else {}
-        if not self.sent_role:
-            delta.setdefault("role", "assistant")
-            self.sent_role = True
-        choice.update({"index": 0, "delta": delta, "finish_reason": choice.get("finish_reason")})
-        if choice["finish_reason"] is not None:
-            self.sent_finish = True
-        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                "model": self.model, "choices": [choice]}
-
-    def finish(self, reason: str | None) -> dict[str, Any]:
-        self.sent_finish = True
-        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                "model": self.model or DEFAULT_MODEL_NAME,
-                "choices": [{"index": 0, "delta": {}, "finish_reason": reason or "stop"}]}
-
-
-def estimated_prompt_tokens(messages: list[dict[str, Any]]) -> int:
-    """About one token per four characters of the messages' text, plus a few per message."""
-    chars = 0
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, str):
-            chars += len(content)
-        elif isinstance(content, list):
-            chars += sum(len(part["text"]) for part in content
-                         if isinstance(part, dict) and isinstance(part.get("text"), str))
-    return -(-chars // 4) + 4 * len(messages)
+            return Broken("the miners' answers ended without a result")
+    return None
 
 
 def on_close(callback: Callable[[], object]) -> None:
@@ -121,58 +111,78 @@ def on_close(callback: Callable[[], object]) -> None:
     callbacks.append(callback)
 
 
-def usage_of(answer: MinerAnswer | None, messages: list[dict[str, Any]]) -> dict[str, int] | None:
-    """OpenAI `usage`, all three counts: the miner's own where it sent them; else one completion token
-    per content chunk (Subnet 1 miners stream a token a chunk) and the prompt estimated by length."""
-    if answer is None:
-        return None
-    reported: dict[str, Any] = {}
-    for raw in reversed(answer.raw_chunks):
-        if isinstance(raw.get("usage"), dict):
-            reported = raw["usage"]
-            break
-
-    def count(name: str, fallback: int) -> int:
-        value = reported.get(name)
-        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else fallback
-
-    completion = count("completion_tokens", len(answer.chunks))
-    prompt = count("prompt_tokens", estimated_prompt_tokens(messages))
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def record_usage(services: Services, grant: Grant, usage: dict[str, int] | None) -> None:
-    services.keys.record_usage_nowait(grant.key_id, tokens=(usage or {}).get("completion_tokens", 0))
+def record_usage(services: Services, grant: Grant, usage: dict[str, int]) -> None:
+    services.keys.record_usage_nowait(grant.key_id, tokens=usage["completion_tokens"])
 
 
 async def stream_response(services: Services, grant: Grant, request: ChatRequest, job: FanoutJob) -> Response:
-    event = await first_event(job, services.settings.fanout.first_token_timeout_s, what="a first token")
-    if isinstance(event, Failed):
-        raise failed_error(event)
-    out = ChatStream(request.model)
+    """A streamed answer. The 200 is committed only once there is something to say or, with nothing yet,
+    after one keep-alive period: a fast failure keeps its status (502, 504); later ones are error events."""
+    keepalive_s = services.settings.fanout.sse_keepalive_s
+    first_deadline = job.started + first_token_budget_s(services, job)
+    first = await next_event(job, min(keepalive_s, first_deadline - trio.current_time()))
+    if isinstance(first, Failed):
+        raise failed_error(first)
+    if first is None and trio.current_time() >= first_deadline:
+        job.release()
+        raise first_token_timeout(services, job)
+    if isinstance(first, Broken):
+        raise ApiError(502, "The miners' answers ended without a result.", code="miners_failed")
+    out = ChatStream(answered_model(request), logprobs=request.logprobs, top_logprobs=request.top_logprobs)
+    recorded = False
+
+    def account(usage: dict[str, int]) -> None:
+        nonlocal recorded
+        if not recorded:
+            recorded = True
+            record_usage(services, grant, usage)
+
+    def account_relayed() -> None:
+        """The exchange ended before the answer did (the client left): what was relayed counts."""
+        account(usage_of(job.winner_answer, request.messages, budget=request.max_new_tokens, relayed=out.relayed))
+
+    on_close(account_relayed)
 
     def render(current: Event) -> tuple[bytes, bool]:
         """The client's bytes for one event, and whether the stream ends with it."""
         if isinstance(current, Chunk):
-            return encode_event(out.chunk(current.data)), False
-        usage = usage_of(job.winner_answer, request.messages)
+            return encode_event(out.chunk(current.text, current.choice)), False
         if isinstance(current, End):
-            parts = [] if out.sent_finish else [encode_event(out.finish(current.finish_reason))]
-            if request.include_usage and usage is not None:
-                parts.append(encode_event({**out.finish(None), "choices": [], "usage": usage}))
+            usage = usage_of(job.winner_answer, request.messages, budget=request.max_new_tokens)
+            parts = [encode_event(out.finish(current.finish_reason))]
+            if request.include_usage:
+                parts.append(encode_event(out.usage_chunk(usage)))
             parts.append(DONE_EVENT)
+            account(usage)
+            return b"".join(parts), True
+        if isinstance(current, Broken):
+            error = ApiError(502, f"The miner's answer broke off: {current.error}", code="miner_stream_broken")
+        elif isinstance(current, Failed):
+            error = failed_error(current)
         else:
-            message = current.error if isinstance(current, Broken) else "every miner failed"
-            parts = [encode_event(ApiError(502, f"The miner's answer broke off: {message}",
-                                           code="miner_stream_broken").body())]
-        record_usage(services, grant, usage)
-        return b"".join(parts), True
+            error = ApiError(502, "The miners' answers ended without a result.", code="miners_failed")
+        account_relayed()
+        return encode_event(error.body()), True
 
     async def events() -> AsyncIterator[bytes]:
         """One write per wake-up: chunks that queued up meanwhile (a loaded gateway, a fast miner) go
         out together, as one send, instead of one send and one pass through the server each."""
-        current: Event = event
+        current: Event | None = first
         while True:
+            if current is None:
+                wait = keepalive_s
+                if out.relayed == 0:
+                    remaining = first_deadline - trio.current_time()
+                    if remaining <= 0:
+                        job.release()
+                        account_relayed()
+                        yield encode_event(first_token_timeout(services, job).body())
+                        return
+                    wait = min(wait, remaining)
+                current = await next_event(job, wait)
+                if current is None:
+                    yield KEEPALIVE_COMMENT
+                    continue
             data, done = render(current)
             parts = [data]
             while not done:
@@ -187,10 +197,7 @@ async def stream_response(services: Services, grant: Grant, request: ChatRequest
             yield b"".join(parts) if len(parts) > 1 else parts[0]
             if done:
                 return
-            try:
-                current = await job.receive.receive()
-            except trio.EndOfChannel:
-                current = Broken("the answer ended unexpectedly")
+            current = None
 
     headers = {**grant.headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                "X-Request-Id": job.request_id}
@@ -200,25 +207,18 @@ async def stream_response(services: Services, grant: Grant, request: ChatRequest
 
 
 async def complete_response(services: Services, grant: Grant, request: ChatRequest, job: FanoutJob) -> Response:
-    event = await first_event(job, job.timeout_s, what="a complete answer")
+    event = await next_event(job, job.timeout_s)
     job.release()
+    if event is None:
+        raise ApiError(504, f"No miner produced a complete answer within {job.timeout_s:g}s.", code="miner_timeout")
     if isinstance(event, Failed):
         raise failed_error(event)
     if not isinstance(event, Complete):
         raise ApiError(502, "The miners' answers ended without a result.", code="miners_failed")
-    answer = event.answer
-    out = ChatStream(request.model)
-    if out.model is None:
-        first = answer.raw_chunks[0] if answer.raw_chunks else {}
-        out.model = first.get("model") if isinstance(first.get("model"), str) else DEFAULT_MODEL_NAME
-    body: dict[str, Any] = {
-        "id": out.id, "object": "chat.completion", "created": out.created, "model": out.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
-                     "finish_reason": answer.finish_reason or "stop", "logprobs": None}],
-    }
-    if (usage := usage_of(answer, request.messages)) is not None:
-        body["usage"] = usage
+    usage = usage_of(event.answer, request.messages, budget=request.max_new_tokens)
     record_usage(services, grant, usage)
+    body = completion_body(event.answer, answered_model(request), usage, logprobs=request.logprobs,
+                           top_logprobs=request.top_logprobs)
     return json_response(body, headers={**grant.headers, "X-Request-Id": job.request_id})
 
 
@@ -238,8 +238,7 @@ async def mixture_job(services: Services, request: ChatRequest) -> FanoutJob:
     on_close(first_round.release)  # also when the client leaves during the first round
     await wait_first_round(first_round, services.settings.fanout.mixture_deadline_s)
     first_round.release()
-    answers = [a for a in first_round.answers
-               if a.chunks and not a.error and (a.completed or a.finish_reason is not None)]
+    answers = [a for a in first_round.answers if a.whole]
     if not answers:  # none whole in time: take what has arrived
         answers = [a for a in first_round.answers if a.chunks]
     if not answers:
@@ -260,7 +259,8 @@ def blueprint(services: Services) -> Blueprint:
     async def chat_completions() -> Response:
         grant = await authorize(services)
         with rate_limit_headers_on_errors(grant):
-            request = parse_chat_request(await json_body())
+            request = parse_chat_request(await json_body(), default_model=services.settings.fanout.default_model)
+            request = resolve_model(services, request)
             if request.mixture:
                 job = await mixture_job(services, request)
             else:

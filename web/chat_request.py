@@ -1,15 +1,23 @@
 """Validating an OpenAI chat request and turning it into the body miners receive.
 
 Clients send the OpenAI fields plus SN1's own (`task`, `mixture`, `sampling_parameters`, `seed`,
-`uids`, `inference_mode`), at the top level (where the official client puts `extra_body`) or inside a
-literal `extra_body` object. Each problem is a 400 that names the parameter.
+`uids`, `inference_mode`, `tools`, `timeout`, `json_format`, `test_time_inference`), at the top level
+(where the official client puts `extra_body`) or inside a literal `extra_body` object. Each problem is a
+400 that names the parameter: a request miners would refuse for its own input (a 422 for a sampling
+parameter of the wrong type, say) must never reach them, or it would count against honest miners.
+
+Sampling starts from upstream's defaults; the OpenAI fields and then `sampling_parameters` override
+them key by key. Only known sampling parameters with numbers (or booleans) in range are accepted: the
+validator that scores the answers declares `sampling_params: dict[str, float]`.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from actors.availability import KNOWN_TASKS
@@ -17,15 +25,42 @@ from web.errors import ApiError
 
 ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function"})
 MIXTURE_MODES = frozenset({"Mixture-of-Agents", "mixture-of-agents", "mixture"})
-DEFAULT_SAMPLING = {"temperature": 0.7, "top_p": 0.95, "top_k": 50, "max_new_tokens": 256, "do_sample": True}
+REASONING_MODE = "Reasoning-Fast"  # upstream: task MultiStepReasoningTask, then ordinary chat
+DEFAULT_MODEL_ALIAS = "Default"  # exact, as upstream: the subnet's default model
+DEFAULT_SAMPLING: Mapping[str, float | int | bool] = {
+    "temperature": 0.7, "top_p": 0.95, "top_k": 50, "max_new_tokens": 1024, "do_sample": True}
+MAX_NEW_TOKENS = 32_768
+# Sampling parameters miners accept: name -> (kind, low, high). "int" and "float" are inclusive ranges.
+SAMPLING_SPEC: Mapping[str, tuple[str, float, float]] = {
+    "temperature": ("float", 0.0, 2.0),
+    "top_p": ("float", 0.0, 1.0),
+    "top_k": ("int", -1, 1_000_000),
+    "min_p": ("float", 0.0, 1.0),
+    "typical_p": ("float", 0.0, 1.0),
+    "max_new_tokens": ("int", 1, MAX_NEW_TOKENS),
+    "min_new_tokens": ("int", 0, MAX_NEW_TOKENS),
+    "repetition_penalty": ("float", 0.0, 10.0),
+    "presence_penalty": ("float", -2.0, 2.0),
+    "frequency_penalty": ("float", -2.0, 2.0),
+    "length_penalty": ("float", -10.0, 10.0),
+    "no_repeat_ngram_size": ("int", 0, 1_000),
+    "num_beams": ("int", 1, 16),
+    "best_of": ("int", 1, 16),
+    "seed": ("int", 0, 2**32 - 1),
+    "do_sample": ("bool", 0, 1),
+}
 # OpenAI fields and the sampling parameter each maps to, for miners.
 SAMPLING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
                    "max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
-                   "stop": "stop", "presence_penalty": "presence_penalty",
-                   "frequency_penalty": "frequency_penalty"}
+                   "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}
 # Fields the gateway consumes itself and never sends on.
-GATEWAY_ONLY = frozenset({"uids", "mixture", "extra_body", "stream_options", "n", "inference_mode"})
+GATEWAY_ONLY = frozenset({"uids", "mixture", "extra_body", "stream_options", "n", "logprobs", "top_logprobs",
+                          "user", "metadata", "store", "parallel_tool_calls", "tool_choice"})
 MAX_SEED = 2**32 - 1
+MAX_TOOLS = 128
+MAX_STOP = 4
+MAX_STOP_CHARS = 256
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound
 
 
 def bad(param: str, message: str) -> ApiError:
@@ -34,12 +69,15 @@ def bad(param: str, message: str) -> ApiError:
 
 @dataclass(frozen=True)
 class ChatRequest:
-    model: str | None
+    model: str  # the model asked of miners (the subnet's default when the client named none or "Default")
+    requested_model: str | None  # the model as the client wrote it, echoed in the answer
     stream: bool
     task: str
     mixture: bool
     uids: tuple[int, ...] | None
     include_usage: bool
+    logprobs: bool
+    top_logprobs: int | None
     miner_body: dict[str, Any]  # exactly what miners get (stream always true: miners always stream)
 
     @property
@@ -47,23 +85,39 @@ class ChatRequest:
         messages: list[dict[str, Any]] = self.miner_body["messages"]
         return messages
 
+    @property
+    def max_new_tokens(self) -> int:
+        budget: int = self.miner_body["sampling_parameters"]["max_new_tokens"]
+        return budget
+
+    def with_model(self, model: str) -> ChatRequest:
+        """The same request asking miners for `model` (a model no miner serves falls back to the default)."""
+        if model == self.model:
+            return self
+        return replace(self, model=model, miner_body={**self.miner_body, "model": model})
+
+
+def _check(value: Any, name: str, kind: str, low: float, high: float) -> int | float | bool:
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise bad(name, f"'{name}' must be a boolean.")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float) or (kind == "int" and not isinstance(value, int)):
+        raise bad(name, f"'{name}' must be {'an integer' if kind == 'int' else 'a number'} "
+                        f"between {low:g} and {high:g}.")
+    if not low <= value <= high:
+        raise bad(name, f"'{name}' must be between {low:g} and {high:g}.")
+    return value
+
 
 def _number(data: Mapping[str, Any], name: str, low: float, high: float) -> float | None:
     value = data.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-        raise bad(name, f"'{name}' must be a number between {low:g} and {high:g}.")
-    return float(value)
+    return None if value is None else float(_check(value, name, "float", low, high))
 
 
 def _int(data: Mapping[str, Any], name: str, low: int, high: int) -> int | None:
     value = data.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise bad(name, f"'{name}' must be an integer between {low} and {high}.")
-    return value
+    return None if value is None else int(_check(value, name, "int", low, high))
 
 
 def _bool(value: Any, name: str) -> bool:
@@ -103,7 +157,47 @@ def _messages(value: Any) -> list[dict[str, Any]]:
     return out
 
 
-def parse_chat_request(data: Any, *, rng: random.Random | None = None) -> ChatRequest:
+def _sampling(params: Mapping[str, Any]) -> dict[str, int | float | bool]:
+    checked: dict[str, int | float | bool] = {}
+    for name, value in params.items():
+        if name == "mixture":
+            continue  # the seed document's spelling of the gateway's own `mixture` flag
+        spec = SAMPLING_SPEC.get(name)
+        if spec is None:
+            raise bad(f"sampling_parameters.{name}", f"Unknown sampling parameter {name!r}; known: "
+                      f"{', '.join(sorted(SAMPLING_SPEC))}.")
+        checked[name] = _check(value, f"sampling_parameters.{name}", *spec)
+    return checked
+
+
+def _stop(value: Any) -> str | list[str] | None:
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else value
+    if (not isinstance(items, list) or len(items) > MAX_STOP
+            or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in items)):
+        raise bad("stop", f"'stop' must be a string or an array of at most {MAX_STOP} non-empty strings of at "
+                          f"most {MAX_STOP_CHARS} characters.")
+    return value
+
+
+def _tools(value: Any) -> list[dict[str, Any]] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) > MAX_TOOLS or not all(isinstance(t, dict) for t in value):
+        raise bad("tools", f"'tools' must be an array of at most {MAX_TOOLS} tool objects.")
+    return value
+
+
+def _timeout(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or not 0 < value <= 3600:
+        raise bad("timeout", "'timeout' must be a number of seconds between 0 and 3600 (60 to 300 are used).")
+    return value
+
+
+def parse_chat_request(data: Any, *, default_model: str, rng: random.Random | None = None) -> ChatRequest:
     if not isinstance(data, dict):
         raise ApiError(400, "The request body must be a JSON object.", code="invalid_request")
     extra = data.get("extra_body")
@@ -112,11 +206,17 @@ def parse_chat_request(data: Any, *, rng: random.Random | None = None) -> ChatRe
             raise bad("extra_body", "'extra_body' must be an object.")
         data = {**data, **extra}
     messages = _messages(data.get("messages"))
-    model = data.get("model")
-    if model is not None and (not isinstance(model, str) or not model.strip()):
+    requested = data.get("model")
+    if requested is not None and (not isinstance(requested, str) or not requested.strip()):
         raise bad("model", "'model' must be a non-empty string or null.")
+    model = default_model if requested is None or requested == DEFAULT_MODEL_ALIAS else requested
     stream = _bool(data.get("stream"), "stream")
-    task = data.get("task", "InferenceTask")
+    mode = data.get("inference_mode")
+    if mode is not None and not isinstance(mode, str):
+        raise bad("inference_mode", "'inference_mode' must be a string.")
+    task = data.get("task")
+    if task is None:
+        task = "MultiStepReasoningTask" if mode == REASONING_MODE else "InferenceTask"
     if not isinstance(task, str) or task not in KNOWN_TASKS:
         raise bad("task", f"Unknown task {task!r}; known tasks: {', '.join(KNOWN_TASKS)}.")
     params = data.get("sampling_parameters")
@@ -124,46 +224,49 @@ def parse_chat_request(data: Any, *, rng: random.Random | None = None) -> ChatRe
     if not isinstance(params, dict):
         raise bad("sampling_parameters", "'sampling_parameters' must be an object.")
     mixture = _bool(data.get("mixture"), "mixture") or _bool(params.get("mixture"), "sampling_parameters.mixture")
-    mode = data.get("inference_mode")
-    if mode is not None and not isinstance(mode, str):
-        raise bad("inference_mode", "'inference_mode' must be a string.")
     mixture = mixture or mode in MIXTURE_MODES
-    n = _int(data, "n", 1, 1)
-    del n  # one choice per request is all miners give
-    _number(data, "temperature", 0.0, 2.0)
-    _number(data, "top_p", 0.0, 1.0)
-    _int(data, "top_k", 1, 100_000)
-    _number(data, "presence_penalty", -2.0, 2.0)
-    _number(data, "frequency_penalty", -2.0, 2.0)
-    _int(data, "max_tokens", 1, 1_000_000)
-    _int(data, "max_completion_tokens", 1, 1_000_000)
-    _int(params, "max_new_tokens", 1, 1_000_000)
+    _int(data, "n", 1, 1)  # one choice per request is all miners give
+    _bool(data.get("json_format"), "json_format")
+    _bool(data.get("test_time_inference"), "test_time_inference")
+    openai_sampling: dict[str, int | float | bool] = {}
+    for name, target in SAMPLING_FIELDS.items():
+        if data.get(name) is not None:
+            openai_sampling[target] = _check(data[name], name, *SAMPLING_SPEC[target])
     seed = _int(data, "seed", 0, MAX_SEED)
     if seed is None:
         seed = (rng or random.Random()).randint(0, MAX_SEED)
     uids = data.get("uids")
     if uids is not None:
-        if (not isinstance(uids, list) or not uids
+        if (not isinstance(uids, list) or not uids or len(uids) > 256
                 or not all(isinstance(u, int) and not isinstance(u, bool) and u >= 0 for u in uids)):
-            raise bad("uids", "'uids' must be a non-empty array of non-negative integers.")
+            raise bad("uids", "'uids' must be a non-empty array of at most 256 non-negative integers.")
         uids = tuple(uids)
     options = data.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise bad("stream_options", "'stream_options' must be an object.")
     include_usage = bool(options and options.get("include_usage") is True)
+    logprobs = _bool(data.get("logprobs"), "logprobs")
+    top_logprobs = _int(data, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    stop = _stop(data.get("stop"))
+    tools = _tools(data.get("tools"))
+    timeout = _timeout(data.get("timeout"))
 
-    sampling = dict(DEFAULT_SAMPLING)
-    for name, target in SAMPLING_FIELDS.items():
-        if data.get(name) is not None:
-            sampling[target] = data[name]
-    sampling.update({k: v for k, v in params.items() if k != "mixture"})
+    sampling = {**DEFAULT_SAMPLING, **openai_sampling, **_sampling(params)}
+    if tools is not None:  # upstream: the tool list also goes to miners as a last tool message
+        messages = [*messages, {"role": "tool", "content": json.dumps(tools)}]
     body: dict[str, Any] = {
         k: v for k, v in data.items()
-        if k not in GATEWAY_ONLY and k not in ("messages", "model", "stream", "task", "seed", "sampling_parameters")
+        if k not in GATEWAY_ONLY and k not in SAMPLING_FIELDS
+        and k not in ("messages", "model", "stream", "task", "seed", "sampling_parameters", "stop", "timeout")
     }
     body.update({
         "model": model, "messages": messages, "stream": True, "seed": seed, "task": task,
         "sampling_parameters": sampling,
     })
-    return ChatRequest(model=model, stream=stream, task=task, mixture=mixture, uids=uids,
-                       include_usage=include_usage, miner_body=body)
+    if stop is not None:
+        body["stop"] = stop
+    if timeout is not None:
+        body["timeout"] = timeout
+    return ChatRequest(model=model, requested_model=requested, stream=stream, task=task, mixture=mixture,
+                       uids=uids, include_usage=include_usage, logprobs=logprobs, top_logprobs=top_logprobs,
+                       miner_body=body)
