@@ -7,7 +7,6 @@ bytes sent. See PROTOCOL.md section 1.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import time
 import uuid as uuidlib
@@ -21,18 +20,13 @@ VERSION = "2"
 MAX_AGE_MS = 8_000
 MAX_FUTURE_SKEW_MS = 2_000
 MAX_HEADER_VALUE = 256
-_HEADER_NAME = re.compile(r"[A-Za-z0-9_\-]{1,64}")  # with fullmatch: a `$` anchor lets "task\n" through
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
-MAX_ROUTING_HEADERS = 32
-# Body fields that are never copied into headers.
-_NOT_ROUTED = frozenset({"messages", "model", "stream"})
-# Header names a client's body field must never set: HTTP framing, hop-by-hop, credentials, and the
-# headers the gateway sets itself (compared in lower case; `epistula-*` is refused by prefix).
-_RESERVED_HEADERS = frozenset({
-    "host", "content-length", "content-type", "content-encoding", "transfer-encoding", "connection",
-    "keep-alive", "upgrade", "te", "trailer", "expect", "proxy-authorization", "proxy-connection",
-    "authorization", "cookie", "accept", "accept-encoding", "user-agent", "x-client-timeout",
-})
+# The body fields also sent as plain headers of the same name: what deployed miners read (the reference
+# miner routes on `task` and reads `target_results` with its underscore) and the other scalar fields
+# upstream sends. An allowlist: a client's own fields never become headers (no `x-forwarded-for`,
+# `api-key`, or `content_length` that a server would read as `Content-Length`).
+ROUTED_FIELDS = ("task", "seed", "target_results", "timeout", "inference_mode", "json_format",
+                 "test_time_inference", "mixture")
 
 
 def _now_ms() -> int:
@@ -185,15 +179,13 @@ class Verifier:
 
 
 def header_value(value: Any) -> str | None:
-    """A body field as a safe single-line header value, or None when it cannot be one."""
+    """A scalar body field as a safe single-line header value, or None when it cannot be one."""
     if isinstance(value, bool):
         text = "true" if value else "false"
     elif isinstance(value, str):
         text = value
     elif isinstance(value, int | float):
         text = repr(value)
-    elif isinstance(value, dict | list):
-        text = json.dumps(value, separators=(",", ":"), ensure_ascii=True)
     else:
         return None
     # Printable ASCII only: httpx encodes header values as ASCII, so anything else would fail the send.
@@ -203,25 +195,12 @@ def header_value(value: Any) -> str | None:
 
 
 def routing_headers(body: Mapping[str, Any], *, client_timeout_s: float | None = None) -> dict[str, str]:
-    """Plain headers that deployed miners route on: each top-level field but messages/model/stream.
-
-    The body comes from a client, so names are limited to plain tokens that cannot set framing,
-    credentials or the gateway's own headers, values to one bounded line, and the count is capped.
-    """
+    """Plain headers that deployed miners route on: the `ROUTED_FIELDS` the body has, as one bounded
+    line each (values that cannot be one are left out), and `X-Client-Timeout`."""
     headers: dict[str, str] = {}
-    taken: set[str] = set()
-    for key, value in body.items():
-        if len(headers) >= MAX_ROUTING_HEADERS:
-            break
-        if not isinstance(key, str) or key in _NOT_ROUTED or not _HEADER_NAME.fullmatch(key):
-            continue
-        lower = key.lower()
-        if lower in _RESERVED_HEADERS or lower.startswith("epistula") or lower in taken:
-            continue
-        text = header_value(value)
-        if text is not None:
-            headers[key] = text
-            taken.add(lower)
+    for name in ROUTED_FIELDS:
+        if name in body and (text := header_value(body[name])) is not None:
+            headers[name] = text
     if client_timeout_s is not None:
         headers["X-Client-Timeout"] = f"{client_timeout_s:g}"
     return headers

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from engine.epistula import (
     MAX_HEADER_VALUE,
-    MAX_ROUTING_HEADERS,
+    ROUTED_FIELDS,
     BadSignature,
     EpistulaError,
     FutureRequest,
@@ -289,15 +289,16 @@ def test_remembered_uuids_are_bounded() -> None:
 # --- routing headers ------------------------------------------------------------------------------
 
 
-def test_top_level_scalars_become_headers_but_not_messages_model_or_stream() -> None:
+def test_routed_fields_become_headers_and_nothing_else() -> None:
     body = {
         "messages": [{"role": "user", "content": "x"}], "model": "m", "stream": True,
         "task": "WebRetrievalTask", "target_results": 3, "seed": 42, "timeout": 12.5,
         "mixture": False, "sampling_parameters": {"temperature": 0.7, "top_p": [1]},
+        "inference_mode": "Reasoning-Fast", "json_format": True,
     }
     assert routing_headers(body, client_timeout_s=30.0) == {
         "task": "WebRetrievalTask", "target_results": "3", "seed": "42", "timeout": "12.5",
-        "mixture": "false", "sampling_parameters": '{"temperature":0.7,"top_p":[1]}',
+        "mixture": "false", "inference_mode": "Reasoning-Fast", "json_format": "true",
         "X-Client-Timeout": "30",
     }
 
@@ -305,7 +306,6 @@ def test_top_level_scalars_become_headers_but_not_messages_model_or_stream() -> 
 @pytest.mark.parametrize(
     "body",
     [
-        {"task\n": "x"},
         {"task": "Inference\r\nX-Admin: 1"},
         {"task": "tab\tinside"},
         {"task": "nul\x00"},
@@ -313,43 +313,35 @@ def test_top_level_scalars_become_headers_but_not_messages_model_or_stream() -> 
         {"task": "x" * (MAX_HEADER_VALUE + 1)},
         {"task": "naïve"},  # not ASCII: httpx could not send it, so it is dropped rather than mangled
         {"task": "✓"},
-        {"bad name": "x"},
-        {"": "x"},
-        {"x" * 65: "x"},
+        {"task": None},
+        {"task": ["InferenceTask"]},
+        {"task": {"name": "InferenceTask"}},
+        # a client's own fields never become headers
+        {"x-forwarded-for": "10.0.0.1"},
+        {"forwarded": "for=10.0.0.1"},
+        {"api-key": "secret"},
+        {"transfer_encoding": "chunked"},
+        {"content_length": 0},
         {"Content-Length": 0},
-        {"content-type": "text/plain"},
         {"Host": "evil"},
-        {"Transfer-Encoding": "chunked"},
         {"authorization": "Bearer x"},
         {"X-Client-Timeout": 1},
         {"Epistula-Signed-By": "5F..."},
-        {"epistula_anything": "x"},
-        {"task": None},
+        {"TASK": "a"},
+        {"bad name": "x"},
     ],
 )
 def test_unsafe_fields_are_left_out(body: dict[str, Any]) -> None:
     assert routing_headers(body) == {}
 
 
-def test_a_field_differing_only_in_case_is_sent_once() -> None:
-    assert routing_headers({"task": "a", "TASK": "b", "Task": "c"}) == {"task": "a"}
-
-
-def test_the_number_of_routing_headers_is_capped() -> None:
-    body = {f"f{i}": i for i in range(100)}
-    headers = routing_headers(body, client_timeout_s=5)
-    assert len(headers) == MAX_ROUTING_HEADERS + 1  # and X-Client-Timeout
-    assert headers["f0"] == "0" and headers["X-Client-Timeout"] == "5"
-
-
 def test_header_values() -> None:
     assert header_value(True) == "true"
     assert header_value(3) == "3"
     assert header_value(0.1) == "0.1"
-    assert header_value({"a": "é"}) == '{"a":"\\u00e9"}'  # nested values as compact ASCII JSON
-    assert header_value(["line\nbreak"]) == '["line\\nbreak"]'  # escaped, so still one line
+    assert header_value({"a": "b"}) is None  # nested values are not sent as headers
+    assert header_value(["x"]) is None
     assert header_value(b"bytes") is None
-    assert header_value({"k": "v" * MAX_HEADER_VALUE}) is None
 
 
 json_values = st.recursive(
@@ -369,9 +361,8 @@ def test_routing_headers_are_always_single_bounded_lines_httpx_can_send(
     body: dict[str, Any], timeout: float | None
 ) -> None:
     headers = routing_headers(body, client_timeout_s=timeout)
-    assert len(headers) <= MAX_ROUTING_HEADERS + 1
+    assert set(headers) <= {*ROUTED_FIELDS, "X-Client-Timeout"}
     for name, value in headers.items():
-        assert re.fullmatch(r"[A-Za-z0-9_\-]{1,64}", name)
         assert name.lower() not in {"content-length", "host", "transfer-encoding", "content-type"}
         assert not re.search(r"[\x00-\x1f\x7f]", value)
         assert len(value) <= MAX_HEADER_VALUE
