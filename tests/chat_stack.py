@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -66,15 +67,22 @@ class Stack:
         return await self.client.post("/v1/chat/completions", json=body)
 
 
-@pytest.fixture
-async def stack(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Stack]:
+@asynccontextmanager
+async def open_stack(tmp_path: Path, nursery: trio.Nursery, **fanout: Any) -> AsyncIterator[Stack]:
+    """A gateway whose miners are scripted, with `fanout` settings overriding the defaults."""
     miners = Miners()
     gateway: Gateway = await nursery.start(lambda task_status: run(
-        settings_for(tmp_path), transport=miners.transport(), task_status=task_status))
+        settings_for(tmp_path, **fanout), transport=miners.transport(), task_status=task_status))
     key, _ = await gateway.services.keys.create(1000)
     async with httpx.AsyncClient(base_url=gateway.url, headers={"api-key": key}, timeout=30) as client:
         yield Stack(gateway, miners, key, client)
     gateway.shutdown()
+
+
+@pytest.fixture
+async def stack(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Stack]:
+    async with open_stack(tmp_path, nursery) as opened:
+        yield opened
 
 
 def sse_events(text: str) -> list[Any]:
@@ -84,3 +92,47 @@ def sse_events(text: str) -> list[Any]:
             data = block[6:]
             events.append(data if data == "[DONE]" else json.loads(data))
     return events
+
+
+@dataclasses.dataclass
+class AsgiResponse:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def asgi_post(app: Any, path: str, payload: Any, headers: dict[str, str]) -> AsgiResponse:
+    """One POST straight to the ASGI app, without a socket: for tests on the autojump clock, where a
+    real connection's waits would let virtual time run out from under it."""
+    body = json.dumps(payload).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "server": ("127.0.0.1", 1), "client": ("127.0.0.1", 2), "extensions": {},
+             "headers": [(b"host", b"x"), (b"content-type", b"application/json"),
+                         (b"content-length", str(len(body)).encode()),
+                         *((k.lower().encode(), v.encode()) for k, v in headers.items())]}
+    sent = [False]
+    done = trio.Event()
+    response = AsgiResponse(0, {}, b"")
+
+    async def receive() -> dict[str, Any]:
+        if not sent[0]:
+            sent[0] = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await done.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            response.status = message["status"]
+            response.headers = {k.decode().lower(): v.decode() for k, v in message.get("headers", [])}
+        elif message["type"] == "http.response.body":
+            response.body += message.get("body", b"")
+            if not message.get("more_body", False):
+                done.set()
+
+    await app(scope, receive, send)
+    return response
