@@ -195,6 +195,7 @@ class Miner:
         self.spared = frozenset(spared)
         self.gzip_bomb_bytes = gzip_bomb_bytes
         self.streams_open = 0  # response bodies being sent right now (they end when the client leaves)
+        self._stream_closed = trio.Event()  # replaced each time a body ends
         self.tasks = tuple(tasks)
         self.models = tuple(models)
         self.incentive = incentive
@@ -308,6 +309,13 @@ class Miner:
                 yield piece
         finally:
             self.streams_open -= 1
+            self._stream_closed.set()
+            self._stream_closed = trio.Event()
+
+    async def wait_streams_closed(self) -> None:
+        """Return once no response body is being sent (a test's proof that a stream stopped)."""
+        while self.streams_open:
+            await self._stream_closed.wait()
 
     async def _events(self, fault: MinerFault, chunks: ChunkMaker, reply: Reply) -> AsyncIterator[bytes]:
         pieces, finish = reply.pieces, reply.finish_reason

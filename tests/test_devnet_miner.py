@@ -409,8 +409,7 @@ async def test_numbers_and_booleans_are_valid_sampling_parameters(client: Client
 
 async def wait_streams_closed(miner: Miner) -> None:
     with trio.fail_after(3):
-        while miner.streams_open:
-            await trio.sleep(0.01)
+        await miner.wait_streams_closed()
 
 
 def test_the_hostile_faults_are_selectable_by_name() -> None:
