@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import trio
 
 from actors.availability import AvailabilitySnapshot, MinerAvailability
 from tests.chat_stack import Stack, stack
 from tests.scripted_miners import DONE, chunk
+from web.app import create_app
 
 __all__ = ["stack"]
 
@@ -190,11 +192,22 @@ async def test_a_huge_answer_is_that_miners_failure(stack: Stack) -> None:
 
 
 async def test_web_retrieval_waits_30_s_by_default(stack: Stack, autojump_clock: object) -> None:
-    stack.miners.scripts[9001] = [(25.0, results_script([page("https://late")])[0][1]), (0.0, DONE)]
-    response = await stack.client.post("/web_retrieval", json={"search_query": "x", "uids": [1]})
-    assert response.status_code == 200, response.text
-    assert response.json()["results"] == [page("https://late")]
+    """Driven over ASGI (no socket), so that the autojump clock can skip the miners' delays."""
+    client = create_app(stack.gateway.services).test_client()
+    late = results_script([page("https://late")])[0][1]
+    stack.miners.scripts[9001] = [(25.0, late), (0.0, DONE)]
+    stack.miners.scripts[9002] = [(35.0, late), (0.0, DONE)]
+    started = trio.current_time()
+    response = await client.post("/web_retrieval", json={"search_query": "x", "uids": [1]},
+                                 headers={"api-key": stack.key})
+    assert response.status_code == 200, await response.get_data()
+    assert (await response.get_json())["results"] == [page("https://late")]
     assert json.loads(stack.miners.received[0].content)["timeout"] == 30
+    too_late = await client.post("/web_retrieval", json={"search_query": "x", "uids": [2]},
+                                 headers={"api-key": stack.key})
+    assert too_late.status_code == 502
+    assert (await too_late.get_json())["error"]["details"] == {"2": "no complete answer within 30s"}
+    assert 55 <= trio.current_time() - started < 65
 
 
 def publish_availability(stack: Stack) -> None:
