@@ -45,7 +45,7 @@ DEEP_LEVELS = 100_000  # how deep the `deep_json` chunk nests
 GZIP_BOMB_BYTES = 3 << 30  # what the `gzip_bomb` body inflates to (3 GiB; its gzip stream is about 3 MB)
 BOMB_BLOCK = bytes(1 << 20)  # the zeros compressed per step: 1 MiB, about 1 KB compressed
 BOMB_BLOCKS_PER_WRITE = 16
-HUGE_TOKENS = 2**64 - 1  # the largest count a 64-bit parser still reads
+HUGE_TOKENS = 2**64 - 1  # the largest count an unsigned 64-bit parser still reads
 
 
 class MinerFault(enum.StrEnum):
