@@ -79,6 +79,7 @@ class Devnet:
             Miner(
                 uid,
                 signers=(self.gateway_hotkey, self.validator.hotkey),
+                spared=(self.validator.hotkey,),  # its availability poll is not a target of gzip_bomb
                 fault=fault_modes[uid] if uid < len(fault_modes) else MinerFault.HEALTHY,
                 timing=timing,
                 incentive=round((miners - uid) / weight_total, 6),  # uid 0 earns most; they sum to 1

@@ -34,15 +34,18 @@ class Token:
     alternative: str
     alternative_logprob: float
 
-    def logprobs(self) -> dict[str, Any]:
-        """The OpenAI `logprobs` object of a chunk that carries only this token."""
+    def logprobs(self, *, with_bytes: bool = True) -> dict[str, Any]:
+        """The `logprobs` object of a chunk that carries only this token, as vLLM writes it: each entry
+        with the token's UTF-8 `bytes` (`with_bytes=False`: without them, the benchmark's lean shape)."""
+        def entry(token: str, logprob: float) -> dict[str, Any]:
+            found: dict[str, Any] = {"token": token, "logprob": logprob}
+            if with_bytes:
+                found["bytes"] = list(token.encode())
+            return found
+
         return {"content": [{
-            "token": self.text,
-            "logprob": self.logprob,
-            "top_logprobs": [
-                {"token": self.text, "logprob": self.logprob},
-                {"token": self.alternative, "logprob": self.alternative_logprob},
-            ],
+            **entry(self.text, self.logprob),
+            "top_logprobs": [entry(self.text, self.logprob), entry(self.alternative, self.alternative_logprob)],
         }]}
 
 
@@ -71,6 +74,16 @@ def max_tokens_of(body: dict[str, Any]) -> int:
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             return min(value, MAX_TOKENS_CAP)
     return DEFAULT_MAX_TOKENS
+
+
+def prompt_tokens(messages: Any) -> int:
+    """A stand-in for the prompt's token count (words of the messages' text, plus 4 per message), for
+    the usage chunk: deterministic, so tests can predict it."""
+    if not isinstance(messages, list):
+        return 0
+    words = sum(len(m["content"].split()) for m in messages
+                if isinstance(m, dict) and isinstance(m.get("content"), str))
+    return words + 4 * len(messages)
 
 
 def answer(seed: Any, messages: Any, max_tokens: int) -> Answer:

@@ -8,20 +8,40 @@ from typing import Any
 
 from quart import request
 
+from engine import jsonio
 from web.errors import ApiError
 
 
 async def json_body(*, allow_empty: bool = False) -> Any:
-    """The request body as JSON; invalid JSON is a 400 (a body over the limit is a 413)."""
-    raw = await request.get_data(cache=False)
+    """The request body as JSON; invalid JSON is a 400 (a body over the limit is a 413), and so is JSON
+    nested deeper than `jsonio.MAX_DEPTH`.
+
+    The standard library's parser, not orjson: a client may send integers beyond 64 bits and lone
+    surrogates, which are valid JSON (see `engine.jsonio`). It recurses once per level, so a body of
+    100,000 brackets exhausts the interpreter's stack (RecursionError): that, too, is the client's 400.
+    """
+    raw = await request.get_data(cache=False, as_text=False, parse_form_data=False)
     if not raw.strip():
         if allow_empty:
             return None
         raise ApiError(400, "The request body is empty; a JSON body is required.", code="invalid_json")
     try:
-        return json.loads(raw, parse_constant=_not_json, parse_float=_finite)
+        value = json.loads(raw, parse_constant=_not_json, parse_float=_finite)
+    except RecursionError:
+        raise _too_deep() from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"The request body is not valid JSON: {exc}", code="invalid_json") from exc
+    if raw.count(b"{") + raw.count(b"[") > jsonio.MAX_DEPTH:  # fewer brackets cannot nest too deep
+        try:
+            jsonio.check_depth(value)
+        except jsonio.TooDeep:
+            raise _too_deep() from None
+    return value
+
+
+def _too_deep() -> ApiError:
+    return ApiError(400, f"The request body is not valid JSON: it is nested too deeply (more than "
+                    f"{jsonio.MAX_DEPTH} levels of arrays and objects).", code="invalid_json")
 
 
 def _not_json(name: str) -> Any:
