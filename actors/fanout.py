@@ -52,6 +52,8 @@ MIN_TIMEOUT_S, MAX_TIMEOUT_S = 60.0, 300.0
 # Answers the miner gives because of what the client sent: not the miner's failure.
 CLIENT_CAUSED_STATUSES = frozenset({400, 413, 422})
 MAX_USAGE_TOKENS = 2**31 - 1
+RETRIEVAL_TASK = "WebRetrievalTask"
+RETRIEVAL_MAX_BYTES = 8 * 1024 * 1024
 
 
 def token_budget(body: dict[str, Any]) -> int:
@@ -85,9 +87,14 @@ class AnswerBounds:
     max_bytes: int
     max_events: int
     max_event_bytes: int = 64 * 1024
+    max_chunk_chars: int | None = 8192  # one chunk's text: a token, or a few; never passed on beyond it
 
     @classmethod
-    def for_tokens(cls, tokens: int) -> AnswerBounds:
+    def for_request(cls, task: str, body: dict[str, Any]) -> AnswerBounds:
+        if task == RETRIEVAL_TASK:  # one chunk holding every result's page text as a JSON list
+            return cls(max_bytes=RETRIEVAL_MAX_BYTES, max_events=256, max_event_bytes=RETRIEVAL_MAX_BYTES,
+                       max_chunk_chars=None)
+        tokens = token_budget(body)
         return cls(max_bytes=min(64 * 1024 + 4096 * tokens, 32 * 1024 * 1024), max_events=2 * tokens + 64)
 
 
@@ -372,7 +379,7 @@ class FanoutPool:
         job = FanoutJob(
             request_id=request_id or uuid.uuid4().hex, task=task, body=body,
             miners=[*miners, *scoring_only], mode=mode, timeout_s=timeout_s or request_timeout_s(body),
-            bounds=AnswerBounds.for_tokens(token_budget(body)), stall_s=self.stall_s,
+            bounds=AnswerBounds.for_request(task, body), stall_s=self.stall_s,
             moves_breakers=moves_breakers, scoring_only=len(scoring_only), _on_release=self._released,
         )
         if moves_breakers:
@@ -550,6 +557,8 @@ class FanoutPool:
             if not isinstance(chunk, dict):
                 raise MinerFailure("sent a chunk that is not a JSON object")
             text, finish, choice = content_of(chunk)
+            if job.bounds.max_chunk_chars is not None and len(text) > job.bounds.max_chunk_chars:
+                raise self._over_bounds(f"sent a chunk of over {job.bounds.max_chunk_chars} characters")
             if "usage" in chunk:
                 answer.usage = usage_counts(chunk["usage"]) or answer.usage
             if text:

@@ -34,6 +34,7 @@ from web.body import int_arg, json_body
 from web.errors import ApiError, fanout_errors, json_response
 
 TASK = "WebRetrievalTask"
+FINISH_GRACE_S = 0.5
 MAX_QUERY_CHARS = 2000
 DEFAULT_RESPONSE_TIME_S = 30  # upstream's wait for web retrieval miners
 MAX_RESPONSE_TIME_S = 120
@@ -187,9 +188,11 @@ async def retrieve_for(services: Services, grant: Grant, params: Mapping[str, An
     with fanout_errors():
         miners = (services.selector.explicit(uids) if uids is not None
                   else services.selector.pick(TASK, None, n_miners))
-        job = services.fanout.start(body, miners, mode="all", task=TASK, timeout_s=float(max_time))
+        job = services.fanout.start(body, miners, mode="all", task=TASK, timeout_s=float(max_time),
+                                    moves_breakers=uids is None)
     try:
-        with trio.move_on_after(max_time):
+        # Each miner is cut at `max_time` by the fan-out itself, which then says why: a moment more.
+        with trio.move_on_after(max_time + FINISH_GRACE_S):
             await job.finished.wait()
     finally:
         job.release()
