@@ -106,6 +106,10 @@ class ClientCaused(MinerFailure):
     """The miner refused the request for what the client sent (a 4xx): not held against the miner."""
 
 
+class OverBounds(MinerFailure):
+    """The miner's answer went over its bounds (`AnswerBounds`): its connection is closed."""
+
+
 @dataclass(frozen=True, slots=True)
 class Chunk:
     """Text of the winner's stream, with the miner's chunk choice it came in (None for text a successor
@@ -483,7 +487,7 @@ class FanoutPool:
             self.miner_failures["client_caused"] += 1
         except MinerFailure as exc:
             answer.error, outcome = str(exc), "failed"
-            self.miner_failures["failed"] += 1
+            self.miner_failures["over_bounds" if isinstance(exc, OverBounds) else "failed"] += 1
         except GatewayLimitError as exc:
             answer.error = f"gateway error: {exc}"
             self.gateway_errors += 1
@@ -517,7 +521,7 @@ class FanoutPool:
                 async for piece in body:
                     answer.received_bytes += len(piece)
                     if answer.received_bytes > bounds.max_bytes:
-                        raise self._over_bounds(f"answer over {bounds.max_bytes} bytes")
+                        raise OverBounds(f"answer over {bounds.max_bytes} bytes")
                     events = parser.feed(piece)
                     if events and await self._take(job, i, events):
                         break
@@ -525,7 +529,7 @@ class FanoutPool:
                     await self._take(job, i, parser.end())
                     return
             except SseTooLarge as exc:
-                raise self._over_bounds(str(exc)) from None
+                raise OverBounds(str(exc)) from None
             # Read on to the end of the body (it follows [DONE] at once), or the connection cannot go
             # back to the pool and the next request to this miner pays for a new one.
             with trio.move_on_after(DRAIN_AFTER_DONE_S):
@@ -534,16 +538,12 @@ class FanoutPool:
                     if answer.received_bytes > bounds.max_bytes:
                         break
 
-    def _over_bounds(self, why: str) -> MinerFailure:
-        self.miner_failures["over_bounds"] += 1
-        return MinerFailure(why)
-
     async def _take(self, job: FanoutJob, i: int, events: list[bytes]) -> bool:
         """The events one read brought (so they arrived at one time); True once [DONE] has come."""
         answer = job.answers[i]
         answer.events += len(events)
         if answer.events > job.bounds.max_events:
-            raise self._over_bounds(f"answer over {job.bounds.max_events} events")
+            raise OverBounds(f"answer over {job.bounds.max_events} events")
         at = round(trio.current_time() - job.started, 6)
         forward = job.mode == "stream" and not answer.scoring_only
         for data in events:
@@ -558,7 +558,7 @@ class FanoutPool:
                 raise MinerFailure("sent a chunk that is not a JSON object")
             text, finish, choice = content_of(chunk)
             if job.bounds.max_chunk_chars is not None and len(text) > job.bounds.max_chunk_chars:
-                raise self._over_bounds(f"sent a chunk of over {job.bounds.max_chunk_chars} characters")
+                raise OverBounds(f"sent a chunk of over {job.bounds.max_chunk_chars} characters")
             if "usage" in chunk:
                 answer.usage = usage_counts(chunk["usage"]) or answer.usage
             if text:
@@ -593,7 +593,10 @@ class FanoutPool:
         """A stalled winner is noticed even when no other chunk arrives to prompt the check, and a
         broken winner that nobody can continue ends the stream within `stall_s`."""
         while job.streaming:
-            await trio.sleep(job.stall_s / 2)
+            wake = trio.current_time() + job.stall_s / 2
+            if job.broken_at is not None:
+                wake = min(wake, job.broken_at + job.stall_s)
+            await trio.sleep_until(wake)
             now = trio.current_time()
             successor = job.successor(now)
             if successor is not None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,38 +17,7 @@ from config.settings import AuthSettings, AvailabilitySettings, FanoutSettings, 
 from devnet.miner import MinerFault, MinerTiming
 from devnet.network import Devnet
 from engine.gateway import Gateway, run
-
-HEALTHY_FIRST_TOKEN_S = 0.02
-SLOW_S = 5.0
-
-
-@dataclasses.dataclass
-class Net:
-    devnet: Devnet
-    gateway: Gateway
-    client: httpx.AsyncClient
-
-
-async def start(nursery: trio.Nursery, tmp_path: Path, *, faults: tuple[str, ...] = (), miners: int = 5,
-                availability: str = "none", fanout: int = 5) -> Net:
-    timing = MinerTiming(first_token_s=HEALTHY_FIRST_TOKEN_S, token_s=0.002, slow_first_token_s=SLOW_S,
-                         slow_token_s=SLOW_S)
-    devnet: Devnet = await nursery.start(Devnet(miners=miners, faults=faults, timing=timing,
-                                                validator_poll_s=0.5).run)
-    settings = devnet.configure(dataclasses.replace(
-        Settings(),
-        server=ServerSettings(port=0),
-        auth=AuthSettings(keys_file=str(tmp_path / "keys.toml")),
-        fanout=FanoutSettings(miners=fanout, first_token_timeout_s=3.0),
-        base_dir=str(tmp_path),
-    ))
-    settings = dataclasses.replace(settings, availability=AvailabilitySettings(source=availability,  # type: ignore[arg-type]
-                                                                               interval_s=1.0))
-    gateway: Gateway = await nursery.start(lambda task_status: run(settings, source=devnet.source,
-                                                                     task_status=task_status))
-    key, _ = await gateway.services.keys.create(10_000)
-    client = httpx.AsyncClient(base_url=gateway.url, headers={"api-key": key}, timeout=30)
-    return Net(devnet, gateway, client)
+from tests.devnet_stack import HEALTHY_FIRST_TOKEN_S, Net, start, stream_chat
 
 
 @pytest.fixture
@@ -66,28 +34,6 @@ async def net_factory(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[An
         await net.client.aclose()
         net.gateway.shutdown()
     nursery.cancel_scope.cancel()
-
-
-async def stream_chat(client: httpx.AsyncClient, content: str, **extra: Any) -> tuple[float, list[Any]]:
-    """Send one streaming request; return the time to the first content and the events."""
-    body = {"messages": [{"role": "user", "content": content}], "stream": True, "seed": 1, **extra}
-    started = time.monotonic()
-    ttft = float("inf")
-    events: list[Any] = []
-    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
-        assert response.status_code == 200, await response.aread()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            data = line[6:]
-            if data == "[DONE]":
-                events.append(data)
-                continue
-            event = json.loads(data)
-            if ttft == float("inf") and event.get("choices") and event["choices"][0]["delta"].get("content"):
-                ttft = time.monotonic() - started
-            events.append(event)
-    return ttft, events
 
 
 FAULTS = [f.value for f in MinerFault if f not in (MinerFault.HEALTHY, MinerFault.BENCH)]
