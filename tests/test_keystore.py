@@ -114,18 +114,67 @@ async def test_rate_limit_must_be_a_non_negative_integer() -> None:
         await store.modify(key, -3)
 
 
-async def test_a_lower_limit_applies_to_the_next_request(autojump_clock: trio.testing.MockClock) -> None:
+async def burst(store: FileKeyStore, key: str) -> int:
+    """How many requests pass at once, right now."""
+    passed = 0
+    while isinstance(await store.check(key), Grant):
+        passed += 1
+    return passed
+
+
+async def test_a_raised_limit_gives_the_headroom_at_once(autojump_clock: trio.testing.MockClock) -> None:
     store = FileKeyStore()
-    key, _ = await store.create(100)
+    key, _ = await store.create(5)
+    assert await burst(store, key) == 5
+    await store.modify(key, 10)
+    # Used 5 of 5, raised to 10: 5 more at once, not a wait for the old budget to drain.
+    grant = await store.check(key)
+    assert isinstance(grant, Grant) and (grant.limit, grant.remaining) == (10, 4)
+    assert await burst(store, key) == 4
+    denial = await store.check(key)
+    assert isinstance(denial, Denial) and denial.limit == 10 and denial.retry_after_s == 6
+
+
+async def test_a_lowered_limit_never_lets_more_than_it_through(autojump_clock: trio.testing.MockClock) -> None:
+    store = FileKeyStore()
+    key, _ = await store.create(10)
     for _ in range(3):
         assert isinstance(await store.check(key), Grant)
-    await store.modify(key, 2)
-    # The 97 requests still available are cut to the new limit at once.
-    grant = await store.check(key)
-    assert isinstance(grant, Grant) and grant.limit == 2 and grant.remaining == 1
-    assert isinstance(await store.check(key), Grant)
-    denial = await store.check(key)
-    assert isinstance(denial, Denial) and denial.limit == 2 and denial.retry_after_s == 30
+    await store.modify(key, 5)
+    assert await burst(store, key) == 2  # used 3, the new limit 5: 2 more
+
+    other, _ = await store.create(100)
+    for _ in range(7):
+        assert isinstance(await store.check(other), Grant)
+    await store.modify(other, 5)
+    denial = await store.check(other)  # used 7 of a new 5: nothing until one is back at the new rate
+    assert isinstance(denial, Denial) and denial.limit == 5 and denial.retry_after_s == 12
+    # Over the minute after the change, at most the new limit passes (one every 12 s).
+    passed = 0
+    start = trio.current_time()
+    while trio.current_time() - start <= 60:
+        passed += isinstance(await store.check(other), Grant)
+        await trio.sleep(0.5)
+    assert passed == 5
+
+
+async def test_a_limit_changed_by_another_writer_is_rescaled_on_reload(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    path = tmp_path / "keys.toml"
+    server = await FileKeyStore.open(path)
+    key, _ = await server.create(5)
+    assert await burst(server, key) == 5
+    cli = await FileKeyStore.open(path)
+    await cli.modify(key, 10)
+    assert await server.reload_if_changed()
+    assert await burst(server, key) == 5
+    await cli.modify(key, 0)  # blocked and unblocked: what was used stays used
+    assert await server.reload_if_changed()
+    assert (await server.check(key)) == Denial("blocked", retry_after_s=60)
+    await cli.modify(key, 12)
+    assert await server.reload_if_changed()
+    assert await burst(server, key) == 2
 
 
 # -- the file ------------------------------------------------------------------------------------------
