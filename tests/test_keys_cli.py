@@ -120,3 +120,30 @@ async def test_cli_changes_reach_a_running_gateway_without_a_restart(tmp_path: P
         with trio.fail_after(5):
             listing = (await client.get("/api_management/keys", headers=ADMIN)).json()["data"]
         assert [entry["id"] for entry in listing] == [key_id_of(admin_key["api_key"])]
+
+
+async def test_a_key_given_as_dash_is_read_from_standard_input(tmp_path: Path) -> None:
+    config = str(write_config(tmp_path))
+    keys = [(await cli("keys", "create", "--rate-limit", "5", "--config", config, cwd=tmp_path)).stdout.decode().strip()
+            for _ in range(2)]
+    modified = await cli("keys", "modify", "-", "--rate-limit", "77", "--config", config, cwd=tmp_path,
+                         stdin=f"{keys[0]}\n".encode())
+    assert modified.returncode == 0, modified.stderr
+    assert b"77 requests/min" in modified.stdout and keys[0].encode() not in modified.stdout + modified.stderr
+    assert keyfile.read(tmp_path / "keys.toml").keys[key_id_of(keys[0])].rate_limit == 77
+    # An id works too, and only the first line is read.
+    deleted = await cli("keys", "delete", "-", "--config", config, cwd=tmp_path,
+                        stdin=f"  {key_id_of(keys[1])}  \r\n{keys[0]}\n".encode())
+    assert deleted.returncode == 0, deleted.stderr
+    assert set(keyfile.read(tmp_path / "keys.toml").keys) == {key_id_of(keys[0])}
+
+    for stdin in (b"", b"\n", b"   \n"):
+        result = await cli("keys", "delete", "-", "--config", config, cwd=tmp_path, stdin=stdin)
+        assert result.returncode == 1 and b"error: standard input held no key" in result.stderr, stdin
+    assert set(keyfile.read(tmp_path / "keys.toml").keys) == {key_id_of(keys[0])}
+
+    for action in ("modify", "delete"):
+        helped = await cli("keys", action, "--help", cwd=tmp_path)
+        text = b" ".join(helped.stdout.split())
+        assert helped.returncode == 0 and b"- reads it from standard input" in text
+        assert b"process list" in text
