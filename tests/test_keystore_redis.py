@@ -253,8 +253,7 @@ async def test_a_flush_whose_reply_is_lost_is_not_added_twice(
         with pytest.raises(KeyStoreUnavailable):
             await store.flush()
         store.record_usage_nowait(info.id, tokens=2)  # counted meanwhile: goes in the next batch
-        await store.flush()  # the same batch again: already added, so skipped
-        await store.flush()  # then the usage counted meanwhile
+        await store.flush()  # the same batch again (already added, so skipped), then what came meanwhile
         assert (await store.info(info.id)).tokens == 42  # type: ignore[union-attr]
         assert store.health()["unflushed_usage_keys"] == 0
 

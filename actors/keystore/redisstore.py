@@ -371,19 +371,22 @@ class RedisKeyStore:
         """Add the token usage summed since the last flush.
 
         If Redis fails, the same batch (same id, same counts) is sent again by the next flush, and
-        usage counted meanwhile waits for the one after: a batch whose reply was lost is not added twice.
+        usage counted meanwhile follows it: a batch whose reply was lost is not added twice. At most
+        two batches per call (the one resent, then what was counted meanwhile), so that a flush under
+        load ends.
         """
-        if self._batch is None:
-            if not self._pending:
-                return
-            self._batch, self._pending = (uuid.uuid4().hex, self._pending), {}
-        batch_id, usage = self._batch
-        ids = list(usage)
-        reply = await self._run(self._add_tokens, [self._marker(batch_id), *(self._key(i) for i in ids)],
-                                [BATCH_MARKER_TTL_MS, *(str(usage[i]) for i in ids)])
-        self._batch = None
-        for key_id, code in zip(ids, reply[1:], strict=False):
-            self._counter_state(key_id, "tokens", int(code))
+        for _ in range(2):
+            if self._batch is None:
+                if not self._pending:
+                    return
+                self._batch, self._pending = (uuid.uuid4().hex, self._pending), {}
+            batch_id, usage = self._batch
+            ids = list(usage)
+            reply = await self._run(self._add_tokens, [self._marker(batch_id), *(self._key(i) for i in ids)],
+                                    [BATCH_MARKER_TTL_MS, *(str(usage[i]) for i in ids)])
+            self._batch = None
+            for key_id, code in zip(ids, reply[1:], strict=False):
+                self._counter_state(key_id, "tokens", int(code))
 
     async def maintain(self) -> None:
         failing = False
