@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
 from actors.keystore import keyfile
+from actors.keystore.commands import NoKeyGiven, read_ref
 from actors.keystore.records import key_id_of
+from engine.cli import main
 from tests.keys_support import ADMIN, cli, running_gateway, settings_in, wait_until, write_config
 
 
@@ -137,13 +142,22 @@ async def test_a_key_given_as_dash_is_read_from_standard_input(tmp_path: Path) -
     assert deleted.returncode == 0, deleted.stderr
     assert set(keyfile.read(tmp_path / "keys.toml").keys) == {key_id_of(keys[0])}
 
-    for stdin in (b"", b"\n", b"   \n"):
-        result = await cli("keys", "delete", "-", "--config", config, cwd=tmp_path, stdin=stdin)
-        assert result.returncode == 1 and b"error: standard input held no key" in result.stderr, stdin
+    result = await cli("keys", "delete", "-", "--config", config, cwd=tmp_path, stdin=b"   \n")
+    assert result.returncode == 1 and b"error: standard input held no key" in result.stderr
     assert set(keyfile.read(tmp_path / "keys.toml").keys) == {key_id_of(keys[0])}
 
+
+def test_dash_is_documented_and_an_empty_standard_input_is_refused(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     for action in ("modify", "delete"):
-        helped = await cli("keys", action, "--help", cwd=tmp_path)
-        text = b" ".join(helped.stdout.split())
-        assert helped.returncode == 0 and b"- reads it from standard input" in text
-        assert b"process list" in text
+        with pytest.raises(SystemExit):
+            main(["keys", action, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "- reads it from standard input" in text and "process list" in text, action
+    for given in ("", "\n", " \t \r\n", "x" * 5000 + "\n"):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(given))
+        with pytest.raises(NoKeyGiven):
+            read_ref("-")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(" sn1-abc \nsecond\n"))
+    assert read_ref("-") == "sn1-abc" and read_ref("sn1-given") == "sn1-given"
