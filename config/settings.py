@@ -40,6 +40,10 @@ class AuthSettings:
     store: Literal["file", "redis"] = setting("file", "where API keys live: \"file\" or \"redis\"")
     keys_file: str = setting("keys.toml", "the key store, for store = \"file\" (relative to this file)")
     redis_url: str = setting("redis://127.0.0.1:6379/0", "the key store, for store = \"redis\"")
+    failed_auth_per_minute: int = setting(
+        30, "failed authentications (wrong or missing API key, wrong admin key) one client address may "
+        "make within a minute; beyond it that address gets 429 until it cools down (0 disables)",
+        min=0, max=1_000_000)
 
 
 @dataclass(frozen=True)

@@ -81,11 +81,12 @@ async def running_gateway(settings: Settings) -> AsyncIterator[tuple[Gateway, ht
         nursery.cancel_scope.cancel()
 
 
-async def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[bytes]:
-    """Run `sn1-gateway ...` as an operator would."""
+async def cli(*args: str, cwd: Path, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    """Run `sn1-gateway ...` as an operator would (`stdin`: what it reads on standard input)."""
     with trio.fail_after(60):
         return await trio.run_process(
             [sys.executable, "-m", "engine.cli", *args],
+            stdin=stdin,
             cwd=cwd,
             capture_stdout=True,
             capture_stderr=True,

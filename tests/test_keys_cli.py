@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
 from actors.keystore import keyfile
+from actors.keystore.commands import NoKeyGiven, read_ref
 from actors.keystore.records import key_id_of
+from engine.cli import main
 from tests.keys_support import ADMIN, cli, running_gateway, settings_in, wait_until, write_config
 
 
@@ -120,3 +125,39 @@ async def test_cli_changes_reach_a_running_gateway_without_a_restart(tmp_path: P
         with trio.fail_after(5):
             listing = (await client.get("/api_management/keys", headers=ADMIN)).json()["data"]
         assert [entry["id"] for entry in listing] == [key_id_of(admin_key["api_key"])]
+
+
+async def test_a_key_given_as_dash_is_read_from_standard_input(tmp_path: Path) -> None:
+    config = str(write_config(tmp_path))
+    keys = [(await cli("keys", "create", "--rate-limit", "5", "--config", config, cwd=tmp_path)).stdout.decode().strip()
+            for _ in range(2)]
+    modified = await cli("keys", "modify", "-", "--rate-limit", "77", "--config", config, cwd=tmp_path,
+                         stdin=f"{keys[0]}\n".encode())
+    assert modified.returncode == 0, modified.stderr
+    assert b"77 requests/min" in modified.stdout and keys[0].encode() not in modified.stdout + modified.stderr
+    assert keyfile.read(tmp_path / "keys.toml").keys[key_id_of(keys[0])].rate_limit == 77
+    # An id works too, and only the first line is read.
+    deleted = await cli("keys", "delete", "-", "--config", config, cwd=tmp_path,
+                        stdin=f"  {key_id_of(keys[1])}  \r\n{keys[0]}\n".encode())
+    assert deleted.returncode == 0, deleted.stderr
+    assert set(keyfile.read(tmp_path / "keys.toml").keys) == {key_id_of(keys[0])}
+
+    result = await cli("keys", "delete", "-", "--config", config, cwd=tmp_path, stdin=b"   \n")
+    assert result.returncode == 1 and b"error: standard input held no key" in result.stderr
+    assert set(keyfile.read(tmp_path / "keys.toml").keys) == {key_id_of(keys[0])}
+
+
+def test_dash_is_documented_and_an_empty_standard_input_is_refused(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for action in ("modify", "delete"):
+        with pytest.raises(SystemExit):
+            main(["keys", action, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "- reads it from standard input" in text and "process list" in text, action
+    for given in ("", "\n", " \t \r\n", "x" * 5000 + "\n"):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(given))
+        with pytest.raises(NoKeyGiven):
+            read_ref("-")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(" sn1-abc \nsecond\n"))
+    assert read_ref("-") == "sn1-abc" and read_ref("sn1-given") == "sn1-given"

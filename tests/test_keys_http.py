@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import httpx
@@ -184,3 +185,58 @@ async def test_usage_is_saved_when_the_gateway_stops(tmp_path: Path) -> None:
         gateway.services.keys.record_usage_nowait(key_id_of(key), tokens=123)
     saved = keyfile.read(tmp_path / "keys.toml").keys[key_id_of(key)]
     assert (saved.requests, saved.tokens) == (3, 123)
+
+
+async def test_no_key_ever_appears_in_a_log_record_or_an_error_body(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    wrong_key = "sn1-WRONGwrongWRONGwrong-distinctive0"
+    wrong_admin = "admin-GUESS-distinctive-0123456789"
+    settings = settings_in(tmp_path)
+    settings = dataclasses.replace(settings, auth=dataclasses.replace(settings.auth, failed_auth_per_minute=20))
+    caplog.set_level(logging.DEBUG)
+    errors: list[httpx.Response] = []
+    async with running_gateway(settings) as (_, client):
+        key = (await client.post("/create-api-key/", params={"rate_limit": 50}, headers=ADMIN)).json()["api_key"]
+        secrets = (key, wrong_key, wrong_admin, ADMIN["admin-key"])
+
+        async def call(method: str, path: str, **kw: object) -> httpx.Response:
+            response = await client.request(method, path, **kw)  # type: ignore[arg-type]
+            if response.status_code >= 400:
+                errors.append(response)
+            return response
+
+        for headers in ({"api-key": key}, {"Authorization": f"Bearer {key}"}, {"api-key": wrong_key},
+                        {"Authorization": f"Bearer {wrong_key}"}):
+            await call("GET", "/api_management/whoami", headers=headers)
+            await call("GET", "/v1/models", headers=headers)
+            await call("POST", "/v1/chat/completions", headers=headers, json={"messages": [{"role": "user",
+                                                                                             "content": "hi"}]})
+            await call("POST", "/v1/chat/completions", headers=headers, content=b"{not json")
+        for prefix in ("/api_management", ""):
+            for ref in (key, wrong_key):
+                await call("PUT", f"{prefix}/modify-api-key/{ref}", params={"rate_limit": "x"}, headers=ADMIN)
+                await call("PUT", f"{prefix}/modify-api-key/{ref}", params={"rate_limit": 9},
+                           headers={"admin-key": wrong_admin})
+                await call("GET", f"{prefix}/modify-api-key/{ref}", headers=ADMIN)
+                await call("DELETE", f"{prefix}/delete-api-key/{ref}", headers={"admin-key": wrong_admin})
+            assert (await call("PUT", f"{prefix}/modify-api-key/{key}", params={"rate_limit": 9},
+                               headers=ADMIN)).status_code == 200
+            assert (await call("PUT", f"{prefix}/modify-api-key/{wrong_key}", params={"rate_limit": 9},
+                               headers=ADMIN)).status_code == 404
+        await call("GET", "/api_management/keys", headers={"admin-key": wrong_admin})
+        assert (await call("DELETE", f"/delete-api-key/{key}", headers=ADMIN)).status_code == 200
+        await call("GET", "/api_management/whoami", headers={"api-key": key})
+        for _ in range(10):  # into the failed-auth throttle, whose log line names the address only
+            await call("GET", "/api_management/whoami", headers={"api-key": wrong_key})
+            await call("DELETE", f"/delete-api-key/{key}", headers=ADMIN)
+
+    assert {r.status_code for r in errors} >= {400, 401, 404, 405, 429}
+    for response in errors:
+        assert not any(secret in response.text for secret in secrets), (response.status_code, response.text)
+    # httpx and httpcore are this test's own client, which logs the URLs it asks for.
+    records = [r for r in caplog.records if not r.name.startswith(("httpx", "httpcore"))]
+    assert any(r.name == "sn1_gateway.keys" for r in records)
+    for record in records:
+        text = record.getMessage() + (logging.Formatter().formatException(record.exc_info) if record.exc_info else "")
+        assert not any(secret in text for secret in secrets), (record.name, text)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import random
+import re
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -15,6 +19,7 @@ import trio
 import trio.lowlevel
 import trio.testing
 
+import engine.files
 from actors.keystore import (
     FileKeyStore,
     KeyNotFound,
@@ -25,7 +30,15 @@ from actors.keystore import (
     limiter,
 )
 from actors.keystore.legacy import LegacyFormatError, parse_legacy_keys
-from actors.keystore.records import Denial, Grant, InvalidRateLimit, display_prefix, key_id_of
+from actors.keystore.records import (
+    INT64_MAX,
+    MAX_TOKENS_PER_REQUEST,
+    Denial,
+    Grant,
+    InvalidRateLimit,
+    display_prefix,
+    key_id_of,
+)
 from tests.keys_support import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,18 +127,67 @@ async def test_rate_limit_must_be_a_non_negative_integer() -> None:
         await store.modify(key, -3)
 
 
-async def test_a_lower_limit_applies_to_the_next_request(autojump_clock: trio.testing.MockClock) -> None:
+async def burst(store: FileKeyStore, key: str) -> int:
+    """How many requests pass at once, right now."""
+    passed = 0
+    while isinstance(await store.check(key), Grant):
+        passed += 1
+    return passed
+
+
+async def test_a_raised_limit_gives_the_headroom_at_once(autojump_clock: trio.testing.MockClock) -> None:
     store = FileKeyStore()
-    key, _ = await store.create(100)
+    key, _ = await store.create(5)
+    assert await burst(store, key) == 5
+    await store.modify(key, 10)
+    # Used 5 of 5, raised to 10: 5 more at once, not a wait for the old budget to drain.
+    grant = await store.check(key)
+    assert isinstance(grant, Grant) and (grant.limit, grant.remaining) == (10, 4)
+    assert await burst(store, key) == 4
+    denial = await store.check(key)
+    assert isinstance(denial, Denial) and denial.limit == 10 and denial.retry_after_s == 6
+
+
+async def test_a_lowered_limit_never_lets_more_than_it_through(autojump_clock: trio.testing.MockClock) -> None:
+    store = FileKeyStore()
+    key, _ = await store.create(10)
     for _ in range(3):
         assert isinstance(await store.check(key), Grant)
-    await store.modify(key, 2)
-    # The 97 requests still available are cut to the new limit at once.
-    grant = await store.check(key)
-    assert isinstance(grant, Grant) and grant.limit == 2 and grant.remaining == 1
-    assert isinstance(await store.check(key), Grant)
-    denial = await store.check(key)
-    assert isinstance(denial, Denial) and denial.limit == 2 and denial.retry_after_s == 30
+    await store.modify(key, 5)
+    assert await burst(store, key) == 2  # used 3, the new limit 5: 2 more
+
+    other, _ = await store.create(100)
+    for _ in range(7):
+        assert isinstance(await store.check(other), Grant)
+    await store.modify(other, 5)
+    denial = await store.check(other)  # used 7 of a new 5: nothing until one is back at the new rate
+    assert isinstance(denial, Denial) and denial.limit == 5 and denial.retry_after_s == 12
+    # Over the minute after the change, at most the new limit passes (one every 12 s).
+    passed = 0
+    start = trio.current_time()
+    while trio.current_time() - start <= 60:
+        passed += isinstance(await store.check(other), Grant)
+        await trio.sleep(0.5)
+    assert passed == 5
+
+
+async def test_a_limit_changed_by_another_writer_is_rescaled_on_reload(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    path = tmp_path / "keys.toml"
+    server = await FileKeyStore.open(path)
+    key, _ = await server.create(5)
+    assert await burst(server, key) == 5
+    cli = await FileKeyStore.open(path)
+    await cli.modify(key, 10)
+    assert await server.reload_if_changed()
+    assert await burst(server, key) == 5
+    await cli.modify(key, 0)  # blocked and unblocked: what was used stays used
+    assert await server.reload_if_changed()
+    assert (await server.check(key)) == Denial("blocked", retry_after_s=60)
+    await cli.modify(key, 12)
+    assert await server.reload_if_changed()
+    assert await burst(server, key) == 2
 
 
 # -- the file ------------------------------------------------------------------------------------------
@@ -276,6 +338,137 @@ async def test_import_of_the_predecessors_file(tmp_path: Path) -> None:
     ]:
         with pytest.raises(LegacyFormatError, match=message):
             parse_legacy_keys(bad, "api_keys.json")
+
+
+# -- usage counters: miners report them, so nothing they send may break the store -----------------------
+
+
+def numbers_in(path: Path) -> list[int]:
+    return [int(n) for n in re.findall(rb"= (-?[0-9]+)\n", path.read_bytes())]
+
+
+async def test_usage_increments_are_checked_and_totals_saturate_at_int64(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "keys.toml"
+    store = await FileKeyStore.open(path)
+    key, info = await store.create(10)
+    _, near = await store.create(10)
+    await store.flush()
+    keyfile.transact(path, lambda keys: keys.update(
+        {near.id: dataclasses.replace(keys[near.id], tokens=INT64_MAX - 5)}))
+    assert await store.reload_if_changed()
+
+    caplog.set_level(logging.WARNING, "sn1_gateway.keys")
+    for bad in (2**64 - 1, -5, 1.5, True, "10", None, MAX_TOKENS_PER_REQUEST + 1):
+        store.record_usage_nowait(info.id, tokens=bad)  # type: ignore[arg-type]
+    store.record_usage_nowait(info.id, tokens=MAX_TOKENS_PER_REQUEST)
+    store.record_usage_nowait(info.id, tokens=7)
+    store.record_usage_nowait(near.id, tokens=1_000)
+    await store.flush()
+
+    saved = keyfile.read(path).keys
+    assert saved[info.id].tokens == MAX_TOKENS_PER_REQUEST + 7  # the bad ones refused, the rest counted
+    assert saved[near.id].tokens == INT64_MAX  # saturated, not wrapped, not beyond int64
+    assert max(numbers_in(path)) <= INT64_MAX and min(numbers_in(path)) >= 0
+    health = store.health()
+    assert (health["usage_refused"], health["counters_saturated"]) == (7, 1)
+    refusals = [r for r in caplog.records if "refused a token count" in r.getMessage()]
+    assert len(refusals) == 1, "logged once, then only counted"
+    # More usage on a saturated total keeps it there; the other key goes on counting.
+    store.record_usage_nowait(near.id, tokens=1)
+    store.record_usage_nowait(info.id, tokens=1)
+    await store.flush()
+    saved = keyfile.read(path).keys
+    assert (saved[near.id].tokens, saved[info.id].tokens) == (INT64_MAX, MAX_TOKENS_PER_REQUEST + 8)
+    assert key not in path.read_text()
+
+
+async def test_a_corrupt_counter_in_the_file_is_reported_and_repaired_not_fatal(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "keys.toml"
+    store = await FileKeyStore.open(path)
+    key, info = await store.create(10)
+    other, good = await store.create(10)
+    text = path.read_text()
+    text = text.replace("requests = 0\ntokens = 0\n", "requests = -3\ntokens = 99999999999999999999999\n", 1)
+    path.write_text(text)  # by hand, or an older version
+    caplog.set_level(logging.WARNING, "sn1_gateway.keys")
+
+    reopened = await FileKeyStore.open(path)  # not a KeyStoreError: the gateway starts
+    first = next(i for i in await reopened.list_keys() if i.requests == 0 and i.tokens == INT64_MAX)
+    assert reopened.health()["counters_repaired"] == 2
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert f"keys.{first.id}.requests: negative" in messages and f"keys.{first.id}.tokens: beyond" in messages
+    assert isinstance(await reopened.check(key), Grant) and isinstance(await reopened.check(other), Grant)
+    await reopened.flush()  # the next write repairs the file
+    assert max(numbers_in(path)) <= INT64_MAX and min(numbers_in(path)) >= 0
+    saved = keyfile.read(path)
+    assert saved.problems == ()
+    assert {saved.keys[info.id].requests, saved.keys[good.id].requests} == {1}
+
+
+async def test_a_flush_that_fails_after_the_rename_is_not_added_twice(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "keys.toml"
+    store = await FileKeyStore.open(path)
+    _, info = await store.create(10)
+    store.record_usage_nowait(info.id, tokens=40)
+    real_fsync_dir = engine.files.fsync_dir
+    failures = []
+
+    def failing_fsync_dir(folder: str | os.PathLike[str]) -> None:
+        if not failures:
+            failures.append(folder)
+            raise OSError(5, "Input/output error")
+        real_fsync_dir(folder)
+
+    monkeypatch.setattr(engine.files, "fsync_dir", failing_fsync_dir)
+    await store.flush()  # the file was replaced: the usage is in it, whatever fsync said after
+    assert failures
+    store.record_usage_nowait(info.id, tokens=2)
+    await store.flush()
+    assert keyfile.read(path).keys[info.id].tokens == 42
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+async def test_the_keys_file_its_lock_and_temporary_files_are_0600_whatever_the_umask(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    temporaries: list[int] = []
+    real_replace = os.replace
+
+    def replace(src: str, dst: str) -> None:
+        temporaries.append(stat.S_IMODE(os.stat(src).st_mode))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(engine.files.os, "replace", replace)
+    old_umask = os.umask(0)
+    try:
+        path = tmp_path / "state" / "keys" / "keys.toml"
+        store = await FileKeyStore.open(path)
+        await store.create(5)
+        assert mode(path) == 0o600 and mode(keyfile.lock_path(path)) == 0o600
+        assert mode(path.parent) == 0o700 and mode(path.parent.parent) == 0o700
+        # Files left wider by an older version or by hand are narrowed by the next write.
+        existing = tmp_path / "old" / "keys.toml"
+        existing.parent.mkdir()
+        existing.write_text("version = 1\n")
+        existing.chmod(0o644)
+        keyfile.lock_path(existing).write_text("")
+        keyfile.lock_path(existing).chmod(0o666)
+        store = await FileKeyStore.open(existing)
+        await store.create(5)
+        assert mode(existing) == 0o600 and mode(keyfile.lock_path(existing)) == 0o600
+        assert mode(existing.parent) == 0o777, "an existing folder is left as the operator made it"
+    finally:
+        os.umask(old_umask)
+    assert temporaries and set(temporaries) == {0o600}
 
 
 CHILD = textwrap.dedent(

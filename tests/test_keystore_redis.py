@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import trio
 
-from actors.keystore import KeyNotFound, KeyStoreError, LegacyKey
-from actors.keystore.records import Denial, Grant, InvalidRateLimit, key_id_of
+from actors.keystore import KeyNotFound, KeyStoreError, KeyStoreUnavailable, LegacyKey
+from actors.keystore.records import INT64_MAX, Denial, Grant, InvalidRateLimit, key_id_of
 from actors.keystore.redisstore import RedisKeyStore
 from tests.keys_support import (
     ADMIN,
@@ -21,7 +22,7 @@ from tests.keys_support import (
     wait_until,
     write_config,
 )
-from tests.redis_server import free_port, redis_server, redis_url, start_redis, stop_redis
+from tests.redis_server import RedisServer, free_port, redis_server, redis_url, start_redis, stop_redis
 
 __all__ = ["redis_server", "redis_url"]  # fixtures
 
@@ -202,3 +203,114 @@ async def test_a_redis_url_that_is_not_one_is_refused() -> None:
         with pytest.raises(KeyStoreError, match=r"auth\.redis_url"):
             async with RedisKeyStore.connect(url):
                 pytest.fail(f"accepted {url}")
+
+
+# -- usage counters against a real Redis: nothing a miner reports or Redis holds jams the flush ------------
+
+
+async def test_a_batch_with_a_counter_that_would_overflow_counts_every_other_key_once(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    async with RedisKeyStore.connect(redis_url) as store:
+        keys = [await store.create(10) for _ in range(4)]
+        near, good, corrupt, big = (info for _, info in keys)
+        redis_server.command("HSET", store._key(near.id), "tokens", str(INT64_MAX - 5))
+        redis_server.command("HSET", store._key(corrupt.id), "tokens", "garbage")
+        redis_server.command("HSET", store._key(big.id), "tokens", "9" * 25)
+        for info in (near, good, corrupt, big):
+            store.record_usage_nowait(info.id, tokens=10)
+        store.record_usage_nowait(good.id, tokens=2**64 - 1)  # refused where it enters
+        await store.flush()
+        for _ in range(3):  # before: the script failed half-way and `good` was added again each time
+            await store.flush()
+        tokens = {info.id: (await store.info(info.id)).tokens for info in (near, good, corrupt, big)}  # type: ignore[union-attr]
+        assert tokens == {near.id: INT64_MAX, good.id: 10, corrupt.id: 10, big.id: INT64_MAX}
+        health = store.health()
+        assert health["unflushed_usage_keys"] == 0 and health["usage_refused"] == 1
+        assert health["counters_saturated"] == 1 and health["counters_repaired"] == 2
+        # The totals Redis holds are what it can hold: its own HINCRBY still works on them.
+        assert redis_server.command("HINCRBY", store._key(good.id), "tokens", "1").startswith(b":11")
+        assert redis_server.command("HGET", store._key(big.id), "tokens") == f"$19\r\n{INT64_MAX}\r\n".encode()
+
+
+async def test_a_flush_whose_reply_is_lost_is_not_added_twice(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with RedisKeyStore.connect(redis_url) as store:
+        _, info = await store.create(10)
+        store.record_usage_nowait(info.id, tokens=40)
+        real_run = store._run
+        lost: list[object] = []
+
+        async def reply_lost(script: Any, keys: list[str], args: list[Any]) -> Any:
+            result = await real_run(script, keys, args)  # Redis did it...
+            if script is store._add_tokens and not lost:
+                lost.append(result)
+                raise KeyStoreUnavailable("timed out")  # ...and the answer never arrived
+            return result
+
+        monkeypatch.setattr(store, "_run", reply_lost)
+        with pytest.raises(KeyStoreUnavailable):
+            await store.flush()
+        store.record_usage_nowait(info.id, tokens=2)  # counted meanwhile: goes in the next batch
+        await store.flush()  # the same batch again (already added, so skipped), then what came meanwhile
+        assert (await store.info(info.id)).tokens == 42  # type: ignore[union-attr]
+        assert store.health()["unflushed_usage_keys"] == 0
+
+
+async def test_corrupt_counters_and_limits_in_redis_are_survived(redis_server: RedisServer, redis_url: str) -> None:
+    async with RedisKeyStore.connect(redis_url) as store:
+        key, info = await store.create(10)
+        redis_server.command("HSET", store._key(info.id), "requests", "lots", "tokens", "-4")
+        assert isinstance(await store.check(key), Grant)  # before: HINCRBY failed, every request a 503
+        listed = await store.list_keys()  # before: int("lots") raised
+        assert [(i.requests, i.tokens) for i in listed] == [(1, 0)]
+        assert store.health()["counters_repaired"] >= 2
+
+        redis_server.command("HSET", store._key(info.id), "requests", str(INT64_MAX))
+        assert isinstance(await store.check(key), Grant)  # before: HINCRBY overflowed
+        assert (await store.info(info.id)).requests == INT64_MAX  # type: ignore[union-attr]
+        assert store.health()["counters_saturated"] == 1
+
+        redis_server.command("HSET", store._key(info.id), "rate_limit", "ten")
+        with pytest.raises(KeyStoreUnavailable, match="rate_limit"):
+            await store.check(key)
+        assert (await store.info(info.id)) is not None  # listing still works
+
+
+# -- a changed limit applies at once, atomically, wherever the change was made ------------------------------
+
+
+async def burst(store: RedisKeyStore, key: str) -> int:
+    passed = 0
+    while isinstance(await store.check(key), Grant):
+        passed += 1
+    return passed
+
+
+async def test_a_limit_changed_by_another_process_rescales_the_shared_bucket(redis_url: str) -> None:
+    async with RedisKeyStore.connect(redis_url) as serving, RedisKeyStore.connect(redis_url) as admin:
+        key, _ = await serving.create(5)
+        assert await burst(serving, key) == 5
+        await admin.modify(key, 10)  # used 5 of 5, raised to 10: 5 more at once
+        grant = await serving.check(key)
+        assert isinstance(grant, Grant) and (grant.limit, grant.remaining) == (10, 4)
+        assert await burst(admin, key) == 4  # the other process shares the same bucket
+
+        lowered, _ = await serving.create(10)
+        for _ in range(3):
+            assert isinstance(await serving.check(lowered), Grant)
+        await admin.modify(lowered, 5)  # used 3, lowered to 5: 2 more
+        assert await burst(serving, lowered) == 2
+
+        deep, _ = await serving.create(100)
+        for _ in range(7):
+            assert isinstance(await admin.check(deep), Grant)
+        await admin.modify(deep, 5)  # used 7 of a new 5: none until one is back (12 s)
+        denial = await serving.check(deep)
+        assert isinstance(denial, Denial) and (denial.limit, denial.retry_after_s) == (5, 12)
+
+        await admin.modify(key, 0)  # blocked, then unblocked: what was used stays used
+        assert (await serving.check(key)) == Denial("blocked", retry_after_s=60)
+        await admin.modify(key, 12)
+        assert await burst(serving, key) == 2

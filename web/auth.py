@@ -2,6 +2,14 @@
 
 Routes that need a key call `grant = await authorize(services)` first and add `grant.headers`
 (X-RateLimit-Limit / -Remaining / -Reset) to their response. The key is never logged or echoed.
+
+Failed authentications (a missing or unknown API key, a wrong admin key) are counted per client
+address, the ASGI peer (X-Forwarded-For and the like are the client's own words, not trusted):
+past `auth.failed_auth_per_minute` within a minute the address gets 429 `too_many_failed_auth`.
+A correct API key still passes from a throttled address, so a legitimate client behind a shared
+address recovers at once (API keys are 192 random bits: guessing is not the threat, load is); the
+admin key is not even compared from a throttled address, correct or not, since an operator may
+have chosen a guessable one.
 """
 
 from __future__ import annotations
@@ -41,11 +49,32 @@ def store_unavailable() -> ApiError:
     return ApiError(503, "The API key store is unavailable; try again shortly.", code="key_store_unavailable")
 
 
+def peer_address() -> str | None:
+    """The current request's peer, as the server saw the connection (None on a unix socket)."""
+    client = request.scope.get("client")
+    return str(client[0]) if client else None
+
+
+def throttled_error(wait_s: int) -> ApiError:
+    return ApiError(
+        429,
+        f"Too many failed authentications from this address; retry in {wait_s} s.",
+        code="too_many_failed_auth",
+        headers={"Retry-After": str(wait_s)},
+    )
+
+
+def failed(services: Services, error: ApiError) -> ApiError:
+    """`error` (a 401), counted against the peer; or the 429 when the peer is over its limit."""
+    wait_s = services.keys.failed_auth.fail(peer_address())
+    return throttled_error(wait_s) if wait_s else error
+
+
 async def authorize(services: Services) -> Grant:
     """Authorise the current request and count it: a Grant, or an ApiError (401, 429 or 503)."""
     api_key = api_key_of(request.headers)
     if api_key is None:
-        raise ApiError(401, MISSING_KEY, code="missing_api_key")
+        raise failed(services, ApiError(401, MISSING_KEY, code="missing_api_key"))
     try:
         with trio.fail_after(STORE_TIMEOUT_S):
             verdict = await services.keys.check(api_key)
@@ -53,6 +82,8 @@ async def authorize(services: Services) -> Grant:
         raise store_unavailable() from exc
     if isinstance(verdict, Grant):
         return verdict
+    if verdict.reason == "unknown":
+        raise failed(services, denial_error(verdict))
     raise denial_error(verdict)
 
 
@@ -89,12 +120,16 @@ def denial_error(denial: Denial) -> ApiError:
 def admin_required(services: Services) -> None:
     """The `admin-key` header must match `auth.admin_key` (compared in constant time).
 
-    With no admin key configured the admin endpoints are off: 403. A missing or wrong key: 401.
+    With no admin key configured the admin endpoints are off: 403. A missing or wrong key: 401, counted
+    against the client's address; from an address over its limit, 429 without looking at the key.
     """
     expected = services.settings.auth.admin_key
     if not expected:
         raise ApiError(403, "The admin endpoints are disabled: no admin key is configured (auth.admin_key).",
                        code="admin_disabled")
+    if wait_s := services.keys.failed_auth.refusal(peer_address()):
+        raise throttled_error(wait_s)
     given = request.headers.get("admin-key", "")
     if not hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8")):
-        raise ApiError(401, "Missing or wrong admin key (the 'admin-key' header).", code="invalid_admin_key")
+        raise failed(services, ApiError(401, "Missing or wrong admin key (the 'admin-key' header).",
+                                        code="invalid_admin_key"))

@@ -1,12 +1,15 @@
 """API-key management (`admin-key` header) and `whoami` (an API key's own view of itself).
 
 Served under `/api_management/...` as in the seed document, and without the prefix as the
-predecessor did. Answers are those of PROTOCOL.md section 6. Keys are never logged.
+predecessor did. Answers are those of PROTOCOL.md section 6. Keys are never logged, and no error
+repeats one: the modify and delete paths carry the key, so a wrong method on them gets its 405 here,
+naming the route rather than the path.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 from quart import Blueprint, Response, request
 
@@ -20,6 +23,7 @@ from web.errors import ApiError, json_response
 log = logging.getLogger("sn1_gateway.keys")
 
 PREFIXES = ("/api_management", "")
+OTHER_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 
 
 def rate_limit_arg() -> int:
@@ -66,7 +70,18 @@ def blueprint(services: Services) -> Blueprint:
         log.info("API key %s (id %s) deleted", info.prefix, info.id[:16])
         return json_response({"message": "API key deleted"})
 
+    def wrong_method(route: str, allowed: str) -> Callable[[str], Awaitable[Response]]:
+        async def refuse(api_key: str) -> Response:
+            raise ApiError(405, f"Method {request.method} is not allowed on {route}.", code="method_not_allowed",
+                           headers={"Allow": f"{allowed}, OPTIONS"})
+
+        return refuse
+
     for prefix in PREFIXES:
+        for action, allowed in (("modify", "PUT"), ("delete", "DELETE")):
+            route = f"{prefix}/{action}-api-key/{{key}}"
+            bp.add_url_rule(f"{prefix}/{action}-api-key/<path:api_key>", f"{action}{prefix}-other",
+                            wrong_method(route, allowed), methods=[m for m in OTHER_METHODS if m != allowed])
         # The seed's path ends in a slash; answer without it too (no redirect: clients may not follow).
         bp.add_url_rule(f"{prefix}/create-api-key/", f"create{prefix}", create_key, methods=["POST"],
                         strict_slashes=False)

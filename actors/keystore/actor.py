@@ -38,10 +38,13 @@ async def open_keystore(settings: Settings) -> AsyncIterator[KeyStore]:
     if settings.auth.store == "redis":
         from actors.keystore.redisstore import RedisKeyStore
 
-        async with RedisKeyStore.connect(settings.auth.redis_url) as redis_store:
+        async with RedisKeyStore.connect(
+            settings.auth.redis_url, failed_auth_per_minute=settings.auth.failed_auth_per_minute
+        ) as redis_store:
             yield redis_store
         return
-    store = await FileKeyStore.open(Path(settings.resolve(settings.auth.keys_file)))
+    store = await FileKeyStore.open(Path(settings.resolve(settings.auth.keys_file)),
+                                    failed_auth_per_minute=settings.auth.failed_auth_per_minute)
     try:
         yield store
     finally:

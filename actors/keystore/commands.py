@@ -2,11 +2,15 @@
 
 The file store takes the same lock as a running gateway and the gateway reloads the file within a
 second; with Redis every change applies to the next request everywhere.
+
+`modify` and `delete` name a key by the key itself or its id; `-` reads either from standard input,
+so that a key need not appear in the process list or the shell's history.
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import sys
 from collections.abc import Awaitable, Callable
@@ -29,6 +33,33 @@ from config.settings import Settings
 
 SettingsLoader = Callable[[argparse.Namespace], Settings]
 Action = Callable[[KeyStore, argparse.Namespace], Awaitable[int]]
+
+STDIN = "-"
+MAX_REF_CHARS = 4096  # a key or an id is far shorter; more on standard input is a mistake
+KEY_HELP = ("the key, or its id from `keys list`; - reads it from standard input (one line; a hidden prompt "
+            "on a terminal), so that it appears neither in the process list nor in the shell's history")
+
+
+class NoKeyGiven(Exception):
+    """`-` was given and standard input held no key."""
+
+
+def read_ref(ref: str) -> str:
+    """`ref` itself, or for `-` the first line of standard input (asked for without echo on a terminal)."""
+    if ref != STDIN:
+        return ref
+    if sys.stdin is None:
+        raise NoKeyGiven("no standard input to read the key from")
+    if sys.stdin.isatty():
+        text = getpass.getpass("API key or id: ")
+    else:
+        text = sys.stdin.readline(MAX_REF_CHARS + 1)
+        if len(text.rstrip("\r\n")) > MAX_REF_CHARS:
+            raise NoKeyGiven(f"the first line of standard input is longer than {MAX_REF_CHARS} characters")
+    ref = text.strip()
+    if not ref:
+        raise NoKeyGiven("standard input held no key (expected the key or its id on the first line)")
+    return ref
 
 
 def rate_limit(text: str) -> int:
@@ -104,6 +135,12 @@ async def _run(settings: Settings, action: Action, args: argparse.Namespace) -> 
 
 def run(load: SettingsLoader, action: Action, args: argparse.Namespace) -> int:
     settings = load(args)
+    if getattr(args, "key", None) is not None:
+        try:
+            args.key = read_ref(args.key)
+        except (NoKeyGiven, OSError, UnicodeDecodeError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     try:
         return trio.run(_run, settings, action, args)
     except KeyNotFound:
@@ -121,8 +158,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], load: S
     keys = sub.add_parser("keys", help="manage API keys (create, list, modify, delete, import)")
     actions = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
 
-    def action(name: str, func: Action, help: str) -> argparse.ArgumentParser:
-        parser = actions.add_parser(name, parents=[common], help=help)
+    def action(name: str, func: Action, help: str, epilog: str | None = None) -> argparse.ArgumentParser:
+        parser = actions.add_parser(name, parents=[common], help=help, description=help, epilog=epilog)
         parser.set_defaults(func=partial(run, load, func))
         return parser
 
@@ -130,10 +167,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], load: S
     p.add_argument("--rate-limit", type=rate_limit, required=True, metavar="N", help="requests per minute")
     p = action("list", list_keys, "list keys: id, prefix, limit and usage (never the keys)")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p = action("modify", modify, "change a key's rate limit")
-    p.add_argument("key", metavar="KEY", help="the key, or its id from `keys list`")
+    p = action("modify", modify, "change a key's rate limit",
+               "example, keeping the key off the command line: "
+               "printf '%s\\n' \"$KEY\" | sn1-gateway keys modify - --rate-limit 120")
+    p.add_argument("key", metavar="KEY", help=KEY_HELP)
     p.add_argument("--rate-limit", type=rate_limit, required=True, metavar="N", help="requests per minute")
-    p = action("delete", delete, "revoke a key")
-    p.add_argument("key", metavar="KEY", help="the key, or its id from `keys list`")
+    p = action("delete", delete, "revoke a key",
+               "example, keeping the key off the command line: sn1-gateway keys delete - < key.txt")
+    p.add_argument("key", metavar="KEY", help=KEY_HELP)
     p = action("import", import_keys, "import the predecessor's api_keys.json (existing keys are kept)")
     p.add_argument("file", metavar="FILE", help='JSON: {"<key>": {"rate_limit": N, "usage": N}}')

@@ -21,6 +21,7 @@ import trio
 from actors.keystore import keyfile, limiter
 from actors.keystore.keyfile import Signature, Snapshot
 from actors.keystore.records import (
+    INT64_MAX,
     Denial,
     Grant,
     ImportReport,
@@ -29,12 +30,15 @@ from actors.keystore.records import (
     KeyStoreError,
     KeyStoreUnavailable,
     LegacyKey,
+    UsageGuard,
     candidate_ids,
     check_rate_limit,
     display_prefix,
     key_id_of,
     new_api_key,
+    saturating_add,
 )
+from actors.keystore.throttle import DEFAULT_PER_MINUTE, FailedAuthThrottle
 
 log = logging.getLogger("sn1_gateway.keys")
 
@@ -45,15 +49,17 @@ _BLOCKED = Denial("blocked", retry_after_s=60)
 
 
 class _Entry:
-    """One key in memory: what the file says, the limiter's bucket, and usage not yet flushed."""
+    """One key in memory: what the file says, the limiter's bucket (and the limit it was kept at),
+    and usage not yet flushed."""
 
-    __slots__ = ("bucket_at_ms", "bucket_level", "info", "pending_last_used", "pending_requests",
-                 "pending_tokens")
+    __slots__ = ("bucket_at_ms", "bucket_level", "bucket_limit", "info", "pending_last_used",
+                 "pending_requests", "pending_tokens")
 
     def __init__(self, info: KeyInfo) -> None:
         self.info = info
         self.bucket_level: int | None = None
         self.bucket_at_ms = 0
+        self.bucket_limit = info.rate_limit
         self.pending_requests = 0
         self.pending_tokens = 0
         self.pending_last_used: float | None = None
@@ -64,8 +70,8 @@ class _Entry:
             return info
         return replace(
             info,
-            requests=info.requests + self.pending_requests,
-            tokens=info.tokens + self.pending_tokens,
+            requests=saturating_add(info.requests, self.pending_requests),
+            tokens=saturating_add(info.tokens, self.pending_tokens),
             last_used_at=self.pending_last_used or info.last_used_at,
         )
 
@@ -74,16 +80,21 @@ class _Entry:
 Pending = dict[str, tuple[int, int, float | None]]
 
 
-def _merge_usage(keys: dict[str, KeyInfo], pending: Pending) -> None:
-    """Add usage counted here to what the file holds now (usage of keys deleted meanwhile is dropped)."""
+def _merge_usage(keys: dict[str, KeyInfo], pending: Pending, guard: UsageGuard) -> None:
+    """Add usage counted here to what the file holds now (usage of keys deleted meanwhile is dropped);
+    totals saturate at INT64_MAX."""
     for key_id, (requests, tokens, last_used) in pending.items():
         info = keys.get(key_id)
         if info is None:
             continue
+        total_requests = saturating_add(info.requests, requests)
+        total_tokens = saturating_add(info.tokens, tokens)
+        if INT64_MAX in (total_requests, total_tokens):
+            guard.saturate(key_id)
         keys[key_id] = replace(
             info,
-            requests=info.requests + requests,
-            tokens=info.tokens + tokens,
+            requests=total_requests,
+            tokens=total_tokens,
             last_used_at=max(last_used, info.last_used_at or 0.0) if last_used else info.last_used_at,
         )
 
@@ -105,6 +116,7 @@ class FileKeyStore:
         watch_interval_s: float = 0.5,
         flush_interval_s: float = 2.0,
         wall_clock: Callable[[], float] = time.time,
+        failed_auth_per_minute: int = DEFAULT_PER_MINUTE,
     ) -> None:
         self.path = path
         self.watch_interval_s = watch_interval_s
@@ -117,6 +129,8 @@ class FileKeyStore:
         self.last_error: str | None = None
         self.reloads = 0
         self.flushes = 0
+        self.usage = UsageGuard(log)
+        self.failed_auth = FailedAuthThrottle(failed_auth_per_minute)
 
     @classmethod
     async def open(cls, path: Path | None, **kw: Any) -> FileKeyStore:
@@ -140,21 +154,28 @@ class FileKeyStore:
         if limit <= 0:
             return _BLOCKED
         now_ms = math.floor(trio.current_time() * 1000)
+        if entry.bucket_limit != limit:  # changed since the bucket was last kept: it applies at once
+            if entry.bucket_level is not None:
+                entry.bucket_level = limiter.rescale(entry.bucket_level, entry.bucket_at_ms, entry.bucket_limit,
+                                                     limit, now_ms)
+                entry.bucket_at_ms = now_ms
+            entry.bucket_limit = limit
         outcome = limiter.take(entry.bucket_level, entry.bucket_at_ms, limit, now_ms)
         reset_s = limiter.ceil_seconds(outcome.reset_ms)
         if not outcome.allowed:
             return Denial("rate_limited", limit, reset_s, max(1, limiter.ceil_seconds(outcome.retry_after_ms)))
         entry.bucket_level, entry.bucket_at_ms = outcome.level, now_ms
-        entry.pending_requests += 1
+        entry.pending_requests = saturating_add(entry.pending_requests, 1)
         entry.pending_last_used = self.wall_clock()
         self._dirty = True
         return Grant(key_id, entry.info.prefix, limit, outcome.remaining, reset_s)
 
     def record_usage_nowait(self, key_id: str, *, tokens: int) -> None:
+        checked = self.usage.tokens(tokens)
         entry = self._entries.get(key_id)
-        if entry is None or tokens <= 0:
+        if entry is None or not checked:
             return
-        entry.pending_tokens += tokens
+        entry.pending_tokens = saturating_add(entry.pending_tokens, checked)
         self._dirty = True
 
     # -- reading --------------------------------------------------------------------------------------
@@ -261,7 +282,9 @@ class FileKeyStore:
             "unflushed_usage": self._dirty,
             "reloads": self.reloads,
             "flushes": self.flushes,
+            **self.usage.statistics(),
             "last_error": self.last_error,
+            "failed_auth": self.failed_auth.statistics(),
         }
 
     # -- internals ------------------------------------------------------------------------------------
@@ -280,8 +303,8 @@ class FileKeyStore:
         for key_id, (requests, tokens, last_used) in pending.items():
             entry = self._entries.get(key_id)
             if entry is not None:
-                entry.pending_requests += requests
-                entry.pending_tokens += tokens
+                entry.pending_requests = saturating_add(entry.pending_requests, requests)
+                entry.pending_tokens = saturating_add(entry.pending_tokens, tokens)
                 entry.pending_last_used = entry.pending_last_used or last_used
                 self._dirty = True
 
@@ -292,7 +315,7 @@ class FileKeyStore:
 
             def work(keys: dict[str, KeyInfo]) -> T:
                 result = change(keys)
-                _merge_usage(keys, pending)
+                _merge_usage(keys, pending, self.usage)
                 return result
 
             try:
@@ -308,11 +331,11 @@ class FileKeyStore:
             except BaseException:
                 self._restore_pending(pending)
                 raise
-            self._adopt(snapshot)
+            self._adopt(snapshot, written=True)
             self.last_error = None
             return result
 
-    def _adopt(self, snapshot: Snapshot) -> None:
+    def _adopt(self, snapshot: Snapshot, *, written: bool = False) -> None:
         """Make the stored keys current, keeping each surviving key's bucket and unflushed usage."""
         entries: dict[str, _Entry] = {}
         for key_id, info in snapshot.keys.items():
@@ -324,3 +347,6 @@ class FileKeyStore:
             entries[key_id] = entry
         self._entries = entries
         self._signature = snapshot.signature
+        for problem in snapshot.problems:  # repaired in memory; the next write (now, if none was) repairs the file
+            self.usage.repair(problem.where, problem.found, problem.problem)
+            self._dirty = self._dirty or not written

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from actors.keystore.records import RATE_LIMIT_MAX, LegacyKey, display_prefix
+from actors.keystore.records import INT64_MAX, RATE_LIMIT_MAX, LegacyKey, display_prefix
 
 
 class LegacyFormatError(ValueError):
@@ -34,6 +34,6 @@ def parse_legacy_keys(text: str, source: str) -> list[LegacyKey]:
         if not isinstance(fields, dict):
             raise LegacyFormatError(f"{where}: expected an object with rate_limit and usage")
         rate_limit = _count(where, "rate_limit", fields.get("rate_limit"), RATE_LIMIT_MAX)
-        usage = _count(where, "usage", fields.get("usage", 0))
+        usage = _count(where, "usage", fields.get("usage", 0), INT64_MAX)
         entries.append(LegacyKey(key, rate_limit, usage))
     return entries

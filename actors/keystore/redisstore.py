@@ -2,16 +2,21 @@
 
 Authorising a request is one round trip (a Lua script that checks the key, applies the limit and
 counts the request atomically), so a revocation or a limit change made anywhere applies to the next
-request everywhere. Token usage is summed in memory and added every second by the background task.
+request everywhere. Token usage is summed in memory and added every second by the background task,
+in batches: a batch is sent again, unchanged, until Redis acknowledges it, and a marker written with
+it makes it count once even when the first reply was lost. No stored value can make a script fail
+half-way (they read and check everything before their first write), and Lua does not roll back.
 
 Layout, under the `sn1gw:` prefix: `key:{<id>}` a hash (prefix, rate_limit, created_at, requests,
-tokens, last_used_at), `rl:{<id>}` the limiter's bucket (expires once full again), `keys` the set of ids.
+tokens, last_used_at), `rl:{<id>}` the limiter's bucket (level, at, the limit it was kept at; expires
+once full again), `keys` the set of ids, `flush:<batch>` the marker of a usage batch already added.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -21,6 +26,10 @@ import trio
 
 from actors.keystore import limiter
 from actors.keystore.records import (
+    COUNTER_BEYOND,
+    COUNTER_CORRUPT,
+    COUNTER_SATURATED,
+    LUA_COUNTERS,
     Denial,
     Grant,
     ImportReport,
@@ -29,12 +38,16 @@ from actors.keystore.records import (
     KeyStoreError,
     KeyStoreUnavailable,
     LegacyKey,
+    UsageGuard,
     candidate_ids,
     check_rate_limit,
     display_prefix,
     key_id_of,
     new_api_key,
+    read_counter,
+    saturating_add,
 )
+from actors.keystore.throttle import DEFAULT_PER_MINUTE, FailedAuthThrottle
 
 if TYPE_CHECKING:
     from coredis import Redis
@@ -44,12 +57,36 @@ log = logging.getLogger("sn1_gateway.keys")
 
 NAMESPACE = "sn1gw"
 MAX_PENDING_KEYS = 65_536  # distinct keys with unflushed token usage; beyond it usage is dropped, counted
+BATCH_MARKER_TTL_MS = 86_400_000  # a batch resent later than this (a day-long outage) could count twice
 
-_ADD_TOKENS = """
-for i, key in ipairs(KEYS) do
-  if redis.call('EXISTS', key) == 1 then redis.call('HINCRBY', key, 'tokens', ARGV[i]) end
+# KEYS[1]: the batch's marker; KEYS[2..]: key hashes. ARGV[1]: the marker's lifetime (ms); ARGV[2..]:
+# the tokens to add to KEYS[2..] (decimal digits). Returns {1 added | 0 already added, then per key:
+# 0 added, 1 no such key, 2 its counter was beyond 2^63-1 (held there), 3 its counter was not a number
+# (restarted from this batch), 5 the total reached 2^63-1, 6 an increment that is not a count (skipped)}.
+# All reading and arithmetic come first, then the writes, which cannot fail: the batch counts whole or
+# not at all.
+_ADD_TOKENS = LUA_COUNTERS + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return {0} end
+local codes, totals = {}, {}
+for i = 2, #KEYS do
+  local code, total = 1, nil
+  local increment, bad = counter(ARGV[i])
+  if bad ~= 0 then
+    code = 6
+  elseif redis.call('EXISTS', KEYS[i]) == 1 then
+    local stored, saturated
+    stored, code = counter(redis.call('HGET', KEYS[i], 'tokens'))
+    total, saturated = counter_add(stored, increment)
+    if saturated and code == 0 then code = 5 end
+  end
+  codes[i - 1], totals[i] = code, total
 end
-return 0
+for i = 2, #KEYS do
+  if totals[i] then redis.call('HSET', KEYS[i], 'tokens', totals[i]) end
+end
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+table.insert(codes, 1, 1)
+return codes
 """
 
 # KEYS: hash, set of ids; ARGV: id, prefix, rate_limit, created_at, requests. 0 if the key exists.
@@ -84,18 +121,38 @@ def describe_url(url: str) -> str:
     return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
-def _info(key_id: str, fields: dict[str, str]) -> KeyInfo | None:
+def _info(key_id: str, fields: dict[str, str], guard: UsageGuard) -> KeyInfo | None:
+    """A key's hash as a KeyInfo; a field that does not read is reported to `guard`, never raised."""
     if "rate_limit" not in fields:
         return None
-    last_used = fields.get("last_used_at")
+
+    def number(name: str, default: str = "0") -> int:
+        value, problem = read_counter(fields.get(name, default))
+        if problem is not None:
+            guard.repair(f"key id {key_id[:16]} {name}", fields.get(name), problem)
+        return value
+
+    def seconds(name: str, scale: float) -> float | None:
+        text = fields.get(name)
+        if text is None:
+            return None
+        try:
+            value = float(text) / scale
+        except ValueError:
+            value = float("nan")
+        if not 0 <= value < 1e11:  # NaN, negative, or centuries ahead
+            guard.repair(f"key id {key_id[:16]} {name}", text, "not a time")
+            return None
+        return value
+
     return KeyInfo(
         id=key_id,
         prefix=fields.get("prefix", ""),
-        rate_limit=int(fields["rate_limit"]),
-        created_at=float(fields.get("created_at", 0.0)),
-        requests=int(fields.get("requests", 0)),
-        tokens=int(fields.get("tokens", 0)),
-        last_used_at=None if last_used is None else int(last_used) / 1000,
+        rate_limit=number("rate_limit"),
+        created_at=seconds("created_at", 1.0) or 0.0,
+        requests=number("requests"),
+        tokens=number("tokens"),
+        last_used_at=seconds("last_used_at", 1000.0),
     )
 
 
@@ -110,6 +167,7 @@ class RedisKeyStore:
         timeout_s: float = 2.0,
         flush_interval_s: float = 1.0,
         wall_clock: Callable[[], float] = time.time,
+        failed_auth_per_minute: int = DEFAULT_PER_MINUTE,
     ) -> None:
         self.client = client
         self.url = describe_url(url)
@@ -122,9 +180,13 @@ class RedisKeyStore:
         self._modify: Script[str] = client.register_script(_MODIFY)
         self._delete: Script[str] = client.register_script(_DELETE)
         self._pending: dict[str, int] = {}
+        # The batch sent and not yet acknowledged: its id and usage, sent again as it is until it is.
+        self._batch: tuple[str, dict[str, int]] | None = None
         self.dropped_usage = 0
         self.failures = 0
         self.last_error: str | None = None
+        self.usage = UsageGuard(log)
+        self.failed_auth = FailedAuthThrottle(failed_auth_per_minute)
 
     @classmethod
     @asynccontextmanager
@@ -178,6 +240,10 @@ class RedisKeyStore:
 
     _ids = f"{NAMESPACE}:keys"
 
+    @staticmethod
+    def _marker(batch_id: str) -> str:
+        return f"{NAMESPACE}:flush:{batch_id}"
+
     async def _run(self, script: Script[str], keys: list[str], args: list[str | int | float]) -> Any:
         """One script call, bounded in time; Redis problems become KeyStoreUnavailable."""
         from coredis.exceptions import RedisError
@@ -200,21 +266,36 @@ class RedisKeyStore:
         reply = await self._run(self._check, [self._key(key_id), self._bucket(key_id)], [])
         status, limit, remaining, reset_ms, retry_ms = (int(v) for v in reply[:5])
         if status == 1:
+            self._counter_state(key_id, "requests", int(reply[6]))
             return Grant(key_id, str(reply[5]), limit, remaining, limiter.ceil_seconds(reset_ms))
         if status == 3:
             return Denial("rate_limited", limit, limiter.ceil_seconds(reset_ms),
                           max(1, limiter.ceil_seconds(retry_ms)))
         if status == 2:
             return Denial("blocked", retry_after_s=60)
+        if status == 4:
+            self.failures += 1
+            self.last_error = f"key id {key_id[:16]}: its rate_limit in Redis is not an integer from 0 to 1000000"
+            raise KeyStoreUnavailable(f"Redis at {self.url}: {self.last_error}")
         return Denial("unknown")
 
+    def _counter_state(self, key_id: str, name: str, code: int) -> None:
+        """Report what a script found in a stored counter (`code`: records.COUNTER_*)."""
+        if code == COUNTER_SATURATED:
+            self.usage.saturate(key_id)
+        elif code == COUNTER_BEYOND:
+            self.usage.repair(f"key id {key_id[:16]} {name}", "(Redis)", "beyond 2^63-1, held there")
+        elif code == COUNTER_CORRUPT:
+            self.usage.repair(f"key id {key_id[:16]} {name}", "(Redis)", "not a non-negative integer, restarted")
+
     def record_usage_nowait(self, key_id: str, *, tokens: int) -> None:
-        if tokens <= 0:
+        checked = self.usage.tokens(tokens)
+        if not checked:
             return
         if key_id not in self._pending and len(self._pending) >= MAX_PENDING_KEYS:
             self.dropped_usage += 1
             return
-        self._pending[key_id] = self._pending.get(key_id, 0) + tokens
+        self._pending[key_id] = saturating_add(self._pending.get(key_id, 0), checked)
 
     # -- reading --------------------------------------------------------------------------------------
 
@@ -226,11 +307,11 @@ class RedisKeyStore:
                 fields = await self.client.hgetall(self._key(key_id))
         except (RedisError, OSError, trio.TooSlowError) as exc:
             raise self._unavailable(exc) from exc
-        info = _info(key_id, dict(fields))
-        pending = self._pending.get(key_id, 0)
+        info = _info(key_id, dict(fields), self.usage)
+        pending = self._pending.get(key_id, 0) + (self._batch[1].get(key_id, 0) if self._batch else 0)
         if info is not None and pending:
             info = KeyInfo(info.id, info.prefix, info.rate_limit, info.created_at, info.requests,
-                           info.tokens + pending, info.last_used_at)
+                           saturating_add(info.tokens, pending), info.last_used_at)
         return info
 
     async def list_keys(self) -> list[KeyInfo]:
@@ -287,23 +368,31 @@ class RedisKeyStore:
     # -- background -------------------------------------------------------------------------------------
 
     async def flush(self) -> None:
-        """Add the token usage summed since the last flush (kept for the next one if Redis fails)."""
-        if not self._pending:
-            return
-        pending, self._pending = self._pending, {}
-        ids = list(pending)
-        try:
-            await self._run(self._add_tokens, [self._key(i) for i in ids], [pending[i] for i in ids])
-        except BaseException:
-            for key_id, tokens in pending.items():
-                self._pending[key_id] = self._pending.get(key_id, 0) + tokens
-            raise
+        """Add the token usage summed since the last flush.
+
+        If Redis fails, the same batch (same id, same counts) is sent again by the next flush, and
+        usage counted meanwhile follows it: a batch whose reply was lost is not added twice. At most
+        two batches per call (the one resent, then what was counted meanwhile), so that a flush under
+        load ends.
+        """
+        for _ in range(2):
+            if self._batch is None:
+                if not self._pending:
+                    return
+                self._batch, self._pending = (uuid.uuid4().hex, self._pending), {}
+            batch_id, usage = self._batch
+            ids = list(usage)
+            reply = await self._run(self._add_tokens, [self._marker(batch_id), *(self._key(i) for i in ids)],
+                                    [BATCH_MARKER_TTL_MS, *(str(usage[i]) for i in ids)])
+            self._batch = None
+            for key_id, code in zip(ids, reply[1:], strict=False):
+                self._counter_state(key_id, "tokens", int(code))
 
     async def maintain(self) -> None:
         failing = False
         while True:
             await trio.sleep(self.flush_interval_s)
-            if not self._pending:
+            if not self._pending and self._batch is None:
                 continue
             try:
                 await self.flush()
@@ -320,8 +409,10 @@ class RedisKeyStore:
         return {
             "backend": self.backend,
             "url": self.url,
-            "unflushed_usage_keys": len(self._pending),
+            "unflushed_usage_keys": len(self._pending) + (len(self._batch[1]) if self._batch else 0),
             "dropped_usage": self.dropped_usage,
+            **self.usage.statistics(),
             "failures": self.failures,
             "last_error": self.last_error,
+            "failed_auth": self.failed_auth.statistics(),
         }
