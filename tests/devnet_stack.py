@@ -26,10 +26,11 @@ class Net:
     devnet: Devnet
     gateway: Gateway
     client: httpx.AsyncClient
+    key: str
 
 
 async def start(nursery: trio.Nursery, tmp_path: Path, *, faults: tuple[str, ...] = (), miners: int = 5,
-                availability: str = "none", fanout: int = 5) -> Net:
+                availability: str = "none", fanout: int = 5, **fanout_settings: Any) -> Net:
     timing = MinerTiming(first_token_s=HEALTHY_FIRST_TOKEN_S, token_s=0.002, slow_first_token_s=SLOW_S,
                          slow_token_s=SLOW_S)
     devnet: Devnet = await nursery.start(Devnet(miners=miners, faults=faults, timing=timing,
@@ -38,7 +39,7 @@ async def start(nursery: trio.Nursery, tmp_path: Path, *, faults: tuple[str, ...
         Settings(),
         server=ServerSettings(port=0),
         auth=AuthSettings(keys_file=str(tmp_path / "keys.toml")),
-        fanout=FanoutSettings(miners=fanout, first_token_timeout_s=3.0),
+        fanout=FanoutSettings(**{"miners": fanout, "first_token_timeout_s": 3.0, **fanout_settings}),
         base_dir=str(tmp_path),
     ))
     settings = dataclasses.replace(settings, availability=AvailabilitySettings(source=availability,  # type: ignore[arg-type]
@@ -47,7 +48,12 @@ async def start(nursery: trio.Nursery, tmp_path: Path, *, faults: tuple[str, ...
                                                                      task_status=task_status))
     key, _ = await gateway.services.keys.create(10_000)
     client = httpx.AsyncClient(base_url=gateway.url, headers={"api-key": key}, timeout=30)
-    return Net(devnet, gateway, client)
+    if availability != "none":
+        cell = gateway.services.availability
+        with trio.fail_after(10):
+            while not cell.get().ever_known:
+                await cell.wait_newer(cell.version)
+    return Net(devnet, gateway, client, key)
 
 
 async def stream_chat(client: httpx.AsyncClient, content: str, **extra: Any) -> tuple[float, list[Any]]:

@@ -191,3 +191,60 @@ async def test_web_retrieval_and_the_mixture_steps_reach_the_validator(net_facto
     for uid in first["uids"]:
         assert "".join(first["chunks"][str(uid)]).strip() in combined
     assert "".join(final["chunks"][str(final["uids"][0])]) == response.json()["choices"][0]["message"]["content"]
+
+
+MISTRAL = "mrfakename/mistral-small-3.1-24b-instruct-2503-hf"
+
+
+async def test_the_seed_documents_client_with_any_model_name(net_factory: Any) -> None:
+    """As the seed document's example, with `model="gpt-4o"` (no miner serves it) and `"Default"`: an
+    answer, without logprobs; miners and the validator see the subnet's default model."""
+    import openai
+
+    with trio.fail_after(60):
+        net = await net_factory(availability="validator")
+        headers = {"api-key": net.key, "Content-Type": "application/json"}
+        async with openai.AsyncOpenAI(
+            base_url=f"{net.gateway.url}/v1", api_key=net.key, max_retries=0,
+            timeout=openai.Timeout(30, connect=10, read=20),
+            http_client=openai.DefaultAsyncHttpxClient(headers=headers),
+        ) as client:
+            for model in ("gpt-4o", "Default"):
+                result = await client.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": "How are you?"}], stream=True,
+                    temperature=0.7, seed=42, extra_headers=headers,
+                    extra_body={"task": "InferenceTask",
+                                "sampling_parameters": {"mixture": False, "max_new_tokens": 256, "do_sample": True}},
+                )
+                parts = []
+                async for chunk in result:
+                    assert chunk.model == (model if model != "Default" else MISTRAL)
+                    if chunk.choices:
+                        assert chunk.choices[0].logprobs is None
+                        parts.append(chunk.choices[0].delta.content or "")
+                assert "".join(parts).strip()
+        with trio.fail_after(20):
+            await net.devnet.validator.wait_scored(2)
+        assert {p["body"]["model"] for p in net.devnet.validator.scored} == {MISTRAL}
+        sent = [r.json() for m in net.devnet.miners for r in m.received if r.path == "/v1/chat/completions"]
+        assert sent and {b["model"] for b in sent} == {MISTRAL}
+
+
+async def test_strict_models_keep_a_model_nobody_serves_a_404(net_factory: Any) -> None:
+    with trio.fail_after(30):
+        net = await net_factory(availability="validator", strict_models=True)
+        response = await net.client.post("/v1/chat/completions", json={
+            "model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]})
+        assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+        served = await net.client.post("/v1/chat/completions", json={
+            "model": "Default", "messages": [{"role": "user", "content": "x"}]})
+        assert served.status_code == 200, served.text
+
+
+async def test_a_task_no_miner_advertises_goes_to_any_serving_miner(net_factory: Any) -> None:
+    with trio.fail_after(30):
+        net = await net_factory(availability="validator")
+        response = await net.client.post("/v1/chat/completions", json={
+            "task": "ProgrammingTask", "messages": [{"role": "user", "content": "x"}]})
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["content"]
