@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -21,12 +22,13 @@ import trio
 from bittensor_core import Keypair
 
 from actors.scoring import ScoringForwarder, encode_payload
-from actors.spool import Spool
+from actors.spool import Spool, SpoolFiles
 from config.settings import ScoringSettings, Settings
 from engine.epistula import Signer, Verifier
 from engine.organic import MinerAnswer, OrganicResult
 from engine.snapshot import SnapshotCell
 from engine.subnet import Neuron, SubnetSnapshot
+from tests.spool_faults import FailingFiles
 
 T = TypeVar("T")
 
@@ -111,12 +113,14 @@ MakeForwarder = Callable[..., ScoringForwarder]
 @pytest.fixture
 def make(tmp_path: Path, validators: Validators, signer: Signer) -> MakeForwarder:
     def build(subnet: SnapshotCell[SubnetSnapshot] | None = None, rng: random.Random | None = None,
-              inline_io: bool = False, run_sync: Any = None, **scoring: Any) -> ScoringForwarder:
+              inline_io: bool = False, run_sync: Any = None, spool_files: SpoolFiles | None = None,
+              wall_clock: Callable[[], float] | None = None, **scoring: Any) -> ScoringForwarder:
         http = httpx.AsyncClient(transport=httpx.MockTransport(validators.handle))
         return ScoringForwarder(
             settings_for(tmp_path, **scoring), http=http, signer=signer,
             subnet=subnet or subnet_of(validator(1, 5000.0)), rng=rng or random.Random(0),
             run_sync=run_sync or (run_inline if inline_io else trio.to_thread.run_sync),
+            spool_files=spool_files, wall_clock=wall_clock or time.time,
         )
     return build
 
@@ -367,7 +371,7 @@ async def test_a_spool_write_cut_short_by_shutdown_is_written_by_the_flush(
     held: list[Any] = []
 
     async def run_sync(sync_fn: Callable[..., T], *args: Any) -> T:
-        if getattr(sync_fn, "__name__", "") == "_encode_and_append" and not held:
+        if getattr(sync_fn, "__name__", "") == "_store" and not held:
             held.append(args)  # the spool writer's first batch waits (for a thread, say) and is cancelled
             await trio.sleep_forever()
         return await trio.to_thread.run_sync(sync_fn, *args)
@@ -395,25 +399,22 @@ async def test_a_payload_that_is_not_json_is_dropped_and_counted_the_rest_delive
 
 
 async def test_a_failing_spool_write_is_retried_and_reported(
-        nursery: trio.Nursery, make: MakeForwarder, validators: Validators, autojump_clock: trio.abc.Clock,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        nursery: trio.Nursery, make: MakeForwarder, validators: Validators, autojump_clock: trio.abc.Clock) -> None:
     validators.default = "500"
-    forwarder = make(inline_io=True)
+    disk = FailingFiles()
+    forwarder = make(inline_io=True, spool_files=disk)
     await nursery.start(forwarder.run)
-    real_append = forwarder.spool.append
-    failures = [OSError(28, "No space left on device")]
-
-    def append(payloads: Any) -> int:
-        if failures:
-            raise failures.pop()
-        return real_append(payloads)
-
-    monkeypatch.setattr(forwarder.spool, "append", append)
+    disk.fail("pwrite")
     forwarder.submit_nowait(organic(0))
     await until(lambda: forwarder.statistics()["spool"]["errors"] == 1)
-    assert "No space left" in forwarder.statistics()["spool"]["last_error"]
+    stats = forwarder.statistics()
+    assert "No space left on device (ENOSPC)" in stats["spool"]["last_error"]
+    assert stats["spool"]["failing"] is True and stats["overflow"] == 1, "held in memory"
+    assert any("spool" in w and "failing" in w for w in stats["warnings"])
+    disk.heal()
     await until(lambda: forwarder.spool.pending == 1, limit_s=60)
     assert forwarder.statistics()["spool"]["last_error"] is None
+    assert forwarder.statistics()["warnings"] == []
     validators.default = "ok"
     await until(lambda: len(validators.delivered) == 1, limit_s=600)
     assert validators.request_ids() == [0]
