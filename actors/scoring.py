@@ -474,6 +474,9 @@ class ScoringForwarder:
             if hint is not None:
                 found.append(hint)
         spool_error = self.last_spool_error or (self.spool.last_error if self.spool.failing else None)
+        if spool_error is None and self.spool.needs_sync:
+            spool_error = f"{self.spool.last_error}; until the cursor is written, a restart sends the last " \
+                          f"delivered payloads again"
         if spool_error is not None:
             found.append(f"the scoring spool in {self.spool.directory} is failing ({spool_error}); "
                          f"{self._held()} payloads are held in memory (at most {self.settings.overflow_size}, "
@@ -771,8 +774,8 @@ class ScoringForwarder:
         self.last_spool_error = str(exc)
         self._spool_retry_at = now + delay
         if self.log_every.due("spool", now):
-            log.error("scoring: the spool is failing (%s); %d payloads held in memory; retrying in %.0fs",
-                      exc, self._held(), delay)
+            log.error("scoring: the spool is failing (%s); %d payloads held in memory; retrying %s",
+                      exc, self._held(), f"in {delay:.0f}s" if delay else "with the next write")
 
     def _spool_recovered(self) -> None:
         if self.last_spool_error is not None:
@@ -816,12 +819,19 @@ class ScoringForwarder:
     async def _replay(self) -> None:
         """Deliver spooled payloads, oldest first, whenever a validator is out of back-off."""
         while True:
-            if ((self._pending_commit is not None or self.spool.needs_sync)
-                    and (error := await self._finish_commit()) is not None):
+            # A batch whose commit the disk refused comes first: until its cursor moves, reading
+            # would send what was taken again.
+            if self._pending_commit is not None and (error := await self._finish_commit()) is not None:
                 await self._replay_wait(error)
                 continue
-            while self.spool.pending == 0:
-                await self._spooled.wait()
+            if self.spool.pending == 0:
+                if not self.spool.needs_sync:
+                    await self._spooled.wait()
+                elif (error := await self._finish_commit()) is not None:
+                    delay = self._replay_backoff.next()
+                    self._spool_failed(error, trio.current_time(), delay)
+                    await wait_first(self._spooled.wait, deadline=trio.current_time() + delay)
+                continue
             now = trio.current_time()
             if not self.picker.available(now):
                 retry_at = self.picker.next_retry_at(now)
@@ -837,9 +847,12 @@ class ScoringForwarder:
                 await self._replay_wait(exc)
                 continue
             if (error := await self._replay_batch(batch)) is not None:
-                await self._replay_wait(error)  # nothing replayed is read again meanwhile
-                continue
-            self._replay_backoff.reset()
+                if self._pending_commit is not None:
+                    await self._replay_wait(error)
+                    continue
+                # The cursor moved (in memory) and only its write failed: go on, the next commit
+                # writes it again.
+                self._spool_failed(error, trio.current_time(), 0.0)
             if not batch.records and batch.end == start:  # nothing readable: do not spin
                 log.error("scoring: %d spooled payloads cannot be read; waiting for new ones", self.spool.pending)
                 await self._spooled.wait()
@@ -887,7 +900,7 @@ class ScoringForwarder:
                 self._pending_commit = None if exc.committed else (pending[0], pending[1][exc.done:])
             return exc
         self._pending_commit = None
-        if self._replay_backoff.current_s and not self._write_backoff.current_s:
+        if not self.spool.failing and not self._write_backoff.current_s:
             self._spool_recovered()
         self._replay_backoff.reset()
         return None
