@@ -385,10 +385,11 @@ class ScoringForwarder:
         run_sync: RunSync = trio.to_thread.run_sync,
         spool_files: SpoolFiles | None = None,
         wall_clock: Callable[[], float] = time.time,
+        spool_retry_s: float = SPOOL_RETRY_S,
     ) -> None:
         """`run_sync` runs the spool's file I/O; tests on the autojump clock may run it inline,
-        since that clock moves on while a worker thread writes. `spool_files` and `wall_clock` (the
-        age of payloads) are for tests."""
+        since that clock moves on while a worker thread writes. `spool_files`, `wall_clock` (the
+        age of payloads) and `spool_retry_s` (the first wait after a disk failure) are for tests."""
         self.settings = settings.scoring
         self.http = http
         self.signer = signer
@@ -412,8 +413,8 @@ class ScoringForwarder:
         self._inflight: dict[int, Pending] = {}  # delivery attempts whose outcome is not known yet
         self._next_inflight = 0
         self._pending_commit: tuple[Position, list[Pending]] | None = None  # a replay commit the disk refused
-        self._write_backoff = Backoff()
-        self._replay_backoff = Backoff()
+        self._write_backoff = Backoff(spool_retry_s)
+        self._replay_backoff = Backoff(spool_retry_s)
         self._spool_retry_at: float | None = None  # trio time of the next retry of a failed spool write
         self._stopped = False  # set once the shutdown flush is done
         self._problem_logged: str | None = None

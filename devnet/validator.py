@@ -96,8 +96,7 @@ def misalignment(payload: Mapping[str, Any]) -> str | None:
         if not all(isinstance(v, list) for v in (texts, dicts, times)):
             return f"uid {key}: chunks, chunk_dicts_raw and timings must be lists"
         if not len(texts) == len(dicts) == len(times):
-            return (f"uid {key}: {len(texts)} chunks, {len(dicts)} chunk_dicts_raw, {len(times)} timings "
-                    f"(they must be index-aligned)")
+            return f"uid {key}: {len(texts)} chunks, {len(dicts)} chunk_dicts_raw, {len(times)} timings"
         for i, (text, chunk) in enumerate(zip(texts, dicts, strict=True)):
             content = _delta_content(chunk)
             if content != text:
