@@ -515,6 +515,7 @@ class ScoringForwarder:
             },
             "spool": {
                 **spool,
+                "failing": spool["failing"] or self.last_spool_error is not None,
                 "errors": self.spool_errors,
                 "last_error": self.last_spool_error,
                 "retry_in_s": (round(max(0.0, self._spool_retry_at - now), 3)

@@ -45,10 +45,10 @@ log = logging.getLogger("sn1_gateway.devnet")
 
 ASKED_TASKS = ("InferenceTask", "WebRetrievalTask", "MultiStepReasoningTask", "ProgrammingTask",
                "WebQuestionAnsweringTask")
-ASKED_MODELS = ("hugging-quants/Meta-Llama-3.1-70B-Instruct-AWQ-INT4",
-                "mrfakename/mistral-small-3.1-24b-instruct-2503-hf")
+MISTRAL_SMALL = "mrfakename/mistral-small-3.1-24b-instruct-2503-hf"  # scored by every v2.19 validator
+ASKED_MODELS = ("hugging-quants/Meta-Llama-3.1-70B-Instruct-AWQ-INT4", MISTRAL_SMALL)
 MAX_BODY_BYTES = 64 * 1024 * 1024
-MISTRAL_SMALL = "mrfakename/mistral-small-3.1-24b-instruct-2503-hf"  # accepted by every v2.19 validator
+_MISSING = object()  # a chunk without `choices[0].delta.content`
 
 
 class ValidatorFault(enum.StrEnum):
@@ -74,9 +74,6 @@ def _delta_content(chunk: Any) -> Any:
         return chunk["choices"][0]["delta"]["content"]
     except (KeyError, IndexError, TypeError):
         return _MISSING
-
-
-_MISSING = object()
 
 
 def _short(value: Any) -> str:
