@@ -116,9 +116,9 @@ def _why_ignored(body: Mapping[str, Any], served: str) -> str | None:
     if model and model not in (served, MISTRAL_SMALL):
         return "model"
     messages = body.get("messages")
-    if not isinstance(messages, list) or not all(isinstance(m, Mapping) for m in messages):
-        return "messages"
-    if any(not isinstance(m.get("content"), str) for m in messages):
+    if not isinstance(messages, list):
+        return None
+    if any(not isinstance(m, Mapping) or not isinstance(m.get("content"), str) for m in messages):
         return "messages"
     if sum(1 for m in messages if m.get("role") == "system") > 1:
         return "messages"

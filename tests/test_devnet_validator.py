@@ -269,7 +269,7 @@ async def test_numbers_and_booleans_are_fine_and_only_inference_is_checked(gatew
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}, "messages"),
     ({"messages": [{"role": "system", "content": "a"}, {"role": "system", "content": "b"},
                    {"role": "user", "content": "hi"}]}, "messages"),
-    ({"messages": "hi"}, "messages"),
+    ({"messages": [{"role": "user", "content": None}]}, "messages"),
 ])
 async def test_organics_upstream_does_not_score_get_200_null_and_are_not_kept(
         gateway: Gateway, devnet: Devnet, changes: dict[str, Any], reason: str) -> None:
