@@ -150,7 +150,14 @@ class ScoringSettings:
     spool_batch: int = setting(256, "payloads written to the spool per fsync, at most", min=1)
     backoff_base_s: float = setting(1.0, "a validator that failed is skipped this long, doubling per failure",
                                     min=0.01)
-    backoff_max_s: float = setting(300.0, "the longest a failed validator is skipped", min=0.01)
+    backoff_max_s: float = setting(
+        300.0, "the longest a failed validator is skipped; a validator refusing our hotkey (401/403) is "
+        "sent one payload this often", min=0.01)
+    max_age_s: float = setting(
+        86_400.0, "payloads older than this leave the spool undelivered (counted as dropped.expired)", min=1.0)
+    max_payload_bytes: int = setting(
+        16 * 1024 * 1024, "a scoring payload larger than this once encoded is dropped (counted as too_large)",
+        min=1024)
 
 
 @dataclass(frozen=True)
@@ -158,6 +165,9 @@ class DevnetSettings:
     miners: int = setting(5, "simulated miners started by `serve --devnet`", min=1, max=256)
     faults: tuple[str, ...] = setting(
         (), "fault mode per miner, in uid order: \"\", \"slow_first_token\", \"http_500\", ..."
+    )
+    validator_fault: str = setting(
+        "", "fault mode of the validator: \"\", \"down\", \"http_500\", \"slow\" or \"refuse_signer\""
     )
 
 

@@ -21,7 +21,7 @@ from bittensor_core import Keypair
 from config.loading import ConfigError
 from config.settings import Settings
 from devnet.miner import Miner, MinerFault, MinerTiming, parse_faults
-from devnet.validator import Validator
+from devnet.validator import Validator, ValidatorFault, parse_validator_fault
 from engine.subnet import Neuron, SubnetSnapshot
 
 if TYPE_CHECKING:
@@ -44,7 +44,8 @@ class DevnetSource:
 
 
 CONFIG_NAMES: Mapping[str, str] = MappingProxyType(
-    {"miners": "devnet.miners", "faults": "devnet.faults", "gateway_uri": "wallet.uri"})
+    {"miners": "devnet.miners", "faults": "devnet.faults", "gateway_uri": "wallet.uri",
+     "validator_fault": "devnet.validator_fault"})
 
 
 class Devnet:
@@ -53,6 +54,7 @@ class Devnet:
         *,
         miners: int = 5,
         faults: Sequence[MinerFault | str] = (),
+        validator_fault: ValidatorFault | str = ValidatorFault.HEALTHY,
         gateway_uri: str = DEFAULT_GATEWAY_URI,
         netuid: int = 1,
         timing: MinerTiming | None = None,
@@ -60,12 +62,14 @@ class Devnet:
         host: str = "127.0.0.1",
         names: Mapping[str, str] = CONFIG_NAMES,
     ) -> None:
-        """`names`: what errors call `miners`, `faults` and `gateway_uri` (config keys, or CLI options)."""
+        """`names`: what errors call `miners`, `faults`, `validator_fault` and `gateway_uri` (config keys,
+        or CLI options)."""
         if miners < 1:
             raise ConfigError(f"{names['miners']}: a devnet needs at least one miner, found {miners}")
         if len(faults) > miners:
             raise ConfigError(f"{names['faults']}: {len(faults)} fault modes for {miners} miners")
         fault_modes = parse_faults(faults, key=names["faults"])
+        validator_mode = parse_validator_fault(str(validator_fault), key=names.get("validator_fault", "validator_fault"))
         self.netuid = netuid
         self.gateway_uri = gateway_uri
         try:
@@ -74,7 +78,7 @@ class Devnet:
             raise ConfigError(f"{names['gateway_uri']}: not a usable keypair URI ({exc})") from exc
         weight_total = miners * (miners + 1) / 2
         self.validator = Validator(gateway_hotkey=self.gateway_hotkey, miners=self._miner_neurons, uid=miners,
-                                   poll_interval_s=validator_poll_s, host=host)
+                                   poll_interval_s=validator_poll_s, host=host, fault=validator_mode)
         self.miners = [
             Miner(
                 uid,
@@ -94,6 +98,7 @@ class Devnet:
     def from_settings(cls, settings: Settings) -> Devnet:
         """The devnet of `settings.devnet`, trusting `wallet.uri` (or the devnet's development key)."""
         return cls(miners=settings.devnet.miners, faults=settings.devnet.faults,
+                   validator_fault=settings.devnet.validator_fault,
                    gateway_uri=settings.wallet.uri or DEFAULT_GATEWAY_URI, netuid=settings.subnet.netuid)
 
     async def run(self, *, task_status: trio.TaskStatus[Devnet] = trio.TASK_STATUS_IGNORED) -> None:

@@ -146,8 +146,10 @@ def cmd_devnet(args: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
 
     async def main() -> None:
-        devnet = Devnet(miners=args.miners, faults=faults, gateway_uri=args.gateway_uri,
-                        names={"miners": "--miners", "faults": "--faults", "gateway_uri": "--gateway-uri"})
+        devnet = Devnet(miners=args.miners, faults=faults, validator_fault=args.validator_fault,
+                        gateway_uri=args.gateway_uri,
+                        names={"miners": "--miners", "faults": "--faults", "gateway_uri": "--gateway-uri",
+                               "validator_fault": "--validator-fault"})
         await run_until_signalled(devnet, on_ready=ready)
 
     trio.run(main)
@@ -203,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fault mode per miner in uid order, comma-separated: slow_first_token, "
                              "slow_tokens, http_500, refuse, hang_after_headers, stop_mid_stream, "
                              "invalid_json, no_done, bench; empty for healthy (e.g. ',http_500,refuse')")
+    devnet.add_argument("--validator-fault", default="", metavar="MODE",
+                        help="fault mode of the validator: down, http_500, slow, refuse_signer (401 to every "
+                             "scoring post, as a validator whose API_HOTKEY names another hotkey); empty for healthy")
     devnet.add_argument("--gateway-uri", default="//devnet/gateway", metavar="URI",
                         help="keypair URI of the gateway whose requests the devnet accepts")
     devnet.set_defaults(func=cmd_devnet)

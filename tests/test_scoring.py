@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -21,13 +22,15 @@ import trio
 from bittensor_core import Keypair
 
 from actors.scoring import ScoringForwarder, encode_payload
-from actors.spool import Spool
+from actors.spool import Spool, SpoolFiles
 from config.settings import ScoringSettings, Settings
 from engine import jsonio
 from engine.epistula import Signer, Verifier
 from engine.organic import MinerAnswer, OrganicResult
 from engine.snapshot import SnapshotCell
 from engine.subnet import Neuron, SubnetSnapshot
+from engine.supervisor import Supervisor
+from tests.spool_faults import FailingFiles
 
 T = TypeVar("T")
 
@@ -58,7 +61,8 @@ def organic(i: int, uids: Iterable[int] = (12, 40, 7), task: str = "InferenceTas
 
 @dataclass
 class Validators:
-    """Scripted validators keyed by axon: "ok", "500", "hang" (never answers) or "refuse"."""
+    """Scripted validators keyed by axon: "ok", a status ("500", "401", ...), "hang" (never answers),
+    "refuse" (connection refused), "big" (a 200 with a 100 KB body) or "odd_500" (500 for odd seeds)."""
 
     modes: dict[str, str] = field(default_factory=dict)
     default: str = "ok"
@@ -77,6 +81,10 @@ class Validators:
             await trio.sleep_forever()
         if mode == "refuse":
             raise httpx.ConnectError("connection refused", request=request)
+        if mode == "odd_500":  # fails the payloads of odd seeds only
+            mode = "500" if json.loads(request.content)["body"]["seed"] % 2 else "ok"
+        if mode == "big":  # a 200 with far more than a scoring answer
+            return httpx.Response(200, content=b"[" + b"0," * 50_000 + b"0]")
         if mode != "ok":
             return httpx.Response(int(mode), json={"detail": "down"})
         self.requests.append(request)
@@ -112,12 +120,14 @@ MakeForwarder = Callable[..., ScoringForwarder]
 @pytest.fixture
 def make(tmp_path: Path, validators: Validators, signer: Signer) -> MakeForwarder:
     def build(subnet: SnapshotCell[SubnetSnapshot] | None = None, rng: random.Random | None = None,
-              inline_io: bool = False, run_sync: Any = None, **scoring: Any) -> ScoringForwarder:
+              inline_io: bool = False, run_sync: Any = None, spool_files: SpoolFiles | None = None,
+              wall_clock: Callable[[], float] | None = None, **scoring: Any) -> ScoringForwarder:
         http = httpx.AsyncClient(transport=httpx.MockTransport(validators.handle))
         return ScoringForwarder(
             settings_for(tmp_path, **scoring), http=http, signer=signer,
             subnet=subnet or subnet_of(validator(1, 5000.0)), rng=rng or random.Random(0),
             run_sync=run_sync or (run_inline if inline_io else trio.to_thread.run_sync),
+            spool_files=spool_files, wall_clock=wall_clock or time.time,
         )
     return build
 
@@ -368,7 +378,7 @@ async def test_a_spool_write_cut_short_by_shutdown_is_written_by_the_flush(
     held: list[Any] = []
 
     async def run_sync(sync_fn: Callable[..., T], *args: Any) -> T:
-        if getattr(sync_fn, "__name__", "") == "_encode_and_append" and not held:
+        if getattr(sync_fn, "__name__", "") == "_store" and not held:
             held.append(args)  # the spool writer's first batch waits (for a thread, say) and is cancelled
             await trio.sleep_forever()
         return await trio.to_thread.run_sync(sync_fn, *args)
@@ -396,25 +406,22 @@ async def test_a_payload_that_is_not_json_is_dropped_and_counted_the_rest_delive
 
 
 async def test_a_failing_spool_write_is_retried_and_reported(
-        nursery: trio.Nursery, make: MakeForwarder, validators: Validators, autojump_clock: trio.abc.Clock,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        nursery: trio.Nursery, make: MakeForwarder, validators: Validators, autojump_clock: trio.abc.Clock) -> None:
     validators.default = "500"
-    forwarder = make(inline_io=True)
+    disk = FailingFiles()
+    forwarder = make(inline_io=True, spool_files=disk)
     await nursery.start(forwarder.run)
-    real_append = forwarder.spool.append
-    failures = [OSError(28, "No space left on device")]
-
-    def append(payloads: Any) -> int:
-        if failures:
-            raise failures.pop()
-        return real_append(payloads)
-
-    monkeypatch.setattr(forwarder.spool, "append", append)
+    disk.fail("pwrite")
     forwarder.submit_nowait(organic(0))
     await until(lambda: forwarder.statistics()["spool"]["errors"] == 1)
-    assert "No space left" in forwarder.statistics()["spool"]["last_error"]
+    stats = forwarder.statistics()
+    assert "No space left on device (ENOSPC)" in stats["spool"]["last_error"]
+    assert stats["spool"]["failing"] is True and stats["overflow"] == 1, "held in memory"
+    assert any("spool" in w and "failing" in w for w in stats["warnings"])
+    disk.heal()
     await until(lambda: forwarder.spool.pending == 1, limit_s=60)
     assert forwarder.statistics()["spool"]["last_error"] is None
+    assert forwarder.statistics()["warnings"] == []
     validators.default = "ok"
     await until(lambda: len(validators.delivered) == 1, limit_s=600)
     assert validators.request_ids() == [0]
@@ -486,3 +493,366 @@ async def test_no_eligible_validator_spools_and_delivers_once_one_appears(
     subnet.publish(SubnetSnapshot.of(1, [validator(1, 10.0), validator(2, 2000.0)]))
     await until(lambda: len(validators.delivered) == 1)
     assert validators.request_ids() == [0]
+
+
+# -- what a validator's answer means -------------------------------------------------------------
+
+
+def attempts_to(validators: Validators, axon: str | None) -> list[float]:
+    return [t for a, t in validators.attempts if axon is None or a == axon]
+
+
+@pytest.mark.parametrize("status", ["401", "403"])
+async def test_a_validator_refusing_our_hotkey_keeps_every_payload_and_is_probed_once_per_period(
+        nursery: trio.Nursery, make: MakeForwarder, validators: Validators, autojump_clock: trio.abc.Clock,
+        signer: Signer, caplog: pytest.LogCaptureFixture, status: str) -> None:
+    neuron = validator(1, 5000.0)
+    validators.default = status
+    forwarder = make(subnet_of(neuron), inline_io=True, backoff_max_s=300.0)
+    await nursery.start(forwarder.run)
+    start = trio.current_time()
+    for i in range(20):
+        forwarder.submit_nowait(organic(i))
+        await trio.sleep(10)
+    await trio.sleep(3600 - 200)
+
+    times = attempts_to(validators, None)
+    assert len(times) <= 1 + 3600 // 300, "one probe per back-off period, never the same batch again and again"
+    assert all(b - a >= 300 - 1e-6 for a, b in itertools.pairwise(times)), times
+    stats = forwarder.statistics()
+    assert stats["spool"]["pending"] == 20 and stats["delivered"] == 0
+    assert all(v == 0 for v in stats["dropped"].values()), "nothing is lost"
+    state = stats["validators"][neuron.hotkey]
+    assert state["refused_signer"] is True
+    hint = (f"validator {neuron.hotkey} at {neuron.axon} refuses our hotkey {signer.ss58} (HTTP {status}): "
+            f"set API_HOTKEY={signer.ss58} in that validator's environment and restart it")
+    assert state["hint"] == hint
+    assert hint in stats["warnings"] and stats["validators_refusing_signer"] == 1
+    logged = [r for r in caplog.records if "refuses our hotkey" in r.getMessage()]
+    assert 3600 / 60 - 2 <= len(logged) <= 3600 / 60 + 1, "said once a minute, not more often"
+    assert all(hint in r.getMessage() for r in logged)
+
+    validators.default = "ok"  # the operator set API_HOTKEY
+    await until(lambda: len(validators.delivered) == 20, limit_s=400)
+    assert trio.current_time() - start < 3600 + 301
+    await trio.sleep(600)
+    assert Counter(validators.request_ids()) == Counter(range(20)), "each exactly once"
+    stats = forwarder.statistics()
+    assert stats["spool"]["pending"] == 0 and stats["warnings"] == []
+    assert stats["validators"][neuron.hotkey]["refused_signer"] is False
+
+
+async def test_payloads_refused_by_one_validator_go_to_another_at_once(
+        nursery: trio.Nursery, make: MakeForwarder, validators: Validators, autojump_clock: trio.abc.Clock
+) -> None:
+    refusing, good = validator(1, 5000.0), validator(2, 5000.0)
+    validators.modes[str(refusing.axon)] = "401"
+    forwarder = make(subnet_of(refusing, good), inline_io=True, backoff_max_s=300.0, rng=random.Random(2))
+    await nursery.start(forwarder.run)
+    for i in range(50):
+        forwarder.submit_nowait(organic(i))
+        await trio.sleep(20)  # 1000 s in all
+    await until(lambda: len(validators.delivered) == 50)
+    assert sorted(validators.request_ids()) == list(range(50))
+    assert {axon for axon, _ in validators.delivered} == {good.axon}
+    assert 1 <= len(attempts_to(validators, refusing.axon)) <= 1 + 1000 // 300
+    stats = forwarder.statistics()
+    assert stats["spooled"] == 0, "never had to wait in the spool"
+    assert stats["validators"][refusing.hotkey]["refused_signer"] is True
+    assert stats["validators_refusing_signer"] == 1
+
+
+@pytest.mark.parametrize("status", [400, 413, 422])
+async def test_a_payload_refused_with_another_4xx_is_dropped_counted_by_status_and_logged_once(
+        nursery: trio.Nursery, make: MakeForwarder, validators: Validators, autojump_clock: trio.abc.Clock,
+        caplog: pytest.LogCaptureFixture, status: int) -> None:
+    neuron = validator(1, 5000.0)
+    validators.default = str(status)
+    forwarder = make(subnet_of(neuron), inline_io=True)
+    await nursery.start(forwarder.run)
+    for i in range(5):
+        forwarder.submit_nowait(organic(i))
+        await trio.sleep(1)
+    await trio.sleep(600)
+    assert len(validators.attempts) == 5, "each sent once: it can never succeed"
+    stats = forwarder.statistics()
+    assert stats["dropped"][f"http_{status}"] == 5
+    assert stats["spooled"] == 0 and stats["spool"]["pending"] == 0
+    assert stats["validators"][neuron.hotkey]["consecutive_failures"] == 0, "the validator itself is fine"
+    logged = [r for r in caplog.records if f"HTTP {status}" in r.getMessage()]
+    assert len(logged) == 1, "once per status per minute"
+    validators.default = "ok"
+    forwarder.submit_nowait(organic(9))
+    await until(lambda: len(validators.delivered) == 1)
+
+
+async def test_429_is_retried_later_not_dropped(
+        nursery: trio.Nursery, make: MakeForwarder, validators: Validators, autojump_clock: trio.abc.Clock) -> None:
+    validators.default = "429"
+    forwarder = make(inline_io=True)
+    await nursery.start(forwarder.run)
+    forwarder.submit_nowait(organic(0))
+    await until(lambda: forwarder.spool.pending == 1)
+    validators.default = "ok"
+    await until(lambda: len(validators.delivered) == 1, limit_s=120)
+    assert forwarder.statistics()["dropped"].get("http_429", 0) == 0
+
+
+async def test_an_answer_over_the_cap_is_the_validators_failure_and_the_payload_is_kept(
+        nursery: trio.Nursery, make: MakeForwarder, validators: Validators, autojump_clock: trio.abc.Clock) -> None:
+    neuron = validator(1, 5000.0)
+    validators.default = "big"
+    forwarder = make(subnet_of(neuron), inline_io=True)
+    await nursery.start(forwarder.run)
+    forwarder.submit_nowait(organic(0))
+    await until(lambda: forwarder.spool.pending == 1)
+    state = forwarder.statistics()["validators"][neuron.hotkey]
+    assert state["failures"] == 1 and "answer over 65536 bytes" in state["last_error"]
+    assert forwarder.statistics()["delivered"] == 0
+    validators.default = "ok"
+    await until(lambda: forwarder.statistics()["delivered"] == 1, limit_s=120)
+    assert validators.request_ids() == [0]
+
+
+async def test_a_payload_over_max_payload_bytes_is_dropped_and_counted(
+        nursery: trio.Nursery, make: MakeForwarder, validators: Validators) -> None:
+    forwarder: ScoringForwarder = await nursery.start(make(max_payload_bytes=4096).run)
+    huge = organic(1)
+    huge.answers[0].chunks.append("x" * 5000)
+    for result in (organic(0), huge, organic(2)):
+        forwarder.submit_nowait(result)
+    await until(lambda: len(validators.delivered) == 2)
+    await trio.sleep(0.05)
+    assert sorted(validators.request_ids()) == [0, 2]
+    stats = forwarder.statistics()
+    assert stats["dropped"]["too_large"] == 1 and stats["spooled"] == 0
+
+
+async def test_payloads_older_than_max_age_leave_the_spool_counted(
+        nursery: trio.Nursery, make: MakeForwarder, validators: Validators, autojump_clock: trio.abc.Clock) -> None:
+    wall = [1_750_000_000.0]
+    validators.default = "500"
+    forwarder = make(inline_io=True, max_age_s=3600.0, wall_clock=lambda: wall[0])
+    await nursery.start(forwarder.run)
+    for i in range(3):
+        forwarder.submit_nowait(organic(i))
+    await until(lambda: forwarder.spool.pending == 3)
+    wall[0] += 3601  # an outage longer than max_age_s
+    forwarder.submit_nowait(organic(3))
+    await until(lambda: forwarder.spool.pending == 4)
+    validators.default = "ok"
+    await until(lambda: forwarder.spool.pending == 0, limit_s=600)
+    assert validators.request_ids() == [3]
+    assert forwarder.statistics()["dropped"]["expired"] == 3
+
+
+async def test_no_eligible_validator_is_a_warning_at_start_and_on_health(
+        nursery: trio.Nursery, make: MakeForwarder, validators: Validators, caplog: pytest.LogCaptureFixture) -> None:
+    forwarder: ScoringForwarder = await nursery.start(make(subnet_of(validator(1, 10.0, permit=False))).run)
+    logged = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("no validator is eligible for scoring" in m and "validator permit" in m for m in logged)
+    (warning,) = forwarder.statistics()["warnings"]
+    assert warning.startswith("no validator is eligible for scoring: no neuron in the metagraph has a validator "
+                              "permit") and "payloads wait in the spool" in warning
+    configured = make(validator="10.9.9.9:1")  # configured without a hotkey the metagraph knows
+    assert "scoring.validator_hotkey is empty" in configured.warnings()[0]
+
+
+# -- never the same payloads again and again -----------------------------------------------------
+
+
+class StepCounter(trio.abc.Instrument):
+    """Counts task steps; past `limit` it cancels `scope`, so a busy loop fails the test, not hangs it."""
+
+    def __init__(self, limit: int, scope: trio.CancelScope) -> None:
+        self.limit = limit
+        self.scope = scope
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps += 1
+        if self.steps > self.limit:
+            self.scope.cancel()
+
+
+@pytest.mark.parametrize("mode", ["401", "500", "hang", "refuse", "absent"])
+async def test_replay_waits_in_every_state_over_simulated_time(
+        make: MakeForwarder, validators: Validators, autojump_clock: trio.abc.Clock, mode: str) -> None:
+    """An hour with a validator refusing our hotkey, failing, hanging, down, or none at all: attempts
+    follow the back-off (base 1 s, max 60 s), disk work follows the attempts, and nothing spins."""
+    neuron = validator(1, 5000.0)
+    subnet = subnet_of(validator(1, 10.0) if mode == "absent" else neuron)  # too little stake: none eligible
+    validators.default = mode
+    disk_calls = 0
+
+    async def counted(sync_fn: Callable[..., T], *args: Any) -> T:
+        nonlocal disk_calls
+        disk_calls += 1
+        return await run_inline(sync_fn, *args)
+
+    forwarder = make(subnet, run_sync=counted)
+    hour = 3600.0
+    with trio.CancelScope() as scope:
+        counter = StepCounter(200_000, scope)
+        trio.lowlevel.add_instrument(counter)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(forwarder.run)
+                for i in range(30):
+                    forwarder.submit_nowait(organic(i))
+                await trio.sleep(hour)
+                nursery.cancel_scope.cancel()
+        finally:
+            trio.lowlevel.remove_instrument(counter)
+    assert counter.steps <= 200_000, "a busy loop"
+    times = attempts_to(validators, None)
+    later = [t for t in times if t > times[0]] if times else []
+    if mode == "absent":
+        assert times == [] and forwarder.no_validator >= 1
+    else:
+        # At most one batch of concurrent first attempts, then probes spaced by the back-off.
+        assert len(times) - len(later) <= 8
+        assert all(b - a >= 1.0 - 1e-6 for a, b in itertools.pairwise(later)), later
+        assert len(later) <= 7 + hour / 60, len(later)
+    assert disk_calls <= 3 * len(times) + 20, (disk_calls, len(times))
+    assert counter.steps <= 50 * len(times) + 5_000, (counter.steps, len(times))
+    stats = forwarder.statistics()
+    assert stats["spool"]["pending"] == 30 and stats["delivered"] == 0
+    assert all(v == 0 for v in stats["dropped"].values())
+
+
+# -- a full disk (the audit's scenario) ----------------------------------------------------------
+
+WRITES = ("create", "pwrite", "fsync", "fsync_dir", "write_atomic", "unlink")
+
+
+async def test_a_full_disk_while_the_validator_is_down_loses_nothing_and_sends_nothing_twice(
+        make: MakeForwarder, validators: Validators, autojump_clock: trio.abc.Clock) -> None:
+    """160 payloads while the validator is down and every disk write fails with ENOSPC; the disk is
+    freed, then the validator comes back: each payload arrives exactly once, and the actor never
+    restarted."""
+    validators.default = "refuse"
+    disk = FailingFiles()
+    forwarder = make(inline_io=True, spool_files=disk, backoff_max_s=30.0)
+    supervisor = Supervisor()
+    async with trio.open_nursery() as nursery:
+        await supervisor.start(nursery, "scoring", forwarder)
+        disk.fail(*WRITES)
+        for i in range(160):
+            forwarder.submit_nowait(organic(i))
+            await trio.sleep(0.5)
+        await trio.sleep(120)
+        stats = forwarder.statistics()
+        assert stats["spool"]["errors"] >= 3 and "No space left on device" in stats["spool"]["last_error"]
+        assert stats["overflow"] + stats["writing"] + stats["in_flight"] == 160, "held in memory"
+        assert any("spool" in w and "failing" in w for w in stats["warnings"])
+        assert stats["spool"]["segments"] <= 1 and len(list(forwarder.spool.directory.glob("*.seg"))) <= 1
+        disk.heal()  # space is freed
+        await until(lambda: forwarder.spool.pending == 160, limit_s=120)
+        validators.default = "ok"
+        await until(lambda: len(validators.delivered) == 160, limit_s=600)
+        await trio.sleep(600)  # long enough for any second delivery
+        nursery.cancel_scope.cancel()
+    ids = validators.request_ids()
+    assert len(ids) == 160 and set(ids) == set(range(160)), "exactly N distinct, N deliveries"
+    assert supervisor.states["scoring"].restarts == 0
+    stats = forwarder.statistics()
+    assert all(v == 0 for v in stats["dropped"].values()) and stats["spool"]["pending"] == 0
+    assert stats["warnings"] == []
+
+
+async def test_a_disk_that_fails_while_replaying_never_sends_a_delivered_payload_again(
+        make: MakeForwarder, validators: Validators, autojump_clock: trio.abc.Clock) -> None:
+    """The cursor cannot be written after the 200s (and requeued payloads cannot be appended): what
+    was taken is not read again, what was not is kept; after the disk is back a restart sends nothing
+    again."""
+    validators.default = "refuse"
+    disk = FailingFiles()
+    forwarder = make(inline_io=True, spool_files=disk, concurrency=4)
+    supervisor = Supervisor()
+    async with trio.open_nursery() as nursery:
+        await supervisor.start(nursery, "scoring", forwarder)
+        for i in range(40):
+            forwarder.submit_nowait(organic(i))
+        await until(lambda: forwarder.spool.pending == 40, limit_s=120)
+        disk.fail(*WRITES)
+        validators.modes["10.0.0.1:8091"] = "ok"
+        await until(lambda: len(validators.delivered) == 40, limit_s=600)
+        await trio.sleep(300)
+        assert forwarder.statistics()["spool"]["failing"] is True
+        disk.heal()
+        await until(lambda: not forwarder.spool.needs_sync, limit_s=120)
+        nursery.cancel_scope.cancel()
+    assert Counter(validators.request_ids()) == Counter(range(40))
+    assert supervisor.states["scoring"].restarts == 0
+
+    again = make(inline_io=True)  # a restart on the same spool: nothing is left to send
+    async with trio.open_nursery() as nursery:
+        await nursery.start(again.run)
+        await trio.sleep(120)
+        nursery.cancel_scope.cancel()
+    assert len(validators.delivered) == 40 and again.spool.pending == 0
+
+
+async def test_a_replayed_batch_whose_requeue_cannot_be_written_is_not_sent_again(
+        make: MakeForwarder, validators: Validators, autojump_clock: trio.abc.Clock, tmp_path: Path) -> None:
+    """Half a replayed batch is taken, the other half must go back to the tail, and the disk refuses:
+    nothing more is read (that would send the taken half again) until the commit is written."""
+    spool = Spool(tmp_path / "spool", max_bytes=1 << 20)
+    spool.open()
+    spool.append([encode_payload(organic(i)) for i in range(20)])
+    spool.close()
+    validators.default = "odd_500"
+    validators.gate = trio.Event()
+    disk = FailingFiles()
+    disk.fail(*WRITES)
+    forwarder = make(inline_io=True, spool_files=disk, concurrency=4)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(forwarder.run)
+        await until(lambda: len(validators.attempts) == 4)  # the first batch is out
+        validators.gate.set()
+        await until(lambda: forwarder.statistics()["spool"]["errors"] >= 1, limit_s=600)
+        assert sorted(validators.request_ids()) == [0, 2], "the first batch: the even ones are taken"
+        await trio.sleep(600)
+        assert sorted(validators.request_ids()) == [0, 2], "blocked until the commit is written, not resending"
+        assert forwarder.statistics()["spool"]["errors"] >= 5
+        disk.heal()
+        validators.default = "ok"
+        await until(lambda: len(validators.delivered) == 20, limit_s=600)
+        await trio.sleep(300)
+        nursery.cancel_scope.cancel()
+    assert Counter(validators.request_ids()) == Counter(range(20))
+    assert forwarder.spool.pending == 0
+
+
+@pytest.mark.parametrize("failure", ["500", "hang"])
+async def test_while_the_disk_is_full_memory_stays_bounded_and_every_drop_is_counted(
+        make: MakeForwarder, validators: Validators, autojump_clock: trio.abc.Clock, failure: str) -> None:
+    validators.default = failure
+    disk = FailingFiles()
+    forwarder = make(inline_io=True, spool_files=disk, queue_size=10, overflow_size=50, concurrency=2)
+    supervisor = Supervisor()
+    async with trio.open_nursery() as nursery:
+        await supervisor.start(nursery, "scoring", forwarder)
+        disk.fail(*WRITES)
+        for i in range(300):
+            forwarder.submit_nowait(organic(i))
+            await trio.sleep(0.1)
+        stats = forwarder.statistics()
+        held = stats["overflow"] + stats["writing"] + stats["in_flight"] + stats["queued"]
+        assert held <= 50 + 10 + 2
+        times = attempts_to(validators, None)
+        later = [t for t in times if t > times[0]]
+        assert later and all(b - a >= 1.0 - 1e-6 for a, b in itertools.pairwise(later)), \
+            "one probe at a time, however many payloads wait in memory for it"
+        disk.heal()
+        validators.default = "ok"
+        await until(lambda: forwarder.spool.pending == 0 and forwarder.statistics()["overflow"] == 0
+                    and forwarder.statistics()["queued"] == 0, limit_s=600)
+        await trio.sleep(120)
+        nursery.cancel_scope.cancel()
+    ids = validators.request_ids()
+    assert len(ids) == len(set(ids)), "nothing twice"
+    dropped = forwarder.statistics()["dropped"]
+    assert len(ids) + dropped["overflow"] == 300, "every missing payload is a counted drop"
+    assert supervisor.states["scoring"].restarts == 0

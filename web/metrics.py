@@ -1,7 +1,8 @@
 """`GET /metrics`: the readiness report and per-miner health in the Prometheus text format.
 
 Every number already reported on `/health/ready` becomes a gauge named after its path
-(`sn1_gateway_scoring_dropped_spool_full`); actors and miners get labels.
+(`sn1_gateway_scoring_dropped_spool_full`); actors, miners and scoring validators get labels
+(`sn1_gateway_scoring_validator_refused_signer{hotkey="5F..."} 1`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from engine.services import Services
 
 PREFIX = "sn1_gateway"
 _UNSAFE = re.compile(r"[^a-zA-Z0-9_]")
+_UNSAFE_LABEL = re.compile(r'["\\\n]')  # what a label value cannot hold unescaped
 _SKIP = frozenset({"actors", "ready", "draining"})
 
 
@@ -46,6 +48,13 @@ def render(services: Services) -> str:
     for component, details in report.items():
         if component in _SKIP:
             continue
+        if component == "scoring" and isinstance(details, Mapping) and isinstance(details.get("validators"), Mapping):
+            validators = details["validators"]
+            details = {k: v for k, v in details.items() if k != "validators"}
+            for hotkey, state in validators.items():
+                label = f'{{hotkey="{_UNSAFE_LABEL.sub("", str(hotkey))}"}}'
+                for name, number in flatten(state, ("scoring", "validator")):
+                    lines.append(f"{name}{label} {number:g}")
         for name, number in flatten(details, (component,)):
             if name not in seen:  # two paths can sanitise to one name; keep the first
                 seen.add(name)
