@@ -54,7 +54,6 @@ import trio
 
 from actors.spool import Position, Spool, SpoolBatch, SpoolError, SpoolFiles
 from config.settings import ScoringSettings, Settings
-from engine import jsonio
 from engine.epistula import Signer
 from engine.keepalive import ParsedUrls, StreamedResponse, post_streaming
 from engine.organic import OrganicResult
@@ -82,7 +81,7 @@ class RunSync(Protocol):
 
 def encode_payload(result: OrganicResult) -> bytes:
     """The `/scoring` body as the exact bytes that are signed, sent and spooled."""
-    return jsonio.dumps(result.scoring_payload())
+    return result.encode()
 
 
 class Outcome(enum.Enum):

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import trio
 from bittensor_core import Keypair
 
@@ -294,8 +293,6 @@ async def test_the_ordinary_devnet_flow_is_scored_not_ignored(nursery: trio.Nurs
     assert {r.status for r in validator.received if r.path == "/scoring"} == {200}
 
 
-@pytest.mark.xfail(strict=True, reason="aligned by the fan-out fix: today chunk_dicts_raw keeps a chunk without content "
-                                       "(role-only or finish) that chunks leaves out")
 async def test_the_ordinary_devnet_flow_sends_aligned_chunks(nursery: trio.Nursery, tmp_path: Path) -> None:
     with trio.fail_after(60):
         devnet: Devnet = await nursery.start(Devnet(miners=3, validator_poll_s=3600).run)
