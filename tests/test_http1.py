@@ -236,10 +236,13 @@ def test_header_values_cannot_inject_lines() -> None:
 def test_what_frames_a_body() -> None:
     head = parse_head(b"HTTP/1.1 204 No Content\r\nContent-Length: 9", method=b"POST")
     assert head.length == 0 and head.keep_alive
-    head = parse_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 4", method=b"POST")
+    head = parse_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\nContent-Length: 4", method=b"POST")
     assert head.chunked and head.length is None
-    head = parse_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip", method=b"POST")
+    head = parse_head(b"HTTP/1.1 200 OK", method=b"POST")
     assert not head.chunked and head.length is None and not head.keep_alive  # runs to the close
+    for coding in (b"gzip, chunked", b"gzip", b"identity"):  # passed on, they would hand compressed bytes on
+        with pytest.raises(httpx.RemoteProtocolError, match="transfer coding other than chunked"):
+            parse_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + coding, method=b"POST")
     head = parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: Keep-Alive, Close", method=b"GET")
     assert not head.keep_alive
 
