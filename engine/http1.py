@@ -163,10 +163,26 @@ def _header_lines(block: bytes, start: int, limits: Limits, what: str) -> Header
     if len(fields) != lines:
         bad = next((line for line in block[start:].split(b"\r\n")[1:] if not _FIELD.fullmatch(b"\r\n" + line)),
                    b"")
-        raise httpx.RemoteProtocolError(f"malformed response {what} line: {bad[:80]!r}")
+        raise httpx.RemoteProtocolError(f"{_malformed(bad)} response {what} line: {bad[:80]!r}")
     if lines > limits.headers:
         raise httpx.RemoteProtocolError(f"more than {limits.headers} {what} lines")
     return fields
+
+
+def _malformed(line: bytes) -> str:
+    """What is wrong with a line, for the two leniencies of other parsers refused here on purpose."""
+    if b"\n" in line:
+        return "bare LF (lines end in CRLF) in a"
+    if line[:1] in (b" ", b"\t"):
+        return "obsolete line folding in a"
+    return "malformed"
+
+
+def _bare_lf(buf: bytes | bytearray, floor: int, start: int) -> bool:
+    """Whether an LF from `start` on lacks its CR (none before `floor` counts): a line end other
+    parsers take (h11 does), refused here. Only the bytes not checked before are counted, so a head
+    that arrives a byte at a time is not rescanned."""
+    return buf.count(b"\n", start) != buf.count(b"\r\n", max(start - 1, floor))
 
 
 def _content_length(value: bytes) -> bytes:
@@ -191,7 +207,8 @@ def parse_head(block: bytes, *, method: bytes, limits: Limits = DEFAULT_LIMITS) 
     status_line = block if eol < 0 else block[:eol]
     matched = _STATUS_LINE.fullmatch(status_line)
     if matched is None:
-        raise httpx.RemoteProtocolError(f"not an HTTP/1.1 status line: {status_line[:80]!r}")
+        problem = "bare LF (lines end in CRLF)" if b"\n" in status_line else "not an HTTP/1.1 status line"
+        raise httpx.RemoteProtocolError(f"{problem}: {status_line[:80]!r}")
     minor, code, reason = matched.groups()
     status = int(code)
     if status < 100 or status == 101:
@@ -315,13 +332,15 @@ class ResponseParser:
         while True:
             buf, pos = self._buf, self._pos
             end = buf.find(b"\r\n\r\n", pos + max(0, self._scanned - 3))
-            if end < 0:
+            if end < 0:  # refused as early as can be: a peer might otherwise hold the gateway till its timeout
                 waiting = len(buf) - pos
                 if waiting > limits.head_bytes:
                     raise httpx.RemoteProtocolError(f"response head over {limits.head_bytes} bytes")
                 start = bytes(buf[pos:pos + len(_HTTP_PREFIX)])
-                if not _HTTP_PREFIX.startswith(start):  # refused early: a TLS answer, garbage
+                if not _HTTP_PREFIX.startswith(start):  # a TLS answer, garbage
                     raise httpx.RemoteProtocolError(f"not an HTTP/1.1 status line: {start!r}")
+                if _bare_lf(buf, pos, pos + self._scanned):
+                    raise httpx.RemoteProtocolError("bare LF (lines end in CRLF) in the response head")
                 if self._eof:
                     raise httpx.RemoteProtocolError(NO_RESPONSE)
                 self._scanned = waiting
@@ -431,6 +450,8 @@ class ResponseParser:
         if end < 0:
             if available > limits.trailer_bytes:
                 raise httpx.RemoteProtocolError(f"trailers over {limits.trailer_bytes} bytes")
+            if _bare_lf(buf, pos, pos + self._scanned):
+                raise httpx.RemoteProtocolError("bare LF (lines end in CRLF) in the trailers")
             if self._eof:
                 raise httpx.RemoteProtocolError(INCOMPLETE_BODY)
             self._scanned = available
