@@ -83,8 +83,8 @@ class AvailabilitySettings:
     concurrency: int = setting(16, "parallel polls, for source = \"miners\"", min=1, max=1024)
     timeout_s: float = setting(10.0, "timeout of one poll", min=0.1)
     validator_max_bytes: int = setting(
-        8 * 1024 * 1024, "largest answer taken from the validator's availability endpoint (it covers "
-        "every uid: about 600 bytes each, so 8 MiB holds 1,024 uids with a 13x margin); more is a failed poll",
+        8 * 1024 * 1024, "largest answer taken from the validator's availability endpoint; more is a failed "
+        "poll. It covers every uid, about 400 bytes each: 1,024 uids take 0.4 MB, 8 MiB holds them 20 times over",
         min=64 * 1024)
 
 
