@@ -5,11 +5,16 @@ Sources (`availability.source`): "validator" asks the validator's availability e
 takes every serving miner as available. After a failed poll the last known answers are kept and aged,
 never replaced by "everyone is available". Only when nothing was ever known does selection fall back to
 every serving miner, and `/health/ready` says so.
+
+Validators and miners are untrusted: each answer is read through the pool with a byte cap (the
+validator's, `availability.validator_max_bytes`, covers every uid; a miner's is `MINER_ANSWER_MAX_BYTES`),
+never decoded, parsed with a depth limit, and bounded in what is kept (`MAX_NAMES` names of at most
+`MAX_NAME_CHARS` characters per map). Anything else is that peer's bad answer, counted
+(`bad_answers`): that miner is taken as not available, and every other answer is kept.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -21,7 +26,10 @@ import httpx
 import trio
 
 from config.settings import Settings
+from engine import jsonio
 from engine.epistula import Signer
+from engine.http1 import AnswerRefused
+from engine.keepalive import post_streaming
 from engine.snapshot import SnapshotCell
 from engine.subnet import Neuron, SubnetSnapshot
 
@@ -43,8 +51,29 @@ KNOWN_MODELS = (
 )
 
 
+MINER_ANSWER_MAX_BYTES = 64 * 1024  # a miner's own answer: two maps of at most MAX_NAMES names
+MAX_NAMES = 64  # names in one map (tasks, or models) of one miner's answer
+MAX_NAME_CHARS = 128
+ANSWER_DEPTH = 4  # the validator's answer nests 3 deep ({uid: {map: {name: bool}}}), a miner's 2
+
+
 class AvailabilityUnavailable(Exception):
     """A poll that produced no answer."""
+
+
+class BadAnswer(ValueError):
+    """An availability answer not in the wire shape, or beyond the bounds kept: that peer's failure."""
+
+
+def _names(given: Any, key: str) -> frozenset[str]:
+    """The names marked `true` in one map of an answer, within the bounds."""
+    if not isinstance(given, dict):
+        raise BadAnswer(f"{key} is not an object")
+    if len(given) > MAX_NAMES:
+        raise BadAnswer(f"{key} holds {len(given)} names, more than {MAX_NAMES}")
+    if any(len(name) > MAX_NAME_CHARS for name in given):
+        raise BadAnswer(f"{key} holds a name longer than {MAX_NAME_CHARS} characters")
+    return frozenset(name for name, ok in given.items() if ok is True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,16 +83,14 @@ class MinerAvailability:
     seen_at: float  # wall clock of the answer
 
     @classmethod
-    def parse(cls, answer: Any, seen_at: float) -> MinerAvailability | None:
-        """The wire shape `{"task_availabilities": {...}, "llm_model_availabilities": {...}}`."""
-        if not isinstance(answer, Mapping):
-            return None
-        tasks, models = answer.get("task_availabilities"), answer.get("llm_model_availabilities")
-        if not isinstance(tasks, Mapping) or not isinstance(models, Mapping):
-            return None
+    def parse(cls, answer: Any, seen_at: float) -> MinerAvailability:
+        """The wire shape `{"task_availabilities": {...}, "llm_model_availabilities": {...}}`, as
+        parsed JSON; anything else, or more than the bounds, raises `BadAnswer`."""
+        if not isinstance(answer, dict):
+            raise BadAnswer("not a JSON object")
         return cls(
-            tasks=frozenset(str(t) for t, ok in tasks.items() if ok is True),
-            models=frozenset(str(m) for m, ok in models.items() if ok is True),
+            tasks=_names(answer.get("task_availabilities"), "task_availabilities"),
+            models=_names(answer.get("llm_model_availabilities"), "llm_model_availabilities"),
             seen_at=seen_at,
         )
 
@@ -147,6 +174,7 @@ class AvailabilityActor:
         self.last_error: str | None = None
         self.polls = 0
         self.failures = 0
+        self.bad_answers = 0  # miners' answers, and the validator's entries, not taken
 
     async def run(self, *, task_status: trio.TaskStatus[SnapshotCell[AvailabilitySnapshot]] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -173,21 +201,31 @@ class AvailabilityActor:
                     f"no validator to ask: scoring.validator {self.settings.scoring.validator} is not in the "
                     "metagraph and scoring.validator_hotkey is empty" if self.settings.scoring.validator
                     else "no validator to ask (none configured, none in the metagraph)")
-            answer = await self._post(target, "/miner_availabilities/miner_availabilities",
-                                      [n.uid for n in subnet.neurons])
-            if not isinstance(answer, Mapping):
-                raise AvailabilityUnavailable("the validator's answer is not a JSON object")
+            uids = [n.uid for n in subnet.neurons]
+            path = "/miner_availabilities/miner_availabilities"
+            answer = await self._post(target, path, uids, self.settings.availability.validator_max_bytes)
+            if not isinstance(answer, dict):
+                raise BadAnswer("the validator's answer is not a JSON object")
+        except BadAnswer as exc:
+            self.bad_answers += 1
+            self._failed(f"bad answer: {exc}")
+            return False
         except AvailabilityUnavailable as exc:
             self._failed(str(exc))
             return False
         now = self.wall_clock()
         merged = dict(self.cell.get().miners)
-        for uid_text, entry in answer.items():
-            try:
-                uid = int(uid_text)
-            except ValueError:
+        for uid in uids:  # only the uids asked for: whatever else the answer holds is not kept
+            key = str(uid)
+            if key not in answer:
                 continue
-            merged[uid] = MinerAvailability.parse(entry, now)
+            entry = answer[key]
+            try:
+                merged[uid] = None if entry is None else MinerAvailability.parse(entry, now)
+            except BadAnswer as exc:
+                self.bad_answers += 1
+                merged[uid] = None
+                log.debug("validator's availability of uid %d not taken: %s", uid, exc)
         self._publish(merged, now)
         return True
 
@@ -227,32 +265,43 @@ class AvailabilityActor:
             answer = await self._post((neuron.axon, neuron.hotkey), "/availability", {
                 "task_availabilities": dict.fromkeys(KNOWN_TASKS, True),
                 "llm_model_availabilities": dict.fromkeys(KNOWN_MODELS, True),
-            })
+            }, MINER_ANSWER_MAX_BYTES)
             answers[neuron.uid] = MinerAvailability.parse(answer, self.wall_clock())
         except AvailabilityUnavailable as exc:
             errors.append(f"uid {neuron.uid}: {exc}")
+        except BadAnswer as exc:
+            self.bad_answers += 1
+            answers[neuron.uid] = None  # it answered, not in a way that says it serves anything
+            errors.append(f"uid {neuron.uid}: bad answer: {exc}")
         finally:
             limiter.release_on_behalf_of(neuron.uid)
 
     # -- common ------------------------------------------------------------------------------------
 
-    async def _post(self, target: tuple[str, str], path: str, payload: Any) -> Any:
+    async def _post(self, target: tuple[str, str], path: str, payload: Any, max_bytes: int) -> Any:
+        """The parsed JSON answer, read whole within the poll's timeout and `max_bytes`. No answer is
+        `AvailabilityUnavailable`; an answer not taken (too large, encoded, not JSON, too deep) is
+        `BadAnswer`."""
         axon, hotkey = target
-        body = json.dumps(payload, separators=(",", ":")).encode()
+        body = jsonio.dumps(payload)
         headers = {"Content-Type": "application/json", **self.signer.headers(body, hotkey)}
         try:
             with trio.fail_after(self.settings.availability.timeout_s):
-                response = await self.http.post(f"http://{axon}{path}", content=body, headers=headers)
+                async with post_streaming(self.http, httpx.URL(f"http://{axon}{path}"), body, headers,
+                                          bounded=True) as response:
+                    if response.status_code != 200:
+                        raise AvailabilityUnavailable(f"{axon}{path} answered HTTP {response.status_code}")
+                    raw = await response.aread(max_bytes)
         except trio.TooSlowError as exc:
             raise AvailabilityUnavailable(f"{axon}{path} timed out") from exc
+        except AnswerRefused as exc:
+            raise BadAnswer(f"{axon}{path}: {exc}") from exc
         except httpx.HTTPError as exc:
             raise AvailabilityUnavailable(f"{axon}{path}: {type(exc).__name__} {exc}".strip()) from exc
-        if response.status_code != 200:
-            raise AvailabilityUnavailable(f"{axon}{path} answered HTTP {response.status_code}")
         try:
-            return response.json()
+            return jsonio.loads_bounded(raw, max_depth=ANSWER_DEPTH)
         except ValueError as exc:
-            raise AvailabilityUnavailable(f"{axon}{path} answered invalid JSON") from exc
+            raise BadAnswer(f"{axon}{path} answered invalid JSON ({exc})"[:200]) from exc
 
     def _publish(self, miners: dict[int, MinerAvailability | None], now: float) -> None:
         self.polls += 1
@@ -278,4 +327,5 @@ class AvailabilityActor:
             "fallback_every_serving_miner": snap.source != "none" and not snap.ever_known,
             "last_error": self.last_error,
             "failures": self.failures,
+            "bad_answers": self.bad_answers,
         }

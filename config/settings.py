@@ -86,6 +86,10 @@ class AvailabilitySettings:
     interval_s: float = setting(120.0, "how often availabilities are polled", min=1.0)
     concurrency: int = setting(16, "parallel polls, for source = \"miners\"", min=1, max=1024)
     timeout_s: float = setting(10.0, "timeout of one poll", min=0.1)
+    validator_max_bytes: int = setting(
+        8 * 1024 * 1024, "largest answer taken from the validator's availability endpoint; more is a failed "
+        "poll. It covers every uid, about 400 bytes each: 1,024 uids take 0.4 MB, 8 MiB holds them 20 times over",
+        min=64 * 1024)
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,12 @@ class FanoutSettings:
     mixture_deadline_s: float = setting(
         20.0, "mixture of miners: how long the first round may take", min=0.1
     )
+    max_connections: int = setting(
+        8192, "outbound connections open at once, idle and in use, to all miners and validators; at the cap "
+        "the longest-idle one is replaced, and with none idle a request fails at once (the gateway's own "
+        "limit, not the miner's failure). 8192: 512 requests x 5 miners = 2,560 streams, twice as many "
+        "again for collections outliving their client, and room for scoring, polls and idle connections. "
+        "Keep it below the open-files limit", min=16, max=1_048_576)
 
 
 @dataclass(frozen=True)

@@ -126,7 +126,7 @@ def shield_response_end(app: ASGIFramework, limit_s: float) -> ASGIFramework:
 def make_http_client(settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
     """The one pooled outbound client, towards miners and validators (keep-alive, O(1) per request)."""
     return httpx.AsyncClient(
-        transport=transport or KeepAliveTransport(keepalive_expiry_s=60.0),
+        transport=transport or KeepAliveTransport(keepalive_expiry_s=60.0, max_connections=settings.fanout.max_connections),
         timeout=httpx.Timeout(60.0, connect=settings.fanout.connect_timeout_s),
         follow_redirects=False,
         trust_env=False,

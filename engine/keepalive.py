@@ -8,22 +8,45 @@ cost more CPU than the rest of a miner request; both showed in profiles of the g
 
 Plain `http://` with a bytes body only (miners and validators); anything else goes through httpx's
 own transport.
+
+Peers are untrusted, so what they answer is bounded here whatever the caller does: every request
+asks for `Accept-Encoding: identity` and an answer in any other `Content-Encoding` is refused
+(`AnswerEncoded`), nothing is ever decoded; an answer read whole stops at `max_bytes`
+(`AnswerTooLarge`, default `MAX_ANSWER_BYTES`); streamed pieces are never more than one read. The
+open connections (idle and in use, every origin) are capped (`max_connections`): at the cap the
+gateway's own limit is a `GatewayLimitError`, which callers do not count against the peer.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import aclosing, asynccontextmanager
 from typing import Protocol
 
 import httpx
 import trio
 
-from engine.http1 import Connection, Headers, ResponseHead, encode_head, timeouts
+from engine.http1 import (
+    AnswerEncoded,
+    AnswerTooLarge,
+    Connection,
+    GatewayLimitError,
+    Headers,
+    ResponseHead,
+    encode_head,
+    own_resource_error,
+    timeouts,
+)
+
+log = logging.getLogger("sn1_gateway.keepalive")
 
 Origin = tuple[str, int]
 USER_AGENT = "sn1-gateway"
 USER_AGENT_BYTES = USER_AGENT.encode()
+IDENTITY = (b"Accept-Encoding", b"identity")
+MAX_ANSWER_BYTES = 1 << 20  # what an answer read whole may hold unless the reader says otherwise
+DEFAULT_MAX_CONNECTIONS = 8192  # `fanout.max_connections` documents the choice
 
 
 class ParsedUrls:
@@ -44,14 +67,65 @@ class ParsedUrls:
 
 
 class StreamedResponse(Protocol):
-    """What callers of `post_streaming` read: the status, then the body as it comes or whole."""
+    """What callers of `post_streaming` read: the status, then the body as it comes (pieces of at most
+    one read each: a caller that streams counts the bytes itself) or whole, at most `max_bytes`
+    (more raises `AnswerTooLarge` and closes the connection). Never decoded."""
 
     @property
     def status_code(self) -> int: ...
 
     def aiter_bytes(self) -> AsyncIterator[bytes]: ...
 
-    async def aread(self) -> bytes: ...
+    async def aread(self, max_bytes: int = MAX_ANSWER_BYTES) -> bytes: ...
+
+
+async def read_within(pieces: AsyncIterator[bytes], max_bytes: int, declared: int | None) -> bytes:
+    """Every piece joined, refused as soon as they go over `max_bytes` (before a byte is read when
+    the declared Content-Length already does)."""
+    if declared is not None and declared > max_bytes:
+        raise AnswerTooLarge(f"answer of {declared} bytes, over the {max_bytes} allowed")
+    parts: list[bytes] = []
+    size = 0
+    async for part in pieces:
+        size += len(part)
+        if size > max_bytes:
+            raise AnswerTooLarge(f"answer over the {max_bytes} bytes allowed")
+        parts.append(part)
+    return b"".join(parts)
+
+
+def refuse_encoding(headers: httpx.Headers) -> None:
+    """An answer in a Content-Encoding other than identity is refused, never decoded."""
+    named = [t for t in (t.strip().lower() for t in headers.get("content-encoding", "").split(",")) if t]
+    if any(t != "identity" for t in named):
+        raise AnswerEncoded(f"answer in Content-Encoding {', '.join(named)[:40]!r}; identity was asked for")
+
+
+class PlainResponse:
+    """An httpx response from another transport (tests, `https://`), read as a pooled one is: the
+    raw stream (httpx's `aiter_bytes` would decode gzip and deflate), bounded by `max_bytes`."""
+
+    __slots__ = ("_response", "status_code")
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        self.status_code = response.status_code
+
+    async def aiter_bytes(self) -> AsyncGenerator[bytes, None]:
+        stream = self._response.stream
+        if not isinstance(stream, httpx.AsyncByteStream):
+            raise TypeError("an async transport answered with a sync stream")
+        async for part in stream:
+            yield part
+
+    async def aread(self, max_bytes: int = MAX_ANSWER_BYTES) -> bytes:
+        length = self._response.headers.get("content-length", "")
+        declared = int(length) if length.isdigit() and len(length) <= 20 else None
+        async with aclosing(self.aiter_bytes()) as pieces:
+            return await read_within(pieces, max_bytes, declared)
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
 
 
 @asynccontextmanager
@@ -65,14 +139,17 @@ async def post_streaming(http: httpx.AsyncClient, url: httpx.URL, body: bytes, h
     itself. Any other transport (tests, `https://`) gets an ordinary httpx request.
 
     `bounded`: the caller puts a deadline on the whole exchange, so reads and writes need none of
-    their own (one cancel scope per read showed in profiles too); connecting keeps its timeout."""
+    their own (one cancel scope per read showed in profiles too); connecting keeps its timeout.
+
+    Either way the request asks for `Accept-Encoding: identity`, an encoded answer is refused
+    (`AnswerEncoded`), nothing is decoded, and `aread` is bounded (`MAX_ANSWER_BYTES` by default)."""
     timeout = http.timeout.as_dict()
     if bounded:
         timeout = {**timeout, "read": None, "write": None}
     transport = http._transport_for_url(url)  # httpx has no public accessor for it
     if isinstance(transport, KeepAliveTransport) and url.scheme == "http":
         fields = [(b"Host", url.netloc), (b"User-Agent", USER_AGENT_BYTES),
-                  (b"Content-Length", str(len(body)).encode())]
+                  (b"Content-Length", str(len(body)).encode()), IDENTITY]
         fields += [(name.encode(), value.encode()) for name, value in headers.items()]
         pooled = await transport.exchange(url, b"POST", fields, body, timeout)
         try:
@@ -80,34 +157,78 @@ async def post_streaming(http: httpx.AsyncClient, url: httpx.URL, body: bytes, h
         finally:
             await pooled.aclose()
         return
-    request = httpx.Request("POST", url, content=body, headers={"User-Agent": USER_AGENT, **headers},
+    request = httpx.Request("POST", url, content=body,
+                            headers={"User-Agent": USER_AGENT, **headers, "Accept-Encoding": "identity"},
                             extensions={"timeout": timeout})
-    plain = await transport.handle_async_request(request)
-    plain.request = request
     try:
-        yield plain
+        answer = await transport.handle_async_request(request)
+    except httpx.ConnectError as exc:
+        if own_resource_error(exc) is None:
+            raise
+        raise GatewayLimitError(f"cannot connect to {url.host}: the gateway is out of resources: {exc}") from exc
+    answer.request = request
+    try:
+        refuse_encoding(answer.headers)
+        yield PlainResponse(answer)
     finally:
-        await plain.aclose()
+        await answer.aclose()
 
 
 class KeepAliveTransport(httpx.AsyncBaseTransport):
-    def __init__(self, *, keepalive_expiry_s: float = 60.0, max_idle_per_origin: int = 256) -> None:
+    """The pool. At most `max_connections` connections are open at once, idle and in use together,
+    over every origin (each holds a file descriptor and buffers; without a cap, a burst of slow
+    miners could take every open file the process has, inbound clients' included).
+
+    At the cap a new connection first takes the place of the idle one unused longest (of any
+    origin); when none is idle, the request fails at once with `GatewayLimitError` rather than wait
+    for a slot. Waiting would buy little and cost much: a slot frees only when some exchange ends,
+    and miners' answers last seconds, so a waiter would spend its client's first-token budget on a
+    miner it may never reach, while the rest of its fan-out goes on without it; the waiters would
+    be one more queue to bound; and overload would show as latency instead of as a count. The cap
+    is sized far above a normal load (`fanout.max_connections`), so reaching it means overload,
+    where shedding at once is the answer, and callers do not count it against the peer."""
+
+    def __init__(self, *, keepalive_expiry_s: float = 60.0, max_idle_per_origin: int = 256,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
         self.keepalive_expiry_s = keepalive_expiry_s
         self.max_idle_per_origin = max_idle_per_origin
+        self.max_connections = max_connections
         self._idle: dict[Origin, list[Connection]] = {}
         self._other = httpx.AsyncHTTPTransport(trust_env=False)
         self._next_sweep = 0.0
+        self._connections = 0  # connections open or being opened, idle and in use
         self.opened = 0  # connections made so far
         self.reused = 0  # requests sent on a kept connection
+        self.refused_at_cap = 0  # requests refused with every connection in use
+        self.replaced_at_cap = 0  # idle connections closed at the cap to make room
+        warn_if_open_files_below(max_connections)
 
     def idle_count(self) -> int:
         return sum(len(stack) for stack in self._idle.values())
 
+    def open_count(self) -> int:
+        """Connections open (or opening), idle and in use."""
+        return self._connections
+
+    def statistics(self) -> dict[str, int]:
+        return {"open": self._connections, "idle": self.idle_count(), "max_connections": self.max_connections,
+                "opened": self.opened, "reused": self.reused, "refused_at_cap": self.refused_at_cap,
+                "replaced_at_cap": self.replaced_at_cap}
+
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
         if url.scheme != "http" or not isinstance(request.stream, httpx.ByteStream):
-            return await self._other.handle_async_request(request)
-        pooled = await self.exchange(url, request.method.encode(), request.headers.raw, request.content,
+            request.headers["Accept-Encoding"] = "identity"
+            answer = await self._other.handle_async_request(request)
+            try:
+                refuse_encoding(answer.headers)
+            except AnswerEncoded:
+                await answer.aclose()
+                raise
+            return answer
+        headers = [(n, v) for n, v in request.headers.raw if n.lower() != b"accept-encoding"]
+        headers.append(IDENTITY)
+        pooled = await self.exchange(url, request.method.encode(), headers, request.content,
                                      timeouts(request.extensions))
         return httpx.Response(
             status_code=pooled.status_code,
@@ -119,7 +240,8 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
     async def exchange(self, url: httpx.URL, method: bytes, headers: Headers, body: bytes,
                        limits: Mapping[str, float | None]) -> PooledResponse:
         """Send one request on a pooled (or new) connection and read the response head. `headers` are
-        sent as they are (Host and Content-Length included); `limits` are httpx's timeout names."""
+        sent as they are (Host, Content-Length and Accept-Encoding included); `limits` are httpx's
+        timeout names. An answer in a Content-Encoding other than identity is refused here."""
         origin = (url.host, url.port or 80)
         head = encode_head(method, url.raw_path, headers)
         connection = self._take(origin)
@@ -138,6 +260,9 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
                 connection = await self._open(origin, limits.get("connect"))
                 await connection.send(head, body, limits.get("write"))
                 response_head = await connection.receive_head(method, limits.get("read"))
+            if response_head.content_encoding:
+                raise AnswerEncoded(f"answer in Content-Encoding {response_head.content_encoding[:40]!r}; "
+                                    "identity was asked for")
         except BaseException:
             await connection.aclose()
             raise
@@ -151,12 +276,34 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
             if connection.usable(now, self.keepalive_expiry_s):
                 self.reused += 1
                 return connection
-            connection.stream.socket.close()  # idle, expired or closed by the server: nothing to flush
+            connection.close_now()  # idle, expired or closed by the server: nothing to flush
         return None
 
     async def _open(self, origin: Origin, timeout_s: float | None) -> Connection:
+        if self._connections >= self.max_connections and not self._replace_idle():
+            self.refused_at_cap += 1
+            raise GatewayLimitError(f"{self.max_connections} outbound connections open, all in use "
+                                    "(fanout.max_connections)")
+        self._connections += 1
         self.opened += 1
-        return await Connection.open(origin[0], origin[1], timeout_s)
+        try:
+            return await Connection.open(origin[0], origin[1], timeout_s, on_close=self._closed_one)
+        except BaseException:
+            self._connections -= 1  # no connection was made
+            raise
+
+    def _closed_one(self) -> None:
+        self._connections -= 1
+
+    def _replace_idle(self) -> bool:
+        """At the cap: close the idle connection unused longest, of any origin (O(origins), and only
+        at the cap). False when none is idle."""
+        stacks = [stack for stack in self._idle.values() if stack]
+        if not stacks:
+            return False
+        min(stacks, key=lambda stack: stack[0].idle_since).pop(0).close_now()
+        self.replaced_at_cap += 1
+        return True
 
     async def _release(self, origin: Origin, connection: Connection) -> None:
         """A response was closed: keep its connection if it ended cleanly, else close it."""
@@ -176,7 +323,7 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         for origin in list(self._idle):
             stack = self._idle[origin]
             while stack and not stack[0].usable(now, self.keepalive_expiry_s):
-                stack.pop(0).stream.socket.close()
+                stack.pop(0).close_now()
             if not stack:
                 del self._idle[origin]
 
@@ -188,9 +335,22 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         await self._other.aclose()
 
 
+def warn_if_open_files_below(max_connections: int) -> None:
+    """Say so at start when the process may open fewer files than the cap allows connections
+    (`sn1-gateway serve` lifts the soft limit to the hard one first): beyond the limit, connecting
+    fails with `GatewayLimitError` (EMFILE) before the cap is reached."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < max_connections:
+        log.warning("the open-files limit (%d) is below fanout.max_connections (%d): outbound connections "
+                    "beyond it fail as the gateway's own limit", soft, max_connections)
+
+
 class PooledResponse(httpx.AsyncByteStream):
-    """A response on a pooled connection: its head, and its body (also as an httpx response's stream).
-    Closing it hands the connection back to the pool when it can be reused."""
+    """A response on a pooled connection: its head, and its body (also as an httpx response's stream,
+    bounded by `MAX_ANSWER_BYTES` there: httpx reads a whole answer on `.post()`). Closing it hands
+    the connection back to the pool when it can be reused."""
 
     __slots__ = ("_closed", "_connection", "_origin", "_read_timeout_s", "_transport", "head", "status_code")
 
@@ -204,15 +364,28 @@ class PooledResponse(httpx.AsyncByteStream):
         self._read_timeout_s = read_timeout_s
         self._closed = False
 
-    def aiter_bytes(self) -> AsyncIterator[bytes]:
+    def aiter_bytes(self) -> AsyncGenerator[bytes, None]:
         return self._connection.body(self.head, self._read_timeout_s)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for part in self.aiter_bytes():
-            yield part
+        size = 0
+        async with aclosing(self.aiter_bytes()) as pieces:
+            async for part in pieces:
+                size += len(part)
+                if size > MAX_ANSWER_BYTES:
+                    self._connection.reusable = False
+                    raise AnswerTooLarge(f"answer over the {MAX_ANSWER_BYTES} bytes allowed")
+                yield part
 
-    async def aread(self) -> bytes:
-        return b"".join([part async for part in self.aiter_bytes()])
+    async def aread(self, max_bytes: int = MAX_ANSWER_BYTES) -> bytes:
+        """The whole body, at most `max_bytes`; more raises `AnswerTooLarge`, and the connection is
+        closed (its unread rest would otherwise be the next answer's start)."""
+        try:
+            async with aclosing(self.aiter_bytes()) as pieces:
+                return await read_within(pieces, max_bytes, self.head.length)
+        except AnswerTooLarge:
+            self._connection.reusable = False
+            raise
 
     async def aclose(self) -> None:
         if not self._closed:

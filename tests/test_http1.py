@@ -4,6 +4,11 @@ answer can go wrong, each an httpx error."""
 from __future__ import annotations
 
 import contextlib
+import errno
+import gzip
+import os
+import resource
+import sys
 from collections.abc import Awaitable, Callable
 from functools import partial
 
@@ -12,8 +17,15 @@ import pytest
 import trio
 import trio.lowlevel
 
-from engine.http1 import encode_head, parse_head
-from engine.keepalive import KeepAliveTransport
+from engine.http1 import (
+    RECEIVE_BYTES,
+    AnswerEncoded,
+    AnswerTooLarge,
+    GatewayLimitError,
+    encode_head,
+    parse_head,
+)
+from engine.keepalive import MAX_ANSWER_BYTES, KeepAliveTransport, post_streaming
 from tests.test_keepalive import client
 
 __all__ = ["client"]
@@ -172,7 +184,7 @@ async def test_broken_answers_are_protocol_errors(
     server = await serve_once_then_close(nursery, response)
     with trio.fail_after(10), pytest.raises(httpx.RemoteProtocolError, match=message):
         await post(http, server)
-    assert transport.idle_count() == 0
+    assert transport.idle_count() == transport.open_count() == 0
 
 
 async def test_a_kept_connection_closed_as_the_request_goes_out_is_retried_once_on_a_new_one(
@@ -236,10 +248,13 @@ def test_header_values_cannot_inject_lines() -> None:
 def test_what_frames_a_body() -> None:
     head = parse_head(b"HTTP/1.1 204 No Content\r\nContent-Length: 9", method=b"POST")
     assert head.length == 0 and head.keep_alive
-    head = parse_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 4", method=b"POST")
+    head = parse_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\nContent-Length: 4", method=b"POST")
     assert head.chunked and head.length is None
-    head = parse_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip", method=b"POST")
+    head = parse_head(b"HTTP/1.1 200 OK", method=b"POST")
     assert not head.chunked and head.length is None and not head.keep_alive  # runs to the close
+    for coding in (b"gzip, chunked", b"gzip", b"identity"):  # passed on, they would hand compressed bytes on
+        with pytest.raises(httpx.RemoteProtocolError, match="transfer coding other than chunked"):
+            parse_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + coding, method=b"POST")
     head = parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: Keep-Alive, Close", method=b"GET")
     assert not head.keep_alive
 
@@ -289,3 +304,271 @@ async def test_many_tiny_chunks_come_out_whole_and_batched_by_read(
     assert b"".join(pieces) == bytes(65 + i % 26 for i in range(20_000))
     assert len(pieces) < 200  # one piece per read, not one per chunk
     assert transport.idle_count() == 1
+
+
+# -- what a hostile server can make the gateway hold ------------------------------------------------
+
+
+async def test_endless_informational_heads_are_refused(
+        nursery: trio.Nursery, client: tuple[httpx.AsyncClient, KeepAliveTransport]) -> None:
+    http, transport = client
+
+    async def endless_1xx(stream: trio.SocketStream, _: int) -> None:
+        await server.read_request(stream, [])
+        while True:
+            await stream.send_all(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>\r\n\r\n")
+
+    server = await start(nursery, endless_1xx)
+    with trio.fail_after(5), pytest.raises(httpx.RemoteProtocolError, match="more than 8 informational"):
+        await post(http, server)
+    assert transport.open_count() == 0
+
+
+async def test_endless_trailers_are_refused(
+        nursery: trio.Nursery, client: tuple[httpx.AsyncClient, KeepAliveTransport]) -> None:
+    http, transport = client
+
+    async def endless_trailers(stream: trio.SocketStream, _: int) -> None:
+        await server.read_request(stream, [])
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n")
+        while True:
+            await stream.send_all(b"X-Trailer: again\r\n" * 100)
+
+    server = await start(nursery, endless_trailers)
+    with trio.fail_after(5), pytest.raises(httpx.RemoteProtocolError, match="trailer"):
+        await post(http, server)
+    assert transport.open_count() == 0
+
+
+HUGE = 16 * 1024 * 1024
+
+
+@pytest.mark.parametrize("framing", ["one huge chunk", "until the close"])
+async def test_a_huge_body_comes_in_pieces_of_one_read(
+        nursery: trio.Nursery, client: tuple[httpx.AsyncClient, KeepAliveTransport], framing: str) -> None:
+    """A streaming caller counts bytes itself: the transport hands each read on, holding nothing back."""
+    http, _ = client
+
+    async def huge(stream: trio.SocketStream, _: int) -> None:
+        await server.read_request(stream, [])
+        if framing == "one huge chunk":
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n" % HUGE)
+        else:
+            await stream.send_all(b"HTTP/1.1 200 OK\r\n\r\n")
+        for _ in range(HUGE // 65536):
+            await stream.send_all(b"x" * 65536)
+        if framing == "one huge chunk":
+            await stream.send_all(b"\r\n0\r\n\r\n")
+        await stream.aclose()
+
+    server = await start(nursery, huge)
+    largest = total = 0
+    with trio.fail_after(20):
+        async with post_streaming(http, httpx.URL(f"http://127.0.0.1:{server.port}/"), b"{}", {},
+                                  bounded=True) as response:
+            async for piece in response.aiter_bytes():
+                largest, total = max(largest, len(piece)), total + len(piece)
+    assert total == HUGE and largest <= RECEIVE_BYTES
+
+
+async def serve_body(nursery: trio.Nursery, head: bytes, body: bytes) -> RawServer:
+    """Answers every request with `head` and `body`, then waits for the next request."""
+
+    async def answer(stream: trio.SocketStream, _: int) -> None:
+        pending: list[bytes] = []
+        while await server.read_request(stream, pending) is not None:
+            await stream.send_all(head + body)
+
+    server = await start(nursery, answer)
+    return server
+
+
+@pytest.mark.parametrize(("head", "body"), [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (MAX_ANSWER_BYTES + 1), b"x" * (MAX_ANSWER_BYTES + 1)),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+     (b"10000\r\n" + b"x" * 65536 + b"\r\n") * 17 + b"0\r\n\r\n"),  # no length said: refused on the way
+    (b"HTTP/1.1 200 OK\r\n\r\n", b"x" * (MAX_ANSWER_BYTES + 1)),
+])
+async def test_an_answer_read_whole_is_capped_and_its_connection_closed(
+        nursery: trio.Nursery, client: tuple[httpx.AsyncClient, KeepAliveTransport], head: bytes,
+        body: bytes) -> None:
+    http, transport = client
+    server = await serve_body(nursery, head, body)
+    url = httpx.URL(f"http://127.0.0.1:{server.port}/")
+    with trio.fail_after(10):
+        for _ in range(2):
+            with pytest.raises(AnswerTooLarge) as refused:
+                async with post_streaming(http, url, b"{}", {}, bounded=True) as response:
+                    await response.aread()  # the default cap: callers that name none are bounded too
+            assert isinstance(refused.value, httpx.HTTPError)  # counted as the peer's failure
+            assert transport.open_count() == transport.idle_count() == 0  # closed, not pooled
+        with pytest.raises(AnswerTooLarge):
+            await post(http, server)  # httpx's own API on the pool reads whole answers: capped too
+    assert server.accepted == 3
+
+
+async def test_max_bytes_is_the_readers_and_a_refused_answer_costs_its_connection(
+        nursery: trio.Nursery, client: tuple[httpx.AsyncClient, KeepAliveTransport]) -> None:
+    http, transport = client
+    server = await serve_body(nursery, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                              b"3\r\nabc\r\n3\r\ndef\r\n0\r\n\r\n")
+    url = httpx.URL(f"http://127.0.0.1:{server.port}/")
+    with trio.fail_after(10):
+        async with post_streaming(http, url, b"{}", {}) as response:
+            assert await response.aread(max_bytes=6) == b"abcdef"
+        assert transport.idle_count() == 1
+        async with post_streaming(http, url, b"{}", {}) as response:
+            with pytest.raises(AnswerTooLarge):
+                await response.aread(max_bytes=5)
+        assert transport.open_count() == 0
+        async with post_streaming(http, url, b"{}", {}) as response:
+            assert await response.aread(max_bytes=6) == b"abcdef"
+    assert server.accepted == 2 and transport.reused == 1
+
+
+async def test_every_request_asks_for_identity_and_an_encoded_answer_is_refused(
+        nursery: trio.Nursery, client: tuple[httpx.AsyncClient, KeepAliveTransport]) -> None:
+    http, transport = client
+    bomb = gzip.compress(b"\0" * (10 * 1024 * 1024))
+    server = await serve_body(nursery, b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n"
+                              % len(bomb), bomb)
+    url = httpx.URL(f"http://127.0.0.1:{server.port}/availability")
+    with trio.fail_after(10):
+        with pytest.raises(AnswerEncoded, match="gzip"):
+            async with post_streaming(http, url, b"{}", {"Content-Type": "application/json"}) as response:
+                await response.aread()
+        assert transport.open_count() == 0
+        with pytest.raises(AnswerEncoded):
+            await post(http, server)  # httpx would decode it: it never gets the chance
+    assert transport.open_count() == 0
+    for request in server.requests:
+        head = request.split(b"\r\n\r\n")[0].lower()
+        assert head.count(b"accept-encoding") == 1 and b"\r\naccept-encoding: identity" in head
+
+
+async def test_an_identity_content_encoding_is_taken(
+        nursery: trio.Nursery, client: tuple[httpx.AsyncClient, KeepAliveTransport]) -> None:
+    http, _ = client
+    server = await serve_body(nursery, b"HTTP/1.1 200 OK\r\nContent-Encoding: identity\r\nContent-Length: 2\r\n\r\n",
+                              b"ok")
+    with trio.fail_after(10):
+        assert (await post(http, server)).text == "ok"
+
+
+# -- the gateway's own limits ----------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts the process's descriptors in /proc")
+async def test_running_out_of_open_files_is_the_gateways_limit_not_the_peers(
+        nursery: trio.Nursery, client: tuple[httpx.AsyncClient, KeepAliveTransport]) -> None:
+    http, transport = client
+    server = await serve_responses(nursery, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held: list[int] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(int(fd) for fd in os.listdir("/proc/self/fd")) + 1, hard))
+    try:
+        with contextlib.suppress(OSError):
+            while True:  # the gaps below the limit too: now no descriptor is left
+                held.append(os.open(os.devnull, os.O_RDONLY))
+        with trio.fail_after(5), pytest.raises(GatewayLimitError, match="EMFILE") as refused:
+            await post(http, server)
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert isinstance(refused.value, httpx.TransportError) and not isinstance(refused.value, httpx.ConnectError)
+    assert transport.open_count() == 0
+    with trio.fail_after(5):
+        assert (await post(http, server)).text == "ok"
+
+
+class Exhausted(trio.abc.SocketFactory):
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+    def socket(self, family: object = None, type: object = None, proto: object = None) -> trio.socket.SocketType:
+        raise OSError(self.code, os.strerror(self.code))
+
+
+@pytest.mark.parametrize(("code", "error"), [
+    (errno.EMFILE, GatewayLimitError), (errno.ENFILE, GatewayLimitError), (errno.ENOBUFS, GatewayLimitError),
+    (errno.ENOMEM, GatewayLimitError), (errno.EACCES, httpx.ConnectError), (errno.ENETUNREACH, httpx.ConnectError),
+])
+async def test_which_connect_failures_are_the_gateways_own(
+        client: tuple[httpx.AsyncClient, KeepAliveTransport], code: int, error: type[Exception]) -> None:
+    http, transport = client
+    trio.socket.set_custom_socket_factory(Exhausted(code))
+    try:
+        with trio.fail_after(5), pytest.raises(error) as raised:
+            await http.post("http://127.0.0.1:9/", content=b"{}")
+    finally:
+        trio.socket.set_custom_socket_factory(None)
+    assert isinstance(raised.value, GatewayLimitError) == (error is GatewayLimitError)
+    assert transport.open_count() == 0
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+async def test_at_the_connection_cap_the_longest_idle_connection_makes_room(nursery: trio.Nursery) -> None:
+    transport = KeepAliveTransport(max_connections=2)
+    async with httpx.AsyncClient(transport=transport, timeout=5) as http:
+        first, second = await serve_responses(nursery, OK), await serve_responses(nursery, OK)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as both:
+                for _ in range(2):
+                    both.start_soon(post, http, first)
+            assert transport.idle_count() == transport.open_count() == 2
+            assert (await post(http, second)).text == "ok"
+        assert transport.open_count() == 2 and transport.replaced_at_cap == 1 and transport.refused_at_cap == 0
+        assert (first.accepted, second.accepted) == (2, 1)
+
+
+async def test_at_the_connection_cap_with_every_connection_in_use_a_request_fails_at_once(
+        nursery: trio.Nursery) -> None:
+    release = trio.Event()
+
+    async def hold(stream: trio.SocketStream, _: int) -> None:
+        pending: list[bytes] = []
+        while await held.read_request(stream, pending) is not None:
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
+            await release.wait()
+            await stream.send_all(b"ok")
+
+    held = await start(nursery, hold)
+    other = await serve_responses(nursery, OK)
+    transport = KeepAliveTransport(max_connections=2)
+    async with httpx.AsyncClient(transport=transport, timeout=5) as http, contextlib.AsyncExitStack() as stack:
+        url = httpx.URL(f"http://127.0.0.1:{held.port}/")
+        with trio.fail_after(10):
+            streams = [await stack.enter_async_context(post_streaming(http, url, b"{}", {})) for _ in range(2)]
+        started = trio.current_time()
+        with trio.fail_after(10), pytest.raises(GatewayLimitError, match=r"fanout\.max_connections") as refused:
+            await post(http, other)
+        assert trio.current_time() - started < 0.5  # at once: no wait for a slot
+        assert isinstance(refused.value, httpx.TransportError)
+        assert (transport.refused_at_cap, other.accepted, transport.open_count()) == (1, 0, 2)
+        release.set()
+        with trio.fail_after(10):
+            assert [await response.aread() for response in streams] == [b"ok", b"ok"]
+            await stack.aclose()
+            assert (await post(http, other)).text == "ok"  # one idle connection made room
+    assert transport.replaced_at_cap == 1
+
+
+async def test_a_cancelled_exchange_gives_its_connection_back_to_the_count(
+        nursery: trio.Nursery, client: tuple[httpx.AsyncClient, KeepAliveTransport]) -> None:
+    http, transport = client
+
+    async def stall(stream: trio.SocketStream, _: int) -> None:
+        await server.read_request(stream, [])
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhal")
+        await trio.sleep_forever()
+
+    server = await start(nursery, stall)
+    url = httpx.URL(f"http://127.0.0.1:{server.port}/")
+    with trio.move_on_after(0.2) as scope:
+        async with post_streaming(http, url, b"{}", {}, bounded=True) as response:
+            await response.aread()
+    assert scope.cancelled_caught
+    assert transport.open_count() == transport.idle_count() == 0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import errno
+import gzip
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -15,7 +18,10 @@ from hypercorn.trio import serve
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from engine.keepalive import KeepAliveTransport, ParsedUrls, post_streaming
+from config.settings import FanoutSettings, Settings
+from engine.gateway import make_http_client
+from engine.http1 import AnswerEncoded, AnswerTooLarge, GatewayLimitError
+from engine.keepalive import MAX_ANSWER_BYTES, KeepAliveTransport, ParsedUrls, post_streaming
 
 
 @dataclass
@@ -200,3 +206,78 @@ async def test_post_streaming_on_another_transport_is_an_ordinary_httpx_request(
                 post_streaming(http, httpx.URL("http://miner:9/x"), b"abc", {"A": "1"}) as response):
         assert (response.status_code, await response.aread()) == (202, b"ABC")
     assert seen[0].headers["a"] == "1" and seen[0].headers["user-agent"] == "sn1-gateway"
+
+
+async def test_post_streaming_sends_accept_encoding_identity_on_the_pool(
+    nursery: trio.Nursery, client: tuple[httpx.AsyncClient, KeepAliveTransport]
+) -> None:
+    http, _ = client
+    server = await start_server(nursery)
+    with trio.fail_after(10):
+        async with post_streaming(http, ParsedUrls()(f"{server.url}/echo"), b"x", {}) as response:
+            await response.aread()
+        await http.post(f"{server.url}/echo", content=b"y")  # httpx's default asks for gzip: not here
+    assert [headers["accept-encoding"] for headers, _ in server.seen] == ["identity", "identity"]
+
+
+def gzip_bomb() -> bytes:
+    return gzip.compress(b"\0" * (10 * 1024 * 1024))
+
+
+async def test_post_streaming_on_another_transport_is_bounded_and_never_decoded() -> None:
+    seen: list[httpx.Request] = []
+    answers = {
+        "/big": lambda: httpx.Response(200, content=b"x" * (MAX_ANSWER_BYTES + 1)),
+        "/big-unsized": lambda: httpx.Response(200, stream=Pieces([b"x" * 65536] * 17)),
+        "/gzip": lambda: httpx.Response(200, stream=httpx.ByteStream(gzip_bomb()),
+                                        headers={"Content-Encoding": "gzip"}),
+        "/raw": lambda: httpx.Response(200, stream=httpx.ByteStream(b"\x1f\x8b not decoded"),
+                                       headers={"Content-Encoding": "identity"}),
+    }
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return answers[request.url.path]()
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handle)) as http:
+        for path in ("/big", "/big-unsized"):
+            with pytest.raises(AnswerTooLarge):
+                async with post_streaming(http, httpx.URL(f"http://miner:9{path}"), b"{}", {}) as response:
+                    await response.aread()
+            async with post_streaming(http, httpx.URL(f"http://miner:9{path}"), b"{}", {}) as response:
+                assert len(await response.aread(max_bytes=2 * MAX_ANSWER_BYTES)) > MAX_ANSWER_BYTES
+        with pytest.raises(AnswerEncoded):
+            async with post_streaming(http, httpx.URL("http://miner:9/gzip"), b"{}", {}) as response:
+                await response.aread()
+        async with post_streaming(http, httpx.URL("http://miner:9/raw"), b"{}", {}) as response:
+            assert [piece async for piece in response.aiter_bytes()] == [b"\x1f\x8b not decoded"]
+    assert {request.headers["accept-encoding"] for request in seen} == {"identity"}
+
+
+class Pieces(httpx.AsyncByteStream):
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces = pieces
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for piece in self.pieces:
+            yield piece
+
+
+async def test_post_streaming_on_another_transport_tells_the_gateways_own_limits() -> None:
+    def handle(request: httpx.Request) -> httpx.Response:
+        try:
+            raise OSError(errno.EMFILE, "Too many open files")
+        except OSError as exc:
+            raise httpx.ConnectError("all attempts failed", request=request) from exc
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handle)) as http:
+        with pytest.raises(GatewayLimitError):
+            async with post_streaming(http, httpx.URL("http://miner:9/x"), b"{}", {}):
+                pass
+
+
+async def test_the_gateways_pool_takes_its_connection_cap_from_the_settings() -> None:
+    settings = dataclasses.replace(Settings(), fanout=FanoutSettings(max_connections=64))
+    async with make_http_client(settings) as http:
+        transport = http._transport_for_url(httpx.URL("http://miner:9/"))
+        assert isinstance(transport, KeepAliveTransport) and transport.max_connections == 64
