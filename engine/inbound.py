@@ -43,13 +43,20 @@ Peer = tuple[str, int]
 
 class Connection(trio.abc.HalfCloseableStream):
     """An accepted socket stream holding one slot until it is closed; it notes when it last moved
-    bytes and how many requests are open on it (from the ASGI scope, see `Connections.track`)."""
+    bytes and how many requests are open on it (from the ASGI scope, see `Connections.track`).
+
+    Each connection has a Hypercorn `WorkerContext` of its own, whose `terminated` event ends its
+    keep-alive wait: set when the client has gone (Hypercorn would otherwise keep a closed
+    connection, and its socket, until its keep-alive timer ran out), when it is idle under load, and
+    at shutdown.
+    """
 
     def __init__(self, stream: trio.SocketStream, owner: Connections, peer: Peer | None) -> None:
         self._stream = stream
         self._owner = owner
         self.socket = stream.socket  # Hypercorn's TCPServer reads the addresses from it
         self.peer = peer
+        self.context = WorkerContext(None)
         self.requests = 0
         self.last_active = trio.current_time()
         self._released = False
@@ -64,7 +71,15 @@ class Connection(trio.abc.HalfCloseableStream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         data = await self._stream.receive_some(max_bytes)
         self.last_active = trio.current_time()
+        if not data:  # the client has gone (or half-closed: Hypercorn takes that as gone too)
+            await self.context.terminated.set()
+            if self.requests == 0:
+                self.release()
         return data
+
+    async def end(self) -> None:
+        """Close it now if idle, else once the answer in flight is sent (as Hypercorn's shutdown does)."""
+        await self.context.terminated.set()
 
     async def send_eof(self) -> None:
         await self._stream.send_eof()
@@ -95,7 +110,7 @@ class Connections:
 
     @property
     def in_use(self) -> int:
-        return self.cap - self._free.value
+        return len(self.open)
 
     @property
     def busy(self) -> bool:
@@ -159,9 +174,14 @@ class Connections:
                 idle = [c for c in self.open.values() if c.requests == 0 and c.last_active <= cutoff]
                 for connection in idle:
                     self.closed_idle_busy += 1
-                    await trio.aclose_forcefully(connection)
+                    await connection.end()
+                    await trio.aclose_forcefully(connection)  # also if Hypercorn's keep-alive watch is not armed
                 await trio.sleep(tick)
             self._busy = trio.Event()
+
+    async def end_all(self) -> None:
+        for connection in list(self.open.values()):
+            await connection.end()
 
     def statistics(self) -> dict[str, Any]:
         return {
@@ -211,7 +231,9 @@ async def serve(
     wrapped = ASGIWrapper(connections.track(app))
     lifespan_state: LifespanState = {}
     lifespan = Lifespan(wrapped, config, lifespan_state)
-    context = WorkerContext(None)
+
+    def handler(state: ConnectionState, connection: Connection) -> TCPServer:
+        return TCPServer(wrapped, config, connection.context, state, connection)  # type: ignore[arg-type]
 
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)
@@ -225,20 +247,21 @@ async def serve(
                 sock.listen(config.backlog)
                 listeners.append(SlotListener(trio.SocketListener(trio.socket.from_stdlib_socket(sock)), connections))
                 binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
-            handler = partial(TCPServer, wrapped, config, context, ConnectionState(lifespan_state.copy()))
             task_status.started(binds)
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(raise_shutdown, shutdown_trigger)
-                    nursery.start_soon(partial(trio.serve_listeners, handler, listeners,
-                                               handler_nursery=server_nursery))
+                    nursery.start_soon(partial(
+                        trio.serve_listeners, partial(handler, ConnectionState(lifespan_state.copy())), listeners,
+                        handler_nursery=server_nursery,
+                    ))
             except BaseExceptionGroup as error:
                 _, others = error.split(ShutdownError)
                 if others is not None:
                     raise others from None
             finally:
-                await context.terminated.set()  # idle connections close now, busy ones after their answer
                 server_nursery.cancel_scope.deadline = drain_deadline()
+                await connections.end_all()  # idle connections close now, busy ones after their answer
 
         with trio.move_on_at(drain_deadline()):
             await lifespan.wait_for_shutdown()
