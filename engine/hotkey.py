@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -80,6 +81,11 @@ def hotkey_standing(snapshot: SubnetSnapshot, hotkey: str) -> HotkeyStanding:
             f"verify signers refuse its requests (401); register it (or sign with the validator's hotkey)",))
     if neuron.stake < MINER_SIGNER_MIN_STAKE:
         return HotkeyStanding(hotkey, True, neuron.stake, (
-            f"the gateway's hotkey {hotkey} (uid {neuron.uid}) holds {neuron.stake:,.0f} stake, under the "
+            f"the gateway's hotkey {hotkey} (uid {neuron.uid}) holds {_amount(neuron.stake)} stake, under the "
             f"{MINER_SIGNER_MIN_STAKE:,.0f} that miners verifying signers require: they refuse its requests (401)",))
     return HotkeyStanding(hotkey, True, neuron.stake)
+
+
+def _amount(stake: float) -> str:
+    """Rounded down, so that an amount under the minimum never reads as the minimum."""
+    return f"{math.floor(stake * 100) / 100:,.2f}".rstrip("0").rstrip(".")
