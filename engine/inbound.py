@@ -8,7 +8,8 @@ patched), but with our listener: it takes a free slot *before* it accepts, so a 
 cap is never accepted, read or answered; it waits in the kernel's listen backlog (or, once that is
 full, the kernel refuses it) until a connection closes. And its graceful period ends at a deadline
 given by the caller (the gateway's one shutdown deadline) instead of `graceful_timeout` after the
-trigger.
+trigger. Plain HTTP only, as the gateway serves (no TLS, no QUIC). Written against Hypercorn 0.18's
+classes, hence the pin in pyproject.toml; tests/test_inbound.py checks the behaviour over real sockets.
 
 Idle connections: Hypercorn closes one after `keep_alive_timeout` of idleness. Under load (more than
 half the slots in use) `Connections.close_idle_when_busy` closes every connection that has no request
@@ -18,6 +19,7 @@ before the load came.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -260,7 +262,9 @@ async def serve(
                 if others is not None:
                     raise others from None
             finally:
-                server_nursery.cancel_scope.deadline = drain_deadline()
+                deadline = drain_deadline()  # infinite only when the server stops without a shutdown
+                server_nursery.cancel_scope.deadline = (
+                    deadline if math.isfinite(deadline) else trio.current_time() + config.graceful_timeout)
                 await connections.end_all()  # idle connections close now, busy ones after their answer
 
         with trio.move_on_at(drain_deadline()):
