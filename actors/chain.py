@@ -65,7 +65,7 @@ def axon_address(axon: str | None) -> str | None:
     try:
         address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
-        return axon  # a host name: nothing to judge
+        return axon  # a host name; whether the gateway may ask it is judged later (engine.subnet.refused_axon)
     return None if address.is_unspecified else axon
 
 

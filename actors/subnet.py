@@ -3,6 +3,10 @@
 A source is a blocking `fetch()` that returns a full snapshot (the chain client blocks, so it runs in
 a worker thread). When a fetch fails the last good snapshot keeps being served and its age is
 reported; the last good snapshot is also kept on disk so a restart without chain access still serves.
+
+Each snapshot is judged once, as it is published: axons the gateway must not ask are taken out
+(`screen_axons`, for the chain), and the gateway's own hotkey is looked up (what miners that verify
+signers will make of it). Nothing of this happens per request.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ import trio
 
 from config.settings import Settings
 from engine.files import atomic_write_bytes
+from engine.hotkey import HotkeyStanding, hotkey_standing
 from engine.snapshot import SnapshotCell
-from engine.subnet import Neuron, SubnetSnapshot
+from engine.subnet import Neuron, RefusedAxon, SubnetSnapshot, without_private_axons
 
 log = logging.getLogger("sn1_gateway.subnet")
 
@@ -64,11 +69,18 @@ class StaticSource:
         )
 
 
+REFUSED_EXAMPLES = 5  # refused axons named on /health/ready
+
+
 class SubnetActor:
     """Reads the metagraph every `interval_s`; after a failure it retries sooner (`retry_s`, doubling).
 
     A read that takes longer than `fetch_timeout_s` counts as a failure; its worker thread is
     abandoned (the source refuses to start another read while one is still running).
+
+    `screen_axons`: neurons whose axon is not a public address (`engine.subnet.refused_axon`) are
+    published as not serving, counted; the disk cache keeps the metagraph as read, so a cache is
+    screened again when loaded. `hotkey`: the gateway's own, looked up in every new snapshot.
     """
 
     def __init__(
@@ -81,6 +93,8 @@ class SubnetActor:
         wall_clock: Callable[[], float] = time.time,
         retry_s: float = 10.0,
         fetch_timeout_s: float = 120.0,
+        screen_axons: bool = False,
+        hotkey: str | None = None,
     ) -> None:
         self.source = source
         self.cell = cell
@@ -92,6 +106,12 @@ class SubnetActor:
         self.last_error: str | None = None
         self.failures = 0
         self.syncs = 0
+        self.screen_axons = screen_axons
+        self.hotkey = hotkey
+        self.refused: tuple[RefusedAxon, ...] = ()
+        self.standing: HotkeyStanding | None = None
+        if hotkey is not None:
+            self._judge_hotkey(cell.get())
 
     async def run(self, *, task_status: trio.TaskStatus[SnapshotCell[SubnetSnapshot]] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -122,12 +142,33 @@ class SubnetActor:
             log.warning("metagraph from %s unavailable (%s); serving the last good one",
                         self.source.name, self.last_error)
             return False
-        self.cell.publish(snapshot)
+        self._publish(snapshot)
         self.syncs += 1
         self.last_error = None
         if self.cache_path is not None:
             await self._save_cache(snapshot)
         return True
+
+    def _publish(self, snapshot: SubnetSnapshot) -> None:
+        """Screen `snapshot`'s axons and judge the gateway's hotkey in it, then publish it."""
+        if self.screen_axons:
+            snapshot, refused = without_private_axons(snapshot)
+            if len(refused) != len(self.refused):
+                log.warning("metagraph: %d axons are not public addresses and count as not serving "
+                            "(subnet.allow_private_axons = false), e.g. %s", len(refused),
+                            ", ".join(f"uid {r.uid} at {r.axon} ({r.reason})" for r in refused[:3]))
+            self.refused = refused
+        self.cell.publish(snapshot)
+        if self.hotkey is not None:
+            self._judge_hotkey(snapshot)
+
+    def _judge_hotkey(self, snapshot: SubnetSnapshot) -> None:
+        assert self.hotkey is not None
+        standing = hotkey_standing(snapshot, self.hotkey)
+        if self.standing is None or standing.warnings != self.standing.warnings:
+            for warning in standing.warnings:
+                log.warning("%s", warning)
+        self.standing = standing
 
     async def _save_cache(self, snapshot: SubnetSnapshot) -> None:
         assert self.cache_path is not None
@@ -156,7 +197,7 @@ class SubnetActor:
         snapshot = SubnetSnapshot.of(
             cached.netuid, cached.neurons, block=cached.block, fetched_at=cached.fetched_at, source="cache"
         )
-        self.cell.publish(snapshot)
+        self._publish(snapshot)
         log.info("serving the cached metagraph from %s (%d neurons)", path, len(snapshot.neurons))
 
     def health(self) -> dict[str, Any]:
@@ -171,4 +212,7 @@ class SubnetActor:
             "stale": self.last_error is not None,
             "last_error": self.last_error,
             "failures": self.failures,
+            "axons_refused": len(self.refused) if self.screen_axons else None,
+            "axons_refused_examples": [r.as_dict() for r in self.refused[:REFUSED_EXAMPLES]],
+            **(self.standing.as_dict() if self.standing is not None else {}),
         }

@@ -28,7 +28,19 @@ class ServerSettings:
     port: int = setting(42170, "TCP port to listen on (0 picks a free one)", min=0, max=65535)
     max_body_bytes: int = setting(1_048_576, "largest request body accepted; larger ones get 413", min=1024)
     drain_timeout_s: float = setting(
-        10.0, "on SIGINT/SIGTERM, how long in-flight requests may still run", min=0.0, max=600.0
+        10.0, "on SIGINT/SIGTERM, how long in-flight requests and miners' answers may still run; the "
+        "process exits at most 2.5 s after it (saving the scoring queue and key usage)", min=0.0, max=600.0
+    )
+    max_connections: int = setting(
+        2048, "client connections open at once; more wait in the kernel's listen backlog until one closes",
+        min=1, max=1_000_000,
+    )
+    keep_alive_timeout_s: float = setting(
+        75.0, "an idle keep-alive client connection is closed after this long", min=0.1, max=3600.0
+    )
+    keep_alive_busy_s: float = setting(
+        5.0, "while more than half of max_connections are open, idle ones are closed after this long instead",
+        min=0.1, max=3600.0,
     )
 
 
@@ -74,6 +86,10 @@ class SubnetSettings:
     sync_interval_s: float = setting(600.0, "how often the metagraph is re-read from the chain", min=1.0)
     cache_file: str = setting(
         "metagraph.json", "last good metagraph, served after a restart while the chain is unreachable"
+    )
+    allow_private_axons: bool = setting(
+        False, "for source = \"chain\": ask axons at loopback, private, link-local, unspecified or multicast "
+        "addresses (or host names); when false such neurons count as not serving (counted on /health/ready)"
     )
     neurons: tuple[NeuronSettings, ...] = setting((), "the metagraph, for source = \"static\"")
 

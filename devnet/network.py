@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     from engine.gateway import Gateway
 
 DEFAULT_GATEWAY_URI = "//devnet/gateway"
+# The gateway's own neuron holds more than the 10,000 stake that miners verifying signers ask of it
+# (UPSTREAM.md section 1), so a gateway on the devnet gets no warning about its hotkey.
+GATEWAY_STAKE = 20_000.0
 
 
 class DevnetSource:
@@ -114,8 +117,11 @@ class Devnet:
         return [m.neuron() for m in self.miners]
 
     def neurons(self) -> list[Neuron]:
-        """Every neuron: the miners (uids 0..N-1), then the validator."""
-        return [*self._miner_neurons(), self.validator.neuron()]
+        """Every neuron: the miners (uids 0..N-1), the validator, then the gateway (no axon: it serves
+        nothing; a validator permit, as the validator's API hotkey it stands for has)."""
+        gateway = Neuron(uid=self.validator.uid + 1, hotkey=self.gateway_hotkey, axon=None, stake=GATEWAY_STAKE,
+                         validator_permit=True)
+        return [*self._miner_neurons(), self.validator.neuron(), gateway]
 
     def miner(self, uid: int) -> Miner:
         return self.miners[uid]

@@ -1,16 +1,25 @@
 """Assembly of the running gateway: actors in dependency order, then the HTTP server.
 
-`run(settings)` owns one root nursery. Shutdown is graceful: the server stops accepting, in-flight
-requests get up to `server.drain_timeout_s`, then the actors are cancelled and persist what they hold.
+`run(settings)` owns one root nursery. Shutdown is graceful and has one deadline, fixed when it is
+asked for (`Gateway.shutdown`, on SIGINT/SIGTERM): `server.drain_timeout_s` from then. Until it, the
+server stops accepting and in-flight requests finish, then miners still answering finished requests
+are heard out; every later phase gets what is left of it. Past it, state is persisted within a fixed
+margin (`EXIT_MARGIN_S`): cut-short fan-outs hand their answers to scoring (`HANDOVER_S`), the scoring
+queue goes to the spool (at least `SCORING_FLUSH_MIN_S`), and the key store saves usage (the rest of the
+margin, at least 1 s). `serve_until_signalled` enforces the whole bound, a hung disk included: at
+`drain deadline + EXIT_MARGIN_S` the process exits with status 1, whatever is still running.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING
@@ -18,7 +27,6 @@ from typing import TYPE_CHECKING
 import httpx
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
 from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, ASGISendEvent, Scope
 
 from actors.availability import AvailabilityActor
@@ -29,6 +37,7 @@ from actors.scoring import ScoringForwarder
 from actors.selection import Selector
 from actors.subnet import MetagraphSource, StaticSource, SubnetActor
 from config.settings import Settings
+from engine import inbound
 from engine.epistula import Signer
 from engine.hotkey import load_hotkey
 from engine.keepalive import KeepAliveTransport
@@ -42,7 +51,37 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sn1_gateway")
 
-FANOUT_STOP_S = 2.0  # how long cut-short fan-outs get to hand their results to the forwarder
+# After the drain deadline, the stop takes at most this much more: the parts below, and slack for the
+# process to end. Past it `serve_until_signalled` exits at once with EXIT_STUCK.
+EXIT_MARGIN_S = 2.5
+HANDOVER_S = 0.5  # cut-short fan-outs hand their answers to the scoring forwarder
+SCORING_FLUSH_MIN_S = 1.0  # the scoring queue's flush to the spool, when the drain left less
+# The key store's flush gets the rest: EXIT_MARGIN_S - HANDOVER_S - SCORING_FLUSH_MIN_S, at least.
+EXIT_STUCK = 1
+
+
+@dataclass
+class StopPlan:
+    """The one deadline of a stop, fixed when the stop is asked for, and the phase it is in."""
+
+    drain_s: float
+    requested: trio.Event = field(default_factory=trio.Event)
+    drain_deadline: float = math.inf  # trio time
+    phase: str = "serving"
+
+    def request(self, deadline: float | None = None) -> None:
+        if not self.requested.is_set():
+            self.drain_deadline = trio.current_time() + self.drain_s if deadline is None else deadline
+            self.phase = "draining requests"
+            self.requested.set()
+
+    @property
+    def exit_deadline(self) -> float:
+        return self.drain_deadline + EXIT_MARGIN_S
+
+    def left_s(self) -> float:
+        """What is left of the drain deadline."""
+        return max(0.0, self.drain_deadline - trio.current_time())
 
 
 @dataclass
@@ -51,7 +90,7 @@ class Gateway:
 
     urls: list[str]
     services: Services
-    _shutdown: trio.Event = field(default_factory=trio.Event)
+    plan: StopPlan
     _stopped: trio.Event = field(default_factory=trio.Event, repr=False)
 
     @property
@@ -60,12 +99,18 @@ class Gateway:
 
     @property
     def stopping(self) -> bool:
-        return self._shutdown.is_set()
+        return self.plan.requested.is_set()
 
-    def shutdown(self) -> None:
-        """Stop accepting; in-flight requests finish up to the drain deadline."""
+    @property
+    def phase(self) -> str:
+        """What the gateway is doing: "serving", then each phase of the stop, then "stopped"."""
+        return self.plan.phase
+
+    def shutdown(self, *, deadline: float | None = None) -> None:
+        """Stop accepting; in-flight requests, then miners' answers, go on until the drain deadline
+        (`deadline`, a trio time; by default `server.drain_timeout_s` from now), state is saved after it."""
         self.services.draining = True
-        self._shutdown.set()
+        self.plan.request(deadline)
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -78,7 +123,7 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     config.graceful_timeout = settings.server.drain_timeout_s
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
-    config.keep_alive_timeout = 75
+    config.keep_alive_timeout = settings.server.keep_alive_timeout_s
     return config
 
 
@@ -168,10 +213,12 @@ async def run(
     supervisor = supervisor or Supervisor()
     signer = Signer(await trio.to_thread.run_sync(load_hotkey, settings.wallet))
     subnet_cell: SnapshotCell[SubnetSnapshot] = SnapshotCell(SubnetSnapshot(netuid=settings.subnet.netuid))
-    shutdown, stopped = trio.Event(), trio.Event()
+    plan, stopped = StopPlan(settings.server.drain_timeout_s), trio.Event()
+    chain = settings.subnet.source == "chain"
     async with (
-        _set_on_exit(stopped),  # exits last: wait_stopped() returns once every actor has persisted its state
+        _set_on_exit(stopped, plan),  # exits last: wait_stopped() returns once every actor has persisted its state
         open_keystore(settings) as keys,  # a corrupt keys file or unreachable Redis stops us here
+        _phase_on_exit(plan, "saving key usage"),
         make_http_client(settings, transport) as http,
         trio.open_nursery() as actors,
     ):
@@ -180,7 +227,9 @@ async def run(
             source or metagraph_source(settings),
             subnet_cell,
             interval_s=settings.subnet.sync_interval_s,
-            cache_path=settings.resolve(settings.subnet.cache_file) if settings.subnet.source == "chain" else None,
+            cache_path=settings.resolve(settings.subnet.cache_file) if chain else None,
+            screen_axons=chain and not settings.subnet.allow_private_axons,
+            hotkey=signer.ss58,
         )
         await supervisor.start(actors, "subnet", subnet_actor)
         availability_actor = AvailabilityActor(settings, subnet_cell, http, signer)
@@ -210,6 +259,9 @@ async def run(
         services.health["availability"] = availability_actor.health
         services.health["fanout"] = fanout.statistics
         services.health["scoring"] = scoring.statistics
+        connections = inbound.Connections(settings.server.max_connections,
+                                          busy_idle_s=settings.server.keep_alive_busy_s)
+        services.health["connections"] = connections.statistics
 
         app = create_app(services)
         if app_hook is not None:
@@ -217,10 +269,11 @@ async def run(
         try:
             async with trio.open_nursery() as server:
                 try:
-                    urls = await server.start(
-                        partial(serve, shield_response_end(app, settings.server.drain_timeout_s),
-                                hypercorn_config(settings), shutdown_trigger=shutdown.wait, mode="asgi")
-                    )
+                    urls = await server.start(partial(
+                        inbound.serve, shield_response_end(app, settings.server.drain_timeout_s),
+                        hypercorn_config(settings), connections, shutdown_trigger=plan.requested.wait,
+                        drain_deadline=lambda: plan.drain_deadline,
+                    ))
                 except* OSError as group:  # hypercorn binds inside nested nurseries
                     exc: BaseException = group
                     while isinstance(exc, BaseExceptionGroup):
@@ -228,27 +281,77 @@ async def run(
                     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
                     raise StartupError(f"cannot listen on {settings.server.host}:{settings.server.port} "
                                        f"(server.host, server.port): {reason}") from None
-                task_status.started(Gateway(list(urls), services, shutdown, stopped))
+                task_status.started(Gateway(list(urls), services, plan, stopped))
             # Miners still answering finished requests are heard out, so their answers get scored;
             # past the deadline what they said so far is scored. Either way every fan-out reaches the
             # forwarder before it stops, and the forwarder spools what it cannot deliver.
-            with trio.move_on_after(settings.server.drain_timeout_s):
+            plan.phase = "waiting for miners"
+            with trio.move_on_at(plan.drain_deadline):
                 await fanout.wait_idle()
+            plan.phase = "handing answers to scoring"
             if cut := fanout.cut_short("collection cut short: the gateway was stopping"):
                 log.info("stopping: %d fan-outs cut short, their answers so far go to scoring", cut)
-            with trio.move_on_after(FANOUT_STOP_S):
+            with trio.move_on_after(HANDOVER_S):
                 await fanout.wait_idle()
             log.info("HTTP server stopped; stopping actors")
         finally:
+            if plan.requested.is_set():
+                plan.phase = "saving the scoring queue"
+                # The forwarder reads its flush budget when it flushes, i.e. right after this cancel.
+                scoring.flush_deadline_s = max(SCORING_FLUSH_MIN_S, plan.left_s())
             actors.cancel_scope.cancel()
 
 
 @asynccontextmanager
-async def _set_on_exit(event: trio.Event) -> AsyncIterator[None]:
+async def _set_on_exit(event: trio.Event, plan: StopPlan) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        plan.phase = "stopped"
         event.set()
+
+
+@asynccontextmanager
+async def _phase_on_exit(plan: StopPlan, phase: str) -> AsyncIterator[None]:
+    """Names the phase of a stop that begins when this context is left."""
+    try:
+        yield
+    finally:
+        if plan.requested.is_set():
+            plan.phase = phase
+
+
+class ExitWatchdog:
+    """Ends the process with EXIT_STUCK at a deadline, from a thread of its own.
+
+    The last resort of the stop's bound: a worker thread on a hung disk cannot be cancelled, and
+    a lock it holds can block the event loop itself, so this does not rely on the loop.
+    """
+
+    def __init__(self, plan: StopPlan) -> None:
+        self._plan = plan
+        delay_s = plan.exit_deadline - trio.current_time()
+        self._cancelled = threading.Event()
+        self._thread = threading.Thread(target=self._watch, args=(delay_s,), name="exit-watchdog", daemon=True)
+        self._thread.start()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def _watch(self, delay_s: float) -> None:
+        if self._cancelled.wait(max(0.0, delay_s)):
+            return
+        line = (f"error: the stop did not finish within server.drain_timeout_s + {EXIT_MARGIN_S:g}s "
+                f"(still {self._plan.phase}); exiting now, what was not saved yet is lost\n")
+        # Written from yet another thread: a blocked stderr must not hold the exit either.
+        threading.Thread(target=_write_stderr, args=(line.encode(),), daemon=True).start()
+        time.sleep(0.05)
+        os._exit(EXIT_STUCK)
+
+
+def _write_stderr(data: bytes) -> None:
+    with suppress(OSError):
+        os.write(2, data)
 
 
 async def serve_until_signalled(
@@ -272,14 +375,21 @@ async def serve_until_signalled(
                         log.warning("second %s: exiting now", name)
                         os._exit(130)
                     else:
-                        log.info("%s: draining (up to %.0fs); send it again to exit now",
-                                 name, settings.server.drain_timeout_s)
-                        running[0].shutdown()
+                        log.info("%s: draining (up to %gs, exit within %gs); send it again to exit now",
+                                 name, settings.server.drain_timeout_s, settings.server.drain_timeout_s + EXIT_MARGIN_S)
+                        stopping = running[0]
+                        stopping.shutdown()
+                        watchdogs.append(ExitWatchdog(stopping.plan))
 
+            watchdogs: list[ExitWatchdog] = []
             nursery.start_soon(watch)
-            gateway: Gateway = await nursery.start(partial(run, settings, **run_kw))  # type: ignore[arg-type]
-            running.append(gateway)
-            if on_ready is not None:
-                on_ready(gateway)
-            await gateway.wait_stopped()
-            nursery.cancel_scope.cancel()
+            try:
+                gateway: Gateway = await nursery.start(partial(run, settings, **run_kw))  # type: ignore[arg-type]
+                running.append(gateway)
+                if on_ready is not None:
+                    on_ready(gateway)
+                await gateway.wait_stopped()
+                nursery.cancel_scope.cancel()
+            finally:
+                for watchdog in watchdogs:
+                    watchdog.cancel()

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # IPv4 reached through a NAT64 gateway
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,3 +87,72 @@ class SubnetSnapshot:
             fetched_at=data.get("fetched_at"),
             source=str(data.get("source", "cache")),
         )
+
+
+def refused_axon(axon: str) -> str | None:
+    """Why the gateway must not connect to `axon` ("host:port") taken from the chain, or None.
+
+    Anyone can serve any address on the chain, so an axon inside the gateway's own network (loopback,
+    private, link-local, unspecified, multicast, reserved: anything not globally routable) would make
+    the gateway send signed requests to services next to it. IPv4 inside IPv6 (mapped, 6to4, NAT64)
+    is judged as the IPv4 it reaches. A host name is refused too: the chain stores axons as numbers,
+    so a name can only come from somewhere else, and what it resolves to could change per request.
+    """
+    host, sep, _ = axon.rpartition(":")
+    if not sep:
+        return "not host:port"
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(host)
+    except ValueError:
+        return "a host name, not an address"
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        elif address.sixtofour is not None:
+            address = address.sixtofour
+        elif address in NAT64:
+            address = ipaddress.IPv4Address(int(address) & 0xFFFF_FFFF)
+    for reason, hit in (
+        ("unspecified", address.is_unspecified),
+        ("loopback", address.is_loopback),
+        ("link-local", address.is_link_local),
+        ("multicast", address.is_multicast),
+        ("private", address.is_private),
+        ("reserved", address.is_reserved),
+        ("not globally routable", not address.is_global),
+    ):
+        if hit:
+            return reason
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class RefusedAxon:
+    uid: int
+    axon: str
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"uid": self.uid, "axon": self.axon, "reason": self.reason}
+
+
+def without_private_axons(snapshot: SubnetSnapshot) -> tuple[SubnetSnapshot, tuple[RefusedAxon, ...]]:
+    """`snapshot` with every refused axon (`refused_axon`) replaced by None (not serving), and the
+    refusals. Done once per metagraph read: the hot path then only sees axons it may ask."""
+    refused: list[RefusedAxon] = []
+    neurons: list[Neuron] = []
+    for neuron in snapshot.neurons:
+        reason = refused_axon(neuron.axon) if neuron.axon else None
+        if reason is None:
+            neurons.append(neuron)
+            continue
+        assert neuron.axon is not None
+        refused.append(RefusedAxon(neuron.uid, neuron.axon, reason))
+        neurons.append(dataclasses.replace(neuron, axon=None))
+    if not refused:
+        return snapshot, ()
+    screened = SubnetSnapshot.of(snapshot.netuid, neurons, block=snapshot.block, fetched_at=snapshot.fetched_at,
+                                 source=snapshot.source)
+    return screened, tuple(refused)

@@ -125,7 +125,8 @@ def test_the_console_script_reports_config_errors_with_status_2(tmp_path: Path) 
     done = subprocess.run([str(script), "check-config", str(path)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr == f"error: {path}: server.hots: unknown key (did you mean 'host'? expected one of: " \
-                          "host, port, max_body_bytes, drain_timeout_s)\n"
+                          "host, port, max_body_bytes, drain_timeout_s, max_connections, keep_alive_timeout_s, " \
+                          "keep_alive_busy_s)\n"
     assert done.stdout == ""
 
 

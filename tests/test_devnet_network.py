@@ -34,14 +34,16 @@ async def devnet(nursery: trio.Nursery) -> Devnet:
     return devnet
 
 
-async def test_the_metagraph_lists_the_miners_then_the_validator(devnet: Devnet) -> None:
+async def test_the_metagraph_lists_the_miners_then_the_validator_then_the_gateway(devnet: Devnet) -> None:
     snapshot = await trio.to_thread.run_sync(devnet.source.fetch)
     assert devnet.source.name == "devnet" and snapshot.source == "devnet" and snapshot.fetched_at
     neurons = snapshot.neurons
-    assert [n.uid for n in neurons] == [0, 1, 2, 3, 4]
-    miners, validator = neurons[:4], neurons[4]
+    assert [n.uid for n in neurons] == [0, 1, 2, 3, 4, 5]
+    miners, validator, gateway = neurons[:4], neurons[4], neurons[5]
     assert [n.axon for n in miners] == [m.address for m in devnet.miners]
-    assert len({n.axon for n in neurons}) == 5 and len({n.hotkey for n in neurons}) == 5
+    assert len({n.axon for n in neurons[:5]}) == 5 and len({n.hotkey for n in neurons}) == 6
+    # the gateway serves nothing, and holds what miners verifying signers ask of it (UPSTREAM.md 1)
+    assert (gateway.hotkey, gateway.axon) == (devnet.gateway_hotkey, None) and gateway.stake >= 10_000
     assert [n.incentive for n in miners] == sorted((n.incentive for n in miners), reverse=True)
     assert sum(n.incentive for n in miners) == pytest.approx(1.0, abs=1e-5)
     assert not any(n.validator_permit for n in miners) and all(n.stake < 1000 for n in miners)
@@ -66,7 +68,7 @@ async def test_the_printed_config_loads_and_describes_the_devnet(devnet: Devnet,
     settings = load_settings(path)
     assert settings.subnet.source == "static"
     assert [(n.uid, n.hotkey, n.axon, n.validator_permit) for n in settings.subnet.neurons] == [
-        (n.uid, n.hotkey, n.axon, n.validator_permit) for n in devnet.neurons()
+        (n.uid, n.hotkey, n.axon or "", n.validator_permit) for n in devnet.neurons()
     ]
     assert settings.availability.source == "validator"
     assert (settings.scoring.validator, settings.scoring.validator_hotkey) == (
@@ -116,7 +118,7 @@ async def test_serve_with_devnet_answers_from_the_devnet_and_scores(tmp_path: Pa
         services = gateway.services
         assert services.settings.subnet.source == "devnet"
         assert services.settings.scoring.validator == devnet.validator.address
-        assert len(services.subnet.get().neurons) == 4
+        assert len(services.subnet.get().neurons) == 5  # 3 miners, the validator, the gateway
         key, _ = await services.keys.create(100)
         messages = [{"role": "user", "content": "what is a devnet?"}]
         expected = text.answer(11, messages, 6).text
@@ -172,7 +174,7 @@ async def test_the_devnet_command_prints_a_config_that_reaches_its_miners(tmp_pa
         (tmp_path / "gateway.toml").write_bytes(printed)
         settings = load_settings(tmp_path / "gateway.toml")
         miners = [n for n in settings.subnet.neurons if not n.validator_permit]
-        assert len(miners) == 2 and len(settings.subnet.neurons) == 3
+        assert len(miners) == 2 and len(settings.subnet.neurons) == 4  # and the validator, the gateway
         signer = Signer(Keypair.create_from_uri(settings.wallet.uri))
         body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "seed": 1}).encode()
         statuses = []
@@ -197,7 +199,7 @@ async def test_serve_devnet_works_without_a_wallet_or_a_chain(tmp_path: Path) ->
         assert "devnet: 2 simulated miners" in banner
         async with httpx.AsyncClient(verify=False, timeout=10) as http:
             ready = (await http.get(f"{url}/health/ready")).json()
-        assert ready["subnet"]["source"] == "devnet" and ready["subnet"]["neurons"] == 3
+        assert ready["subnet"]["source"] == "devnet" and ready["subnet"]["neurons"] == 4
     finally:
         code = await stop(process)
     assert code == 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import socket
+import stat
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,10 +26,10 @@ from trio.testing import MockClock
 from actors.chain import ChainSource, axon_address, subtensor
 from actors.subnet import SubnetActor, SubnetUnavailable
 from config.loading import ConfigError
-from config.settings import Settings, SubnetSettings
+from config.settings import NeuronSettings, Settings, SubnetSettings
 from engine.gateway import Gateway, run
 from engine.snapshot import SnapshotCell
-from engine.subnet import Neuron, SubnetSnapshot
+from engine.subnet import Neuron, SubnetSnapshot, refused_axon
 
 NETUID = 1
 EPOCH = 1_760_000_000.0  # the fake wall clock starts here
@@ -56,10 +57,10 @@ def chain_metagraph(block: int, neurons: list[MetagraphNeuron]) -> Metagraph:
 
 GRAPH_A = chain_metagraph(100, [
     chain_neuron(0, axon=None, stake_alpha=5_000.0, validator_permit=True),
-    chain_neuron(1, axon="10.0.0.1:8091", incentive=0.6),
-    chain_neuron(2, axon="10.0.0.2:8091", incentive=0.4, stake_alpha=12.5),
+    chain_neuron(1, axon="23.94.0.1:8091", incentive=0.6),
+    chain_neuron(2, axon="23.94.0.2:8091", incentive=0.4, stake_alpha=12.5),
 ])
-GRAPH_B = chain_metagraph(460, [*GRAPH_A.neurons, chain_neuron(3, axon="10.0.0.3:8091", incentive=0.1)])
+GRAPH_B = chain_metagraph(460, [*GRAPH_A.neurons, chain_neuron(3, axon="23.94.0.3:8091", incentive=0.1)])
 
 
 class FakeChain:
@@ -133,8 +134,8 @@ async def test_the_metagraph_maps_to_neurons(world: World) -> None:
     assert snapshot.fetched_at == pytest.approx(trio_wall_clock())
     assert snapshot.neurons == (
         Neuron(uid=0, hotkey="5Hot0", axon=None, incentive=0.0, stake=5_000.0, validator_permit=True),
-        Neuron(uid=1, hotkey="5Hot1", axon="10.0.0.1:8091", incentive=0.6, stake=0.0),
-        Neuron(uid=2, hotkey="5Hot2", axon="10.0.0.2:8091", incentive=0.4, stake=12.5),
+        Neuron(uid=1, hotkey="5Hot1", axon="23.94.0.1:8091", incentive=0.6, stake=0.0),
+        Neuron(uid=2, hotkey="5Hot2", axon="23.94.0.2:8091", incentive=0.4, stake=12.5),
     )
     assert [n.uid for n in snapshot.serving_by_incentive] == [1, 2]
 
@@ -142,9 +143,10 @@ async def test_the_metagraph_maps_to_neurons(world: World) -> None:
 @pytest.mark.parametrize(
     ("axon", "expected"),
     [
-        (None, None), ("", None), ("0.0.0.0:0", None), ("0.0.0.0:8091", None), ("10.0.0.1:0", None),
-        ("[::]:8091", None), ("10.0.0.1", None), ("10.0.0.1:99999", None),
-        ("10.0.0.1:8091", "10.0.0.1:8091"), ("[2001:db8::1]:8091", "[2001:db8::1]:8091"),
+        (None, None), ("", None), ("0.0.0.0:0", None), ("0.0.0.0:8091", None), ("23.94.0.1:0", None),
+        ("[::]:8091", None), ("23.94.0.1", None), ("23.94.0.1:99999", None),
+        ("23.94.0.1:8091", "23.94.0.1:8091"), ("[2001:db8::1]:8091", "[2001:db8::1]:8091"),
+        ("10.0.0.1:8091", "10.0.0.1:8091"),  # what the chain says; whether to ask it is judged later
         ("miner.example:8091", "miner.example:8091"),
     ],
 )
@@ -218,10 +220,23 @@ async def test_first_sync_publishes_and_writes_the_disk_cache(
     assert [n.uid for n in cell.get().neurons] == [0, 1, 2]
     assert actor.health() == {
         "source": "chain", "snapshot_source": "chain", "neurons": 3, "block": 100, "age_s": 0.0,
-        "stale": False, "last_error": None, "failures": 0,
+        "stale": False, "last_error": None, "failures": 0, "axons_refused": None, "axons_refused_examples": [],
     }
-    cached = json.loads((tmp_path / "metagraph.json").read_text())
+    cache = tmp_path / "metagraph.json"
+    cached = json.loads(cache.read_text())
     assert cached["block"] == 100 and [n["uid"] for n in cached["neurons"]] == [0, 1, 2]
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o600
+
+
+async def test_the_disk_cache_is_private_also_when_the_file_was_not(
+    world: World, tmp_path: Path, thread_clock: MockClock, nursery: trio.Nursery
+) -> None:
+    cache = tmp_path / "metagraph.json"
+    cache.write_text("{}")
+    cache.chmod(0o644)
+    await nursery.start(actor_for(world, tmp_path).run)
+    assert json.loads(cache.read_text())["block"] == 100
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o600
 
 
 async def test_the_metagraph_is_resynced_every_interval(
@@ -290,7 +305,7 @@ async def test_a_restart_without_the_chain_serves_the_disk_cache(
     async with trio.open_nursery() as nursery:
         cell = await nursery.start(actor.run)
         assert [n.uid for n in cell.get().neurons] == [0, 1, 2]
-        assert [n.axon for n in cell.get().serving_by_incentive] == ["10.0.0.1:8091", "10.0.0.2:8091"]
+        assert [n.axon for n in cell.get().serving_by_incentive] == ["23.94.0.1:8091", "23.94.0.2:8091"]
         health = actor.health()
         assert health["snapshot_source"] == "cache" and health["stale"] is True
         assert health["age_s"] == 3600.0 and health["block"] == 100
@@ -312,7 +327,7 @@ async def test_an_unreadable_cache_is_ignored(
 async def test_the_cache_of_another_subnet_is_ignored(
     world: World, tmp_path: Path, thread_clock: MockClock, nursery: trio.Nursery
 ) -> None:
-    other = SubnetSnapshot.of(7, [Neuron(uid=0, hotkey="5X", axon="10.9.9.9:1")], fetched_at=EPOCH, source="chain")
+    other = SubnetSnapshot.of(7, [Neuron(uid=0, hotkey="5X", axon="23.94.9.9:1")], fetched_at=EPOCH, source="chain")
     (tmp_path / "metagraph.json").write_text(json.dumps(other.as_dict()))
     world.answer = RpcConnectionError("down")
     cell = await nursery.start(actor_for(world, tmp_path).run)
@@ -364,4 +379,97 @@ async def test_a_gateway_restarted_without_chain_access_serves_and_reports_the_c
             assert subnet["stale"] is True and 3600 <= subnet["age_s"] < 3700
             assert "could not connect" in subnet["last_error"]
             assert [n.uid for n in gateway.services.subnet.get().serving_by_incentive] == [1, 2]
+            gateway.shutdown()
+
+
+# --- axons the gateway must not ask (subnet.allow_private_axons) ---------------------------------
+
+
+@pytest.mark.parametrize(("axon", "reason"), [
+    ("23.94.0.1:8091", None), ("[2606:4700::1]:8091", None), ("[::ffff:23.94.0.1]:8091", None),
+    ("127.0.0.1:8091", "loopback"), ("10.1.2.3:8091", "private"), ("192.168.1.20:8091", "private"),
+    ("172.16.0.5:8091", "private"), ("169.254.169.254:80", "link-local"), ("0.0.0.0:8091", "unspecified"),
+    ("224.0.0.1:8091", "multicast"), ("100.64.0.1:8091", "not globally routable"),
+    ("[::1]:8091", "loopback"), ("[::]:8091", "unspecified"), ("[fe80::1]:8091", "link-local"),
+    ("[fe80::1%eth0]:8091", "link-local"), ("[fd00::1]:8091", "private"), ("[ff02::1]:8091", "multicast"),
+    ("[::ffff:127.0.0.1]:8091", "loopback"), ("[::ffff:169.254.169.254]:80", "link-local"),
+    ("[2002:a00:1::1]:8091", "private"),  # 6to4 of 10.0.0.1
+    ("[64:ff9b::7f00:1]:8091", "loopback"),  # NAT64 of 127.0.0.1
+    ("miner.example:8091", "a host name, not an address"), ("localhost:8091", "a host name, not an address"),
+    ("010.0.0.1:8091", "a host name, not an address"),  # not an address Python reads: never resolved
+])
+def test_which_axons_are_refused(axon: str, reason: str | None) -> None:
+    assert refused_axon(axon) == reason
+
+
+MIXED = chain_metagraph(200, [
+    chain_neuron(0, axon="23.94.0.10:8091", incentive=0.3),
+    chain_neuron(1, axon="127.0.0.1:8091", incentive=0.3),
+    chain_neuron(2, axon="[::ffff:10.0.0.2]:8091", incentive=0.2),
+    chain_neuron(3, axon="[2606:4700::3]:8091", incentive=0.1),
+    chain_neuron(4, axon="169.254.169.254:80", stake_alpha=50_000.0, validator_permit=True),
+])
+
+
+async def test_private_axons_of_the_chain_count_as_not_serving_once_per_read(
+    world: World, tmp_path: Path, thread_clock: MockClock, nursery: trio.Nursery
+) -> None:
+    world.answer = MIXED
+    actor = actor_for(world, tmp_path, screen_axons=True)
+    cell = await nursery.start(actor.run)
+    snapshot = cell.get()
+    assert [n.uid for n in snapshot.serving_by_incentive] == [0, 3]
+    assert snapshot.by_uid[1].axon is None and snapshot.by_uid[4].axon is None  # nor is it a validator to post to
+    health = actor.health()
+    assert health["axons_refused"] == 3
+    assert health["axons_refused_examples"] == [
+        {"uid": 1, "axon": "127.0.0.1:8091", "reason": "loopback"},
+        {"uid": 2, "axon": "[::ffff:10.0.0.2]:8091", "reason": "private"},
+        {"uid": 4, "axon": "169.254.169.254:80", "reason": "link-local"},
+    ]
+    # The cache keeps what the chain said; a restart without the chain screens it again.
+    cached = {n["uid"]: n["axon"] for n in json.loads((tmp_path / "metagraph.json").read_text())["neurons"]}
+    assert cached[1] == "127.0.0.1:8091"
+    world.answer = RpcConnectionError("down")
+    again = actor_for(world, tmp_path, screen_axons=True)
+    async with trio.open_nursery() as second:
+        restarted = await second.start(again.run)
+        assert restarted.get().source == "cache"
+        assert [n.uid for n in restarted.get().serving_by_incentive] == [0, 3]
+        assert again.health()["axons_refused"] == 3
+        second.cancel_scope.cancel()
+
+
+async def test_the_gateway_refuses_private_chain_axons_unless_allowed(
+    world: World, chain_settings: Settings, http: httpx.AsyncClient
+) -> None:
+    world.answer = MIXED
+    with trio.fail_after(30):
+        for allowed, serving, refused in ((False, [0, 3], 3), (True, [0, 1, 2, 3, 4], None)):
+            settings = dataclasses.replace(chain_settings, subnet=dataclasses.replace(
+                chain_settings.subnet, allow_private_axons=allowed))
+            async with trio.open_nursery() as nursery:
+                gateway = await start_gateway(nursery, settings, world)
+                assert [n.uid for n in gateway.services.subnet.get().serving_by_incentive] == serving
+                response = await http.get(f"{gateway.url}/health/ready")
+                assert response.status_code == 200
+                subnet = response.json()["subnet"]
+                assert subnet["axons_refused"] == refused
+                assert len(subnet["axons_refused_examples"]) == (refused or 0)
+                metrics = (await http.get(f"{gateway.url}/metrics")).text
+                assert (f"sn1_gateway_subnet_axons_refused {refused}" in metrics) == (refused is not None)
+                gateway.shutdown()
+
+
+async def test_a_static_metagraph_keeps_every_address(gateway_settings: Settings, http: httpx.AsyncClient) -> None:
+    settings = dataclasses.replace(gateway_settings, subnet=SubnetSettings(source="static", neurons=(
+        NeuronSettings(uid=0, hotkey="5Local", axon="127.0.0.1:9001"),
+        NeuronSettings(uid=1, hotkey="5Lan", axon="10.0.0.7:9001"),
+    )))
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            gateway: Gateway = await nursery.start(lambda task_status: run(settings, task_status=task_status))
+            assert [n.uid for n in gateway.services.subnet.get().serving_by_incentive] == [0, 1]
+            subnet = (await http.get(f"{gateway.url}/health/ready")).json()["subnet"]
+            assert subnet["axons_refused"] is None and subnet["axons_refused_examples"] == []
             gateway.shutdown()
