@@ -26,12 +26,12 @@ import httpx
 import trio
 
 from config.settings import Settings
-from engine import jsonio
-from engine.epistula import Signer
-from engine.http1 import AnswerRefused
-from engine.keepalive import post_streaming
-from engine.snapshot import SnapshotCell
-from engine.subnet import Neuron, SubnetSnapshot
+from wire import jsonio
+from wire.epistula import Signer
+from wire.http1 import AnswerRefused
+from wire.metagraph import Neuron, SubnetSnapshot
+from wire.pool import post_streaming
+from wire.snapshot import SnapshotCell
 
 log = logging.getLogger("sn1_gateway.availability")
 

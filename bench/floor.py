@@ -23,10 +23,10 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 from config.settings import ServerSettings, Settings
-from engine import jsonio
 from engine.cli import settle_heap
 from engine.gateway import hypercorn_config, shield_response_end
 from web.errors import ApiError, install_error_handlers
+from wire import jsonio
 
 
 def fixed_completion(tokens: int) -> bytes:

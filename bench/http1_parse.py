@@ -2,7 +2,7 @@
 
 Parses N typical miner answers (a 200 head, then a chunked SSE body of 16 chunk events of about
 300 bytes, as Hypercorn sends them) delivered in 1 to 4 pieces cut at random places, through
-`engine.http1.Connection` (the pool's connection, on a scripted stream: the parsing and the shell's
+`wire.http1.Connection` (the pool's connection, on a scripted stream: the parsing and the shell's
 loop, no socket) of the working tree and of the git revision `--baseline`, and prints microseconds
 per answer (best of `--repeat`). Also the I/O-free core alone, and h11 (httpx's parser) for scale.
 Not a test: figures vary with the machine; compare the lines of one run.

@@ -33,14 +33,14 @@ import tomlkit
 import trio
 from bittensor_core import Keypair
 
-from actors.fanout import request_timeout_s
+from actors.fanout.pool import request_timeout_s
 from bench import report
 from bench.load import Endpoint, HeldStreams, LoadResult, cpu_seconds, hold_streams, request_bytes, run_load
 from bench.processes import Child, ChildFailed, cli, raise_fd_limit, run_command, sample, start_child
 from bench.report import Measured, ProcessSample
 from config.settings import FanoutSettings
-from engine.epistula import Signer, routing_headers
 from web.chat_request import parse_chat_request
+from wire.epistula import Signer, routing_headers
 
 CHAT_PATH = "/v1/chat/completions"
 BENCH_MINERS = 5

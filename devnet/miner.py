@@ -30,8 +30,8 @@ from config.loading import ConfigError
 from devnet import text
 from devnet.listener import Listener
 from devnet.receiving import Inbox, Received, error_response, json_response
-from engine.sse import DONE_EVENT, encode_event
-from engine.subnet import Neuron
+from wire.metagraph import Neuron
+from wire.sse import DONE_EVENT, encode_event
 
 DEFAULT_TASKS = ("InferenceTask", "WebRetrievalTask")
 DEFAULT_MODELS = ("mrfakename/mistral-small-3.1-24b-instruct-2503-hf",  # upstream v2.19's "Default"

@@ -22,7 +22,7 @@ from config.loading import ConfigError
 from config.settings import Settings
 from devnet.miner import Miner, MinerFault, MinerTiming, parse_faults
 from devnet.validator import Validator, ValidatorFault, parse_validator_fault
-from engine.subnet import Neuron, SubnetSnapshot
+from wire.metagraph import Neuron, SubnetSnapshot
 
 if TYPE_CHECKING:
     from engine.gateway import Gateway

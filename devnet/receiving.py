@@ -14,7 +14,7 @@ from typing import Any
 
 from quart import Response, request
 
-from engine.epistula import EpistulaError, Verifier
+from wire.epistula import EpistulaError, Verifier
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 500: "server_error"}
 

@@ -38,8 +38,8 @@ from config.loading import ConfigError
 from devnet.listener import Listener
 from devnet.miner import DEFAULT_MODELS
 from devnet.receiving import Inbox, Received, error_response, json_response
-from engine.epistula import Signer
-from engine.subnet import Neuron
+from wire.epistula import Signer
+from wire.metagraph import Neuron
 
 log = logging.getLogger("sn1_gateway.devnet")
 

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING
 import trio
 
 from actors.keystore import KeyStoreError
-from actors.keystore import commands as keys_commands
 from bench import command as bench_command
 from config.loading import ConfigError, default_settings, load_settings
 from config.settings import Settings
-from engine.hotkey import HotkeyError
+from engine import keys_commands
 from engine.supervisor import StartupError
+from wire.hotkey import HotkeyError
 
 if TYPE_CHECKING:
     from engine.gateway import Gateway

@@ -30,21 +30,21 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, ASGISendEvent, Scope
 
 from actors.availability import AvailabilityActor
-from actors.breaker import MinerHealth
-from actors.fanout import FanoutPool
+from actors.fanout.breaker import MinerHealth
+from actors.fanout.pool import FanoutPool
+from actors.fanout.selection import Selector
 from actors.keystore import KeyStoreActor, open_keystore
-from actors.scoring import ScoringForwarder
-from actors.selection import Selector
-from actors.subnet import MetagraphSource, StaticSource, SubnetActor
+from actors.scoring.forwarder import ScoringForwarder
+from actors.subnet.actor import MetagraphSource, StaticSource, SubnetActor
 from config.settings import Settings
 from engine import inbound
-from engine.epistula import Signer
-from engine.hotkey import load_hotkey
-from engine.keepalive import KeepAliveTransport
-from engine.services import Services
-from engine.snapshot import SnapshotCell
-from engine.subnet import SubnetSnapshot
 from engine.supervisor import StartupError, Supervisor
+from web.services import Services
+from wire.epistula import Signer
+from wire.hotkey import load_hotkey
+from wire.metagraph import SubnetSnapshot
+from wire.pool import KeepAliveTransport
+from wire.snapshot import SnapshotCell
 
 if TYPE_CHECKING:
     from quart_trio import QuartTrio
@@ -182,7 +182,7 @@ def metagraph_source(settings: Settings) -> MetagraphSource:
     if settings.subnet.source == "static":
         return StaticSource(settings)
     if settings.subnet.source == "chain":
-        from actors.chain import ChainSource  # imports bittensor's chain client only when used
+        from actors.subnet.chain import ChainSource  # imports bittensor's chain client only when used
 
         return ChainSource(settings.subnet.netuid, settings.subnet.network)
     if settings.subnet.source == "devnet":

@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import BinaryIO
 
-from actors.spool import SpoolFiles
+from actors.scoring.spool import SpoolFiles
 
 # Every operation the spool makes on the disk, by its `SpoolFiles` name.
 OPERATIONS = ("make_folder", "mode", "chmod", "names", "mtime", "create", "pwrite", "fsync", "truncate", "close",

@@ -16,11 +16,11 @@ from bittensor_core import Keypair
 
 from actors.availability import AvailabilityActor
 from config.settings import AvailabilitySettings, ScoringSettings, Settings
-from engine.epistula import Signer
 from engine.gateway import make_http_client
-from engine.snapshot import SnapshotCell
-from engine.subnet import Neuron, SubnetSnapshot
 from tests.test_http1 import RawServer, start
+from wire.epistula import Signer
+from wire.metagraph import Neuron, SubnetSnapshot
+from wire.snapshot import SnapshotCell
 
 MODEL = "hugging-quants/Meta-Llama-3.1-70B-Instruct-AWQ-INT4"
 GOOD = {"task_availabilities": {"InferenceTask": True, "WebRetrievalTask": False},

@@ -17,7 +17,7 @@ import trio
 from bittensor_core import Keypair
 
 from devnet.network import Devnet
-from engine.epistula import Signer
+from wire.epistula import Signer
 
 
 @dataclass

@@ -17,7 +17,7 @@ from bittensor_core import Keypair
 from config.loading import ConfigError
 from devnet import text
 from devnet.miner import DEFAULT_MODELS, Miner, MinerFault, MinerStyle, MinerTiming, parse_faults
-from engine.epistula import Signer
+from wire.epistula import Signer
 
 GATEWAY = Keypair.create_from_uri("//devnet/gateway")
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]

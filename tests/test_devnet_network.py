@@ -23,8 +23,8 @@ from config.settings import AuthSettings, DevnetSettings, ServerSettings, Settin
 from devnet import text
 from devnet.miner import MinerFault
 from devnet.network import DEFAULT_GATEWAY_URI, Devnet, serve_with_devnet
-from engine.epistula import Signer
 from engine.gateway import Gateway, metagraph_source
+from wire.epistula import Signer
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from devnet.miner import DEFAULT_MODELS, MinerFault
 from devnet.network import Devnet
 from devnet.validator import MISTRAL_SMALL, Validator, ValidatorFault, misalignment
 from engine.cli import main
-from engine.epistula import Signer
+from wire.epistula import Signer
 
 
 def raw(content: Any, **delta: Any) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import httpx
 import pytest
 import trio
 
-from actors.spool import Spool
+from actors.scoring.spool import Spool
 from config.settings import AuthSettings, AvailabilitySettings, FanoutSettings, ServerSettings, Settings
 from devnet.miner import MinerFault, MinerTiming
 from devnet.network import Devnet

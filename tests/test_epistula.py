@@ -19,7 +19,7 @@ from bittensor_core import Keypair
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.epistula import (
+from wire.epistula import (
     MAX_HEADER_VALUE,
     ROUTED_FIELDS,
     BadSignature,

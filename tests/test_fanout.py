@@ -10,12 +10,12 @@ import pytest
 import trio
 from bittensor_core import Keypair
 
-from actors.breaker import MinerHealth
-from actors.fanout import Broken, Chunk, Complete, End, Failed, FanoutPool, PoolBusy, request_timeout_s
-from engine.epistula import Signer
-from engine.organic import OrganicResult
-from engine.subnet import Neuron
+from actors.fanout.breaker import MinerHealth
+from actors.fanout.pool import Broken, Chunk, Complete, End, Failed, FanoutPool, PoolBusy, request_timeout_s
 from tests.scripted_miners import DONE, Miners, answer, chunk
+from wire.epistula import Signer
+from wire.metagraph import Neuron
+from wire.organic import OrganicResult
 
 
 def neuron(uid: int) -> Neuron:

@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 import trio
 
-from actors.fanout import request_timeout_s
-from engine import jsonio
-from engine.organic import MinerAnswer, OrganicResult, scored_body
+from actors.fanout.pool import request_timeout_s
 from tests.chat_stack import Stack, asgi_post, open_stack, sse_events, stack
 from tests.scripted_miners import answer, vllm_answer
 from web.chat_request import DEFAULT_SAMPLING, parse_chat_request
+from wire import jsonio
+from wire.organic import MinerAnswer, OrganicResult, scored_body
 
 __all__ = ["stack"]
 

@@ -12,15 +12,15 @@ import pytest
 import trio
 from bittensor_core import Keypair
 
-from actors.breaker import MinerHealth
-from actors.fanout import AnswerBounds, Broken, Chunk, End, FanoutJob, FanoutPool
-from engine.epistula import Signer
-from engine.http1 import GatewayLimitError
-from engine.organic import OrganicResult
-from engine.subnet import Neuron
+from actors.fanout.breaker import MinerHealth
+from actors.fanout.pool import AnswerBounds, Broken, Chunk, End, FanoutJob, FanoutPool
 from tests.chat_stack import Stack, sse_events, stack
 from tests.devnet_stack import start, stream_chat
 from tests.scripted_miners import DONE, Miners, answer, chunk, vllm_answer, vllm_chunk
+from wire.epistula import Signer
+from wire.http1 import GatewayLimitError
+from wire.metagraph import Neuron
+from wire.organic import OrganicResult
 
 __all__ = ["stack"]
 

@@ -15,13 +15,13 @@ import trio
 from bittensor_core import Keypair
 from trio.testing import MockClock
 
-from actors.subnet import SubnetActor
+from actors.subnet.actor import SubnetActor
 from config.settings import DevnetSettings, NeuronSettings, Settings, SubnetSettings, WalletSettings
 from devnet.network import DEFAULT_GATEWAY_URI, serve_with_devnet
 from engine.gateway import Gateway, run
-from engine.hotkey import HotkeyError, HotkeyStanding, hotkey_standing, load_hotkey
-from engine.snapshot import SnapshotCell
-from engine.subnet import Neuron, SubnetSnapshot
+from wire.hotkey import HotkeyError, HotkeyStanding, hotkey_standing, load_hotkey
+from wire.metagraph import Neuron, SubnetSnapshot
+from wire.snapshot import SnapshotCell
 
 
 def make_wallet(path: Path, name: str = "validator", hotkey: str = "hot") -> bt.Wallet:

@@ -17,7 +17,8 @@ import pytest
 import trio
 import trio.lowlevel
 
-from engine.http1 import (
+from tests.test_keepalive import client
+from wire.http1 import (
     RECEIVE_BYTES,
     AnswerEncoded,
     AnswerTooLarge,
@@ -25,8 +26,7 @@ from engine.http1 import (
     encode_head,
     parse_head,
 )
-from engine.keepalive import MAX_ANSWER_BYTES, KeepAliveTransport, post_streaming
-from tests.test_keepalive import client
+from wire.pool import MAX_ANSWER_BYTES, KeepAliveTransport, post_streaming
 
 __all__ = ["client"]
 

@@ -1,4 +1,4 @@
-"""The I/O-free response parser (`engine.http1.ResponseParser`) against h11, the parser httpx uses:
+"""The I/O-free response parser (`wire.http1.ResponseParser`) against h11, the parser httpx uses:
 for any response, valid or corrupted, cut anywhere, both give the same status, headers and body, or
 both refuse. Where we are stricter on purpose, the test says so (`STRICTER_ON_PURPOSE`). Then every
 limit, exactly at it and one byte over."""
@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from engine.http1 import NEED_DATA, End, Limits, ResponseHead, ResponseParser
+from wire.http1 import NEED_DATA, End, Limits, ResponseHead, ResponseParser
 
 Fields = tuple[tuple[bytes, bytes], ...]
 

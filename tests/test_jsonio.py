@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from engine import jsonio
+from wire import jsonio
 
 
 def test_compact_utf8_as_the_standard_library_reads_it() -> None:

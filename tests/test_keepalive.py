@@ -20,8 +20,8 @@ from quart_trio import QuartTrio
 
 from config.settings import FanoutSettings, Settings
 from engine.gateway import make_http_client
-from engine.http1 import AnswerEncoded, AnswerTooLarge, GatewayLimitError
-from engine.keepalive import MAX_ANSWER_BYTES, KeepAliveTransport, ParsedUrls, post_streaming
+from wire.http1 import AnswerEncoded, AnswerTooLarge, GatewayLimitError
+from wire.pool import MAX_ANSWER_BYTES, KeepAliveTransport, ParsedUrls, post_streaming
 
 
 @dataclass

@@ -12,9 +12,9 @@ import pytest
 import trio
 
 from actors.keystore import keyfile
-from actors.keystore.commands import NoKeyGiven, read_ref
 from actors.keystore.records import key_id_of
 from engine.cli import main
+from engine.keys_commands import NoKeyGiven, read_ref
 from tests.keys_support import ADMIN, cli, running_gateway, settings_in, wait_until, write_config
 
 

@@ -19,7 +19,7 @@ import trio
 import trio.lowlevel
 import trio.testing
 
-import engine.files
+import wire.files
 from actors.keystore import (
     FileKeyStore,
     KeyNotFound,
@@ -416,7 +416,7 @@ async def test_a_flush_that_fails_after_the_rename_is_not_added_twice(
     store = await FileKeyStore.open(path)
     _, info = await store.create(10)
     store.record_usage_nowait(info.id, tokens=40)
-    real_fsync_dir = engine.files.fsync_dir
+    real_fsync_dir = wire.files.fsync_dir
     failures = []
 
     def failing_fsync_dir(folder: str | os.PathLike[str]) -> None:
@@ -425,7 +425,7 @@ async def test_a_flush_that_fails_after_the_rename_is_not_added_twice(
             raise OSError(5, "Input/output error")
         real_fsync_dir(folder)
 
-    monkeypatch.setattr(engine.files, "fsync_dir", failing_fsync_dir)
+    monkeypatch.setattr(wire.files, "fsync_dir", failing_fsync_dir)
     await store.flush()  # the file was replaced: the usage is in it, whatever fsync said after
     assert failures
     store.record_usage_nowait(info.id, tokens=2)
@@ -447,7 +447,7 @@ async def test_the_keys_file_its_lock_and_temporary_files_are_0600_whatever_the_
         temporaries.append(stat.S_IMODE(os.stat(src).st_mode))
         real_replace(src, dst)
 
-    monkeypatch.setattr(engine.files.os, "replace", replace)
+    monkeypatch.setattr(wire.files.os, "replace", replace)
     old_umask = os.umask(0)
     try:
         path = tmp_path / "state" / "keys" / "keys.toml"

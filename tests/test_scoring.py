@@ -21,16 +21,16 @@ import pytest
 import trio
 from bittensor_core import Keypair
 
-from actors.scoring import ScoringForwarder, encode_payload
-from actors.spool import Spool, SpoolFiles
+from actors.scoring.forwarder import ScoringForwarder, encode_payload
+from actors.scoring.spool import Spool, SpoolFiles
 from config.settings import ScoringSettings, Settings
-from engine import jsonio
-from engine.epistula import Signer, Verifier
-from engine.organic import MinerAnswer, OrganicResult
-from engine.snapshot import SnapshotCell
-from engine.subnet import Neuron, SubnetSnapshot
 from engine.supervisor import Supervisor
 from tests.spool_faults import FailingFiles
+from wire import jsonio
+from wire.epistula import Signer, Verifier
+from wire.metagraph import Neuron, SubnetSnapshot
+from wire.organic import MinerAnswer, OrganicResult
+from wire.snapshot import SnapshotCell
 
 T = TypeVar("T")
 

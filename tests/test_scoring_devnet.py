@@ -19,20 +19,20 @@ import httpx
 import trio
 from bittensor_core import Keypair
 
-from actors.scoring import ScoringForwarder
-from actors.spool import Spool, SpoolFiles
+from actors.scoring.forwarder import ScoringForwarder
+from actors.scoring.spool import Spool, SpoolFiles
 from config.settings import AuthSettings, AvailabilitySettings, ScoringSettings, ServerSettings, Settings
 from devnet.miner import DEFAULT_MODELS
 from devnet.network import DEFAULT_GATEWAY_URI, Devnet
 from devnet.validator import Validator
-from engine import jsonio
-from engine.epistula import Signer
 from engine.gateway import Gateway, run
-from engine.organic import MinerAnswer, OrganicResult
-from engine.snapshot import SnapshotCell
-from engine.subnet import SubnetSnapshot
 from engine.supervisor import Supervisor
 from tests.spool_faults import FailingFiles
+from wire import jsonio
+from wire.epistula import Signer
+from wire.metagraph import SubnetSnapshot
+from wire.organic import MinerAnswer, OrganicResult
+from wire.snapshot import SnapshotCell
 
 UIDS = (3, 17, 42, 8)
 FAST_BACKOFF = {"backoff_base_s": 0.05, "backoff_max_s": 0.2, "timeout_s": 2.0}

@@ -13,12 +13,12 @@ import trio
 from bittensor_core import Keypair
 
 from actors.availability import AvailabilityActor, AvailabilitySnapshot, MinerAvailability, validator_for
-from actors.breaker import MinerHealth
-from actors.selection import SelectionError, Selector
+from actors.fanout.breaker import MinerHealth
+from actors.fanout.selection import SelectionError, Selector
 from config.settings import AvailabilitySettings, ScoringSettings, Settings
-from engine.epistula import Signer
-from engine.snapshot import SnapshotCell
-from engine.subnet import Neuron, SubnetSnapshot
+from wire.epistula import Signer
+from wire.metagraph import Neuron, SubnetSnapshot
+from wire.snapshot import SnapshotCell
 
 MODEL = "hugging-quants/Meta-Llama-3.1-70B-Instruct-AWQ-INT4"
 

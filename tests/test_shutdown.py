@@ -16,7 +16,7 @@ import pytest
 import tomlkit
 import trio
 
-from actors.spool import Spool
+from actors.scoring.spool import Spool
 from config.loading import load_settings
 from devnet import text
 from devnet.miner import MinerFault, MinerTiming

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.spool import CURSOR_NAME, SEGMENT_SUFFIX, Spool, SpoolError
+from actors.scoring.spool import CURSOR_NAME, SEGMENT_SUFFIX, Spool, SpoolError
 from tests.spool_faults import FailingFiles
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -194,7 +194,7 @@ def test_reading_an_unopened_spool_is_an_error(tmp_path: Path) -> None:
 
 KILLED_WRITER = """
 import json, sys
-from actors.spool import Spool
+from actors.scoring.spool import Spool
 spool = Spool(sys.argv[1], max_bytes=1 << 30, segment_bytes=2_000)
 spool.open()
 n = 0
@@ -490,7 +490,7 @@ def test_records_of_an_older_spool_without_a_time_are_aged_by_their_segment(tmp_
 
 SMALL_FS_SCRIPT = """
 import json, os, sys
-from actors.spool import Spool, SpoolError
+from actors.scoring.spool import Spool, SpoolError
 folder = sys.argv[1]
 filler = os.path.join(folder, "filler")
 fd = os.open(filler, os.O_WRONLY | os.O_CREAT)  # fill the filesystem, then leave a few KiB

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.sse import SseData, SseTooLarge, encode_event
+from wire.sse import SseData, SseTooLarge, encode_event
 
 STREAM = (b": a comment\r\n"
           b"data: {\"a\": 1}\r\n\r\n"

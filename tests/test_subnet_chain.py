@@ -23,13 +23,13 @@ from bittensor.metagraph import Metagraph, MetagraphNeuron
 from bittensor.result import RpcConnectionError
 from trio.testing import MockClock
 
-from actors.chain import ChainSource, axon_address, subtensor
-from actors.subnet import SubnetActor, SubnetUnavailable
+from actors.subnet.actor import SubnetActor, SubnetUnavailable
+from actors.subnet.chain import ChainSource, axon_address, subtensor
 from config.loading import ConfigError
 from config.settings import NeuronSettings, Settings, SubnetSettings
 from engine.gateway import Gateway, run
-from engine.snapshot import SnapshotCell
-from engine.subnet import Neuron, SubnetSnapshot, refused_axon
+from wire.metagraph import Neuron, SubnetSnapshot, refused_axon
+from wire.snapshot import SnapshotCell
 
 NETUID = 1
 EPOCH = 1_760_000_000.0  # the fake wall clock starts here

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import trio
 
-from engine.snapshot import SnapshotCell
 from engine.supervisor import StartupError, Supervisor, describe_error
+from wire.snapshot import SnapshotCell
 
 
 @dataclass

@@ -478,7 +478,7 @@ def test_a_second_signal_exits_at_once(slow_process: Process) -> None:
 # A gateway whose metagraph read never returns: it stays in start-up until a signal arrives.
 STUCK_GATEWAY = textwrap.dedent("""
     import sys, time, trio
-    from actors.subnet import StaticSource
+    from actors.subnet.actor import StaticSource
     from config.loading import load_settings
     from engine.gateway import serve_until_signalled
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from quart_trio import QuartTrio
 
-from engine.services import Services
 from web import availability, chat, health, keys, metrics, retrieval
 from web.errors import install_error_handlers
+from web.services import Services
 
 
 def create_app(services: Services) -> QuartTrio:

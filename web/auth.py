@@ -23,8 +23,8 @@ from quart import request
 from werkzeug.datastructures import Headers
 
 from actors.keystore import Denial, Grant, KeyStoreUnavailable
-from engine.services import Services
 from web.errors import ApiError
+from web.services import Services
 
 __all__ = ["Grant", "admin_required", "api_key_of", "authorize", "rate_limit_headers_on_errors", "store_unavailable"]
 

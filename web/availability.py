@@ -9,10 +9,10 @@ from __future__ import annotations
 from quart import Blueprint, Response, request
 
 from actors.availability import KNOWN_TASKS
-from engine.services import Services
 from web.auth import authorize, rate_limit_headers_on_errors
 from web.body import int_arg, json_body
 from web.errors import ApiError, json_response
+from web.services import Services
 
 MAX_UIDS = 65_536  # uids are 16-bit on the chain: more entries than that cannot all be distinct uids
 

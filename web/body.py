@@ -8,8 +8,8 @@ from typing import Any
 
 from quart import request
 
-from engine import jsonio
 from web.errors import ApiError
+from wire import jsonio
 
 
 async def json_body(*, allow_empty: bool = False) -> Any:
@@ -17,7 +17,7 @@ async def json_body(*, allow_empty: bool = False) -> Any:
     nested deeper than `jsonio.MAX_DEPTH`.
 
     The standard library's parser, not orjson: a client may send integers beyond 64 bits and lone
-    surrogates, which are valid JSON (see `engine.jsonio`). It recurses once per level, so a body of
+    surrogates, which are valid JSON (see `wire.jsonio`). It recurses once per level, so a body of
     100,000 brackets exhausts the interpreter's stack (RecursionError): that, too, is the client's 400.
     """
     raw = await request.get_data(cache=False, as_text=False, parse_form_data=False)

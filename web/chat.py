@@ -18,15 +18,15 @@ import trio
 from quart import Blueprint, Response
 from quart import request as quart_request
 
-from actors.fanout import Broken, Chunk, Complete, End, Event, Failed, FanoutJob
+from actors.fanout.pool import Broken, Chunk, Complete, End, Event, Failed, FanoutJob
 from engine.gateway import CLOSE_CALLBACKS
-from engine.services import Services
-from engine.sse import DONE_EVENT, encode_event
 from web.auth import Grant, authorize, rate_limit_headers_on_errors
 from web.body import json_body
 from web.chat_request import DEFAULT_MODEL_ALIAS, ChatRequest, parse_chat_request
 from web.completion_format import ChatStream, completion_body, usage_of
 from web.errors import ApiError, fanout_errors, json_response
+from web.services import Services
+from wire.sse import DONE_EVENT, encode_event
 
 MIXTURE_PREAMBLE = "I have received the following answers from other assistants:"
 MIXTURE_CLOSING = "I will now combine them into one concise reply."

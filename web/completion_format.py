@@ -17,9 +17,9 @@ import time
 import uuid
 from typing import Any
 
-from actors.fanout import content_of
-from engine import jsonio
-from engine.organic import MinerAnswer
+from actors.fanout.pool import content_of
+from wire import jsonio
+from wire.organic import MinerAnswer
 
 FINISH_REASONS = frozenset({"stop", "length", "content_filter"})
 MAX_TOKEN_CHARS = 256  # one logprob entry's token text

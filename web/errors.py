@@ -14,9 +14,9 @@ from typing import Any
 from quart import Quart, Response
 from werkzeug.exceptions import HTTPException
 
-from actors.fanout import PoolBusy
-from actors.selection import SelectionError
-from engine import jsonio
+from actors.fanout.pool import PoolBusy
+from actors.fanout.selection import SelectionError
+from wire import jsonio
 
 log = logging.getLogger("sn1_gateway.web")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from quart import Blueprint, Response
 
-from engine.services import Services
 from web.errors import json_response
+from web.services import Services
 
 
 def blueprint(services: Services) -> Blueprint:

@@ -15,10 +15,10 @@ from quart import Blueprint, Response, request
 
 from actors.keystore import KeyNotFound, KeyStoreUnavailable
 from actors.keystore.records import RATE_LIMIT_MAX
-from engine.services import Services
 from web.auth import admin_required, authorize, store_unavailable
 from web.body import int_arg
 from web.errors import ApiError, json_response
+from web.services import Services
 
 log = logging.getLogger("sn1_gateway.keys")
 

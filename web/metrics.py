@@ -13,7 +13,7 @@ from typing import Any
 
 from quart import Blueprint, Response
 
-from engine.services import Services
+from web.services import Services
 
 PREFIX = "sn1_gateway"
 _UNSAFE = re.compile(r"[^a-zA-Z0-9_]")

@@ -11,7 +11,7 @@ of a URL wins, up to `n_results`. Every miner's answer is forwarded for scoring.
 Miners are hostile: an item counts only with an `http(s)` URL that names a host (at most
 `MAX_URL_CHARS`) and non-empty `content`; `content` and `relevant` are cut to `MAX_CONTENT_CHARS` and
 `MAX_RELEVANT_CHARS`. An answer that is not such JSON (invalid, nested deeper than
-`engine.jsonio.MAX_DEPTH`, over `MAX_ANSWER_CHARS`) is that miner's failure, listed in the 502's
+`wire.jsonio.MAX_DEPTH`, over `MAX_ANSWER_CHARS`) is that miner's failure, listed in the 502's
 `details` when no miner returned anything usable; the other miners' results still count.
 """
 
@@ -26,12 +26,12 @@ from urllib.parse import urlsplit
 import trio
 from quart import Blueprint, Response, request
 
-from engine import jsonio
-from engine.organic import MinerAnswer
-from engine.services import Services
 from web.auth import Grant, authorize, rate_limit_headers_on_errors
 from web.body import int_arg, json_body
 from web.errors import ApiError, fanout_errors, json_response
+from web.services import Services
+from wire import jsonio
+from wire.organic import MinerAnswer
 
 TASK = "WebRetrievalTask"
 FINISH_GRACE_S = 0.5

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import tomlkit
 
 from actors.keystore.records import INT64_MAX, RATE_LIMIT_MAX, KeyInfo, KeyStoreError, is_key_id, read_counter
-from engine.files import atomic_write_bytes
+from wire.files import atomic_write_bytes
 
 T = TypeVar("T")
 

@@ -21,10 +21,10 @@ from typing import Any, Protocol
 import trio
 
 from config.settings import Settings
-from engine.files import atomic_write_bytes
-from engine.hotkey import HotkeyStanding, hotkey_standing
-from engine.snapshot import SnapshotCell
-from engine.subnet import Neuron, RefusedAxon, SubnetSnapshot, without_private_axons
+from wire.files import atomic_write_bytes
+from wire.hotkey import HotkeyStanding, hotkey_standing
+from wire.metagraph import Neuron, RefusedAxon, SubnetSnapshot, without_private_axons
+from wire.snapshot import SnapshotCell
 
 log = logging.getLogger("sn1_gateway.subnet")
 
@@ -78,7 +78,7 @@ class SubnetActor:
     A read that takes longer than `fetch_timeout_s` counts as a failure; its worker thread is
     abandoned (the source refuses to start another read while one is still running).
 
-    `screen_axons`: neurons whose axon is not a public address (`engine.subnet.refused_axon`) are
+    `screen_axons`: neurons whose axon is not a public address (`wire.metagraph.refused_axon`) are
     published as not serving, counted; the disk cache keeps the metagraph as read, so a cache is
     screened again when loaded. `hotkey`: the gateway's own, looked up in every new snapshot.
     """

@@ -33,14 +33,14 @@ from typing import Any, Literal
 import httpx
 import trio
 
-from actors.breaker import MinerHealth
-from engine import jsonio
-from engine.epistula import Signer, routing_headers
-from engine.http1 import GatewayLimitError
-from engine.keepalive import ParsedUrls, post_streaming
-from engine.organic import MinerAnswer, OrganicResult
-from engine.sse import DONE, SseData, SseTooLarge
-from engine.subnet import Neuron
+from actors.fanout.breaker import MinerHealth
+from wire import jsonio
+from wire.epistula import Signer, routing_headers
+from wire.http1 import GatewayLimitError
+from wire.metagraph import Neuron
+from wire.organic import MinerAnswer, OrganicResult
+from wire.pool import ParsedUrls, post_streaming
+from wire.sse import DONE, SseData, SseTooLarge
 
 log = logging.getLogger("sn1_gateway.fanout")
 

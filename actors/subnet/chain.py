@@ -15,9 +15,9 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from actors.subnet import SubnetUnavailable
+from actors.subnet.actor import SubnetUnavailable
 from config.loading import ConfigError
-from engine.subnet import Neuron, SubnetSnapshot
+from wire.metagraph import Neuron, SubnetSnapshot
 
 log = logging.getLogger("sn1_gateway.subnet")
 
@@ -65,7 +65,7 @@ def axon_address(axon: str | None) -> str | None:
     try:
         address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
-        return axon  # a host name; whether the gateway may ask it is judged later (engine.subnet.refused_axon)
+        return axon  # a host name; whether the gateway may ask it is judged later (wire.metagraph.refused_axon)
     return None if address.is_unspecified else axon
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from bittensor_core import Keypair
 
 from config.settings import WalletSettings
-from engine.subnet import SubnetSnapshot
+from wire.metagraph import SubnetSnapshot
 
 # UPSTREAM.md section 1: the reference miner, when it verifies signers, refuses (401) one that is not in
 # the metagraph or holds less than this stake.

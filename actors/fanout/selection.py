@@ -12,9 +12,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from actors.availability import AvailabilitySnapshot
-from actors.breaker import MinerHealth
-from engine.snapshot import SnapshotCell
-from engine.subnet import Neuron, SubnetSnapshot
+from actors.fanout.breaker import MinerHealth
+from wire.metagraph import Neuron, SubnetSnapshot
+from wire.snapshot import SnapshotCell
 
 
 class SelectionError(Exception):

@@ -52,13 +52,13 @@ from typing import Any, Protocol, TypeVar
 import httpx
 import trio
 
-from actors.spool import Position, Spool, SpoolBatch, SpoolError, SpoolFiles
+from actors.scoring.spool import Position, Spool, SpoolBatch, SpoolError, SpoolFiles
 from config.settings import ScoringSettings, Settings
-from engine.epistula import Signer
-from engine.keepalive import ParsedUrls, StreamedResponse, post_streaming
-from engine.organic import OrganicResult
-from engine.snapshot import SnapshotCell
-from engine.subnet import SubnetSnapshot
+from wire.epistula import Signer
+from wire.metagraph import SubnetSnapshot
+from wire.organic import OrganicResult
+from wire.pool import ParsedUrls, StreamedResponse, post_streaming
+from wire.snapshot import SnapshotCell
 
 log = logging.getLogger("sn1_gateway.scoring")
 

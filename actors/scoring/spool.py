@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from engine.files import atomic_write_bytes, fsync_dir
+from wire.files import atomic_write_bytes, fsync_dir
 
 log = logging.getLogger("sn1_gateway.spool")
 

@@ -9,16 +9,16 @@ from typing import Any
 import httpx
 
 from actors.availability import AvailabilitySnapshot
-from actors.breaker import MinerHealth
-from actors.fanout import FanoutPool
+from actors.fanout.breaker import MinerHealth
+from actors.fanout.pool import FanoutPool
+from actors.fanout.selection import Selector
 from actors.keystore import FileKeyStore, KeyStore
-from actors.scoring import ScoringForwarder
-from actors.selection import Selector
+from actors.scoring.forwarder import ScoringForwarder
 from config.settings import Settings
-from engine.epistula import Signer
-from engine.snapshot import SnapshotCell
-from engine.subnet import SubnetSnapshot
 from engine.supervisor import Supervisor
+from wire.epistula import Signer
+from wire.metagraph import SubnetSnapshot
+from wire.snapshot import SnapshotCell
 
 
 @dataclass

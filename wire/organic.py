@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine import jsonio
+from wire import jsonio
 
 SCORED_TASKS = frozenset({"InferenceTask", "WebRetrievalTask"})
 

@@ -27,7 +27,7 @@ from typing import Protocol
 import httpx
 import trio
 
-from engine.http1 import (
+from wire.http1 import (
     AnswerEncoded,
     AnswerTooLarge,
     Connection,

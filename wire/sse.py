@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine import jsonio
+from wire import jsonio
 
 DONE = b"[DONE]"
 MAX_EVENT_BYTES = 64 * 1024  # one line, and one event's data, from a miner
