@@ -152,6 +152,8 @@ def validator_for(settings: Settings, subnet: SubnetSnapshot) -> tuple[str, str]
 
 
 class AvailabilityActor:
+    name = "availability"
+
     def __init__(
         self,
         settings: Settings,
@@ -176,10 +178,10 @@ class AvailabilityActor:
         self.failures = 0
         self.bad_answers = 0  # miners' answers, and the validator's entries, not taken
 
-    async def run(self, *, task_status: trio.TaskStatus[SnapshotCell[AvailabilitySnapshot]] = trio.TASK_STATUS_IGNORED
+    async def run(self, *, task_status: trio.TaskStatus[AvailabilityActor] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         source = self.settings.availability.source
-        task_status.started(self.cell)
+        task_status.started(self)
         if source == "none":
             await trio.sleep_forever()
         interval = self.settings.availability.interval_s

@@ -18,14 +18,13 @@ from collections.abc import Sequence
 from functools import partial
 
 import trio
-from hypercorn.trio import serve
 from quart import Response, request
 from quart_trio import QuartTrio
 
 from config.settings import ServerSettings, Settings
-from engine.cli import settle_heap
-from engine.gateway import hypercorn_config, shield_response_end
+from web import inbound
 from web.errors import ApiError, install_error_handlers
+from web.server import serve, settle_heap
 from wire import jsonio
 
 
@@ -64,8 +63,10 @@ async def serve_floor(host: str, port: int, tokens: int) -> None:
     app = floor_app(tokens, settings.server.max_body_bytes)
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
-        urls = await nursery.start(partial(serve, shield_response_end(app, settings.server.drain_timeout_s),
-                                           hypercorn_config(settings), shutdown_trigger=shutdown.wait, mode="asgi"))
+        connections = inbound.Connections(settings.server.max_connections,
+                                          busy_idle_s=settings.server.keep_alive_busy_s)
+        urls = await nursery.start(partial(serve, app, settings, connections, shutdown_trigger=shutdown.wait,
+                                           drain_deadline=lambda: trio.current_time()))
         settle_heap()
         print(f"floor listening on {urls[0]}", flush=True)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

@@ -12,7 +12,6 @@ import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
-from typing import TYPE_CHECKING
 
 import tomlkit
 import trio
@@ -23,9 +22,6 @@ from config.settings import Settings
 from devnet.miner import Miner, MinerFault, MinerTiming, parse_faults
 from devnet.validator import Validator, ValidatorFault, parse_validator_fault
 from wire.metagraph import Neuron, SubnetSnapshot
-
-if TYPE_CHECKING:
-    from engine.gateway import Gateway
 
 DEFAULT_GATEWAY_URI = "//devnet/gateway"
 # The gateway's own neuron holds more than the 10,000 stake that miners verifying signers ask of it
@@ -185,20 +181,3 @@ async def run_until_signalled(devnet: Devnet, *, on_ready: Callable[[Devnet], No
             async for _ in signals:
                 break
             nursery.cancel_scope.cancel()
-
-
-async def serve_with_devnet(settings: Settings, *, on_ready: Callable[[Gateway], None] | None = None,
-                            devnet: Devnet | None = None) -> None:
-    """`serve --devnet`: a devnet (by default the one of `settings.devnet`) and, pointed at it, the gateway,
-    in one trio run, until SIGINT/SIGTERM or `Gateway.shutdown()`.
-
-    The gateway signs with `wallet.uri` when set, else with the devnet's development key, so this works
-    with no wallet and no chain.
-    """
-    from engine.gateway import serve_until_signalled
-
-    devnet = devnet or Devnet.from_settings(settings)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(devnet.run)
-        await serve_until_signalled(devnet.configure(settings), on_ready=on_ready, source=devnet.source)
-        nursery.cancel_scope.cancel()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import logging
 import os
 import sys
@@ -22,6 +21,7 @@ from config.loading import ConfigError, default_settings, load_settings
 from config.settings import Settings
 from engine import keys_commands
 from engine.supervisor import StartupError
+from web.server import settle_heap
 from wire.hotkey import HotkeyError
 
 if TYPE_CHECKING:
@@ -87,24 +87,6 @@ def on_ready(gateway: Gateway, *, devnet_api_key: str | None = None) -> None:
               f"-H 'Content-Type: application/json' -d '{body}'", flush=True)
 
 
-# The collector's young generation is scanned every this many new container objects (Python's default
-# is 700). A request makes thousands (parsed chunks, tasks, cancel scopes), nearly all freed by reference
-# counting before a larger threshold comes round; with 700 the collector ran dozens of times a second
-# under load and cost a sixth of the process's CPU (`sn1-gateway bench`, fanout 5: 16% of CPU in
-# collections; 3% with this and `gc.freeze`).
-GC_YOUNG_THRESHOLD = 20_000
-
-
-def settle_heap() -> None:
-    """Once serving: what start-up built (modules, the metagraph, the app) is kept out of every later
-    collection (`gc.freeze`), and the young generation is collected less often (`GC_YOUNG_THRESHOLD`).
-    Memory stays bounded: the gateway makes few reference cycles, and those are still collected."""
-    gc.collect()
-    gc.freeze()
-    _, middle, old = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
-
-
 def raise_open_files_limit() -> None:
     """Lift the soft open-files limit to the hard one: each open stream holds two sockets or more."""
     import resource
@@ -124,7 +106,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = settings_from(args)
     if args.devnet:
-        from devnet.network import serve_with_devnet
+        from engine.gateway import serve_with_devnet
 
         with tempfile.TemporaryDirectory(prefix="sn1-gateway-devnet-") as folder:
             settings = devnet_state(settings, folder)

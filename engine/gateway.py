@@ -26,8 +26,6 @@ from typing import TYPE_CHECKING
 
 import httpx
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, ASGISendEvent, Scope
 
 from actors.availability import AvailabilityActor
 from actors.fanout.breaker import MinerHealth
@@ -37,8 +35,11 @@ from actors.keystore import KeyStoreActor, open_keystore
 from actors.scoring.forwarder import ScoringForwarder
 from actors.subnet.actor import MetagraphSource, StaticSource, SubnetActor
 from config.settings import Settings
-from engine import inbound
+from devnet.network import Devnet
 from engine.supervisor import StartupError, Supervisor
+from web import inbound
+from web.app import create_app
+from web.server import serve
 from web.services import Services
 from wire.epistula import Signer
 from wire.hotkey import load_hotkey
@@ -116,62 +117,15 @@ class Gateway:
         await self._stopped.wait()
 
 
-def hypercorn_config(settings: Settings) -> HypercornConfig:
-    config = HypercornConfig()
-    host = settings.server.host
-    config.bind = [f"[{host}]:{settings.server.port}" if ":" in host else f"{host}:{settings.server.port}"]
-    config.graceful_timeout = settings.server.drain_timeout_s
-    config.accesslog = None
-    config.errorlog = logging.getLogger("hypercorn.error")
-    config.keep_alive_timeout = settings.server.keep_alive_timeout_s
-    return config
-
-
-CLOSE_CALLBACKS = "sn1_gateway.close_callbacks"  # ASGI scope key: see `shield_response_end`
-
-
-def shield_response_end(app: ASGIFramework, limit_s: float) -> ASGIFramework:
-    """Let the last body message of each response finish even when the app's task is cancelled, and
-    run the request's close callbacks however the exchange ends.
-
-    Quart-Trio cancels its request task as soon as hypercorn reports the response complete, and
-    hypercorn does that from inside this very send, before it re-arms the connection's keep-alive
-    watch. Cancelled there, an idle keep-alive connection is never closed: neither after
-    `keep_alive_timeout` nor at shutdown, which then waits the whole drain deadline. The shield is
-    bounded by `limit_s`, so a client that stops reading cannot hold it.
-
-    Handlers append plain callables to `scope[CLOSE_CALLBACKS]`; they run once the app is done with
-    the request, also when the client left before a streamed body was ever started (its generator's
-    own `finally` then never runs).
-    """
-
-    async def app_with_shielded_end(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
-        if scope["type"] != "http":
-            await app(scope, receive, send)
-            return
-
-        async def send_end_shielded(message: ASGISendEvent) -> None:
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                with trio.CancelScope(shield=True, deadline=trio.current_time() + limit_s):
-                    await send(message)
-            else:
-                await send(message)
-
-        callbacks: list[Callable[[], object]] = []
-        scope[CLOSE_CALLBACKS] = callbacks  # type: ignore[literal-required]
-        try:
-            await app(scope, receive, send_end_shielded)
-        finally:
-            for callback in callbacks:
-                callback()
-
-    return app_with_shielded_end
+def outbound_transport(settings: Settings) -> KeepAliveTransport:
+    """The one outbound connection pool, towards miners and validators (keep-alive, O(1) per request)."""
+    return KeepAliveTransport(keepalive_expiry_s=60.0, max_connections=settings.fanout.max_connections)
 
 
 def make_http_client(settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
-    """The one pooled outbound client, towards miners and validators (keep-alive, O(1) per request)."""
+    """The one outbound client, over `transport` (by default the gateway's pool)."""
     return httpx.AsyncClient(
-        transport=transport or KeepAliveTransport(keepalive_expiry_s=60.0, max_connections=settings.fanout.max_connections),
+        transport=transport or outbound_transport(settings),
         timeout=httpx.Timeout(60.0, connect=settings.fanout.connect_timeout_s),
         follow_redirects=False,
         trust_env=False,
@@ -208,60 +162,55 @@ async def run(
     `app_hook`, when given, is called with the application before it serves: the extension point
     for tests and embedders to add routes or middleware (it gets the app with every route in place).
     """
-    from web.app import create_app  # the web layer sits above the engine
-
     supervisor = supervisor or Supervisor()
     signer = Signer(await trio.to_thread.run_sync(load_hotkey, settings.wallet))
     subnet_cell: SnapshotCell[SubnetSnapshot] = SnapshotCell(SubnetSnapshot(netuid=settings.subnet.netuid))
     plan, stopped = StopPlan(settings.server.drain_timeout_s), trio.Event()
     chain = settings.subnet.source == "chain"
+    outbound = transport or outbound_transport(settings)
     async with (
         _set_on_exit(stopped, plan),  # exits last: wait_stopped() returns once every actor has persisted its state
         open_keystore(settings) as keys,  # a corrupt keys file or unreachable Redis stops us here
         _phase_on_exit(plan, "saving key usage"),
-        make_http_client(settings, transport) as http,
+        make_http_client(settings, outbound) as http,
         trio.open_nursery() as actors,
     ):
-        await supervisor.start(actors, "keys", KeyStoreActor(keys))
-        subnet_actor = SubnetActor(
+        await supervisor.start(actors, KeyStoreActor(keys))
+        subnet_actor = await supervisor.start(actors, SubnetActor(
             source or metagraph_source(settings),
             subnet_cell,
             interval_s=settings.subnet.sync_interval_s,
             cache_path=settings.resolve(settings.subnet.cache_file) if chain else None,
             screen_axons=chain and not settings.subnet.allow_private_axons,
             hotkey=signer.ss58,
-        )
-        await supervisor.start(actors, "subnet", subnet_actor)
-        availability_actor = AvailabilityActor(settings, subnet_cell, http, signer)
-        availability = await supervisor.start(actors, "availability", availability_actor)
+        ))
+        availability = await supervisor.start(actors, AvailabilityActor(settings, subnet_actor.cell, http, signer))
         miner_health = MinerHealth(
             failure_threshold=settings.fanout.failure_threshold, cooldown_s=settings.fanout.breaker_cooldown_s
         )
         selector = Selector(
-            subnet_cell, availability, miner_health,
+            subnet_cell, availability.cell, miner_health,
             validator_stake_limit=settings.fanout.validator_stake_limit, top_pool=settings.fanout.top_pool,
         )
-        scoring = await supervisor.start(actors, "scoring", ScoringForwarder(
+        scoring = await supervisor.start(actors, ScoringForwarder(
             settings, http=http, signer=signer, subnet=subnet_cell,
         ))
-        fanout = await supervisor.start(actors, "fanout", FanoutPool(
+        fanout = await supervisor.start(actors, FanoutPool(
             http, signer, miner_health, submit=scoring.submit_nowait,
             max_serving=settings.fanout.max_inflight, max_jobs=settings.fanout.max_background,
             stall_s=settings.fanout.stall_timeout_s,
         ))
-        services = Services(
-            settings=settings, supervisor=supervisor, subnet=subnet_cell, signer=signer, http=http,
-            availability=availability, miner_health=miner_health, selector=selector, fanout=fanout,
-            keys=keys, scoring=scoring,
-        )
-        services.health["keys"] = keys.health
-        services.health["subnet"] = subnet_actor.health
-        services.health["availability"] = availability_actor.health
-        services.health["fanout"] = fanout.statistics
-        services.health["scoring"] = scoring.statistics
         connections = inbound.Connections(settings.server.max_connections,
                                           busy_idle_s=settings.server.keep_alive_busy_s)
-        services.health["connections"] = connections.statistics
+        registry = supervisor.registry
+        registry.add(connections)
+        if isinstance(outbound, KeepAliveTransport):
+            registry.add(outbound)
+        services = Services(
+            settings=settings, actors=registry, subnet=subnet_cell, signer=signer, http=http,
+            availability=availability.cell, miner_health=miner_health, selector=selector, fanout=fanout,
+            keys=keys, scoring=scoring,
+        )
 
         app = create_app(services)
         if app_hook is not None:
@@ -270,8 +219,7 @@ async def run(
             async with trio.open_nursery() as server:
                 try:
                     urls = await server.start(partial(
-                        inbound.serve, shield_response_end(app, settings.server.drain_timeout_s),
-                        hypercorn_config(settings), connections, shutdown_trigger=plan.requested.wait,
+                        serve, app, settings, connections, shutdown_trigger=plan.requested.wait,
                         drain_deadline=lambda: plan.drain_deadline,
                     ))
                 except* OSError as group:  # hypercorn binds inside nested nurseries
@@ -393,3 +341,18 @@ async def serve_until_signalled(
             finally:
                 for watchdog in watchdogs:
                     watchdog.cancel()
+
+
+async def serve_with_devnet(settings: Settings, *, on_ready: Callable[[Gateway], None] | None = None,
+                            devnet: Devnet | None = None) -> None:
+    """`serve --devnet`: a devnet (by default the one of `settings.devnet`) and, pointed at it, the gateway,
+    in one trio run, until SIGINT/SIGTERM or `Gateway.shutdown()`.
+
+    The gateway signs with `wallet.uri` when set, else with the devnet's development key, so this works
+    with no wallet and no chain.
+    """
+    devnet = devnet or Devnet.from_settings(settings)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(devnet.run)
+        await serve_until_signalled(devnet.configure(settings), on_ready=on_ready, source=devnet.source)
+        nursery.cancel_scope.cancel()

@@ -1,50 +1,26 @@
 """Starting long-lived actors in order and restarting them when they crash.
 
-An actor is any object with `async def run(self, *, task_status)`: it sets itself up, calls
-`task_status.started(handle)` once it can serve, then loops. The supervisor keeps the same actor
-object across restarts, so handles given out earlier stay valid.
+An actor (`actors/actor.py`) has a name, a `health()`, and `async def run(self, *, task_status)` that
+hands back itself once it can serve. The supervisor keeps the same actor object across restarts, so
+handles given out earlier stay valid, and records each actor's state in its `Registry`.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, TypeVar
 
 import trio
 
+from actors.actor import Actor, ActorState, Registry
+
 log = logging.getLogger("sn1_gateway.supervisor")
 
-ActorStatus = Literal["starting", "running", "restarting", "failed", "stopped"]
-
+A = TypeVar("A", bound=Actor)
 
 class StartupError(Exception):
     """The gateway cannot start; the message is for the operator (one line, no traceback)."""
-
-
-class Actor(Protocol):
-    async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None: ...
-
-
-@dataclass
-class ActorState:
-    name: str
-    status: ActorStatus = "starting"
-    restarts: int = 0
-    last_error: str | None = None
-    since: float = 0.0
-    retry_at: float | None = None  # trio time of the next start attempt, while restarting
-
-    def as_dict(self, now: float) -> dict[str, Any]:
-        report: dict[str, Any] = {
-            "status": self.status,
-            "restarts": self.restarts,
-            "last_error": self.last_error,
-            "for_s": round(now - self.since, 3),
-        }
-        if self.status == "restarting" and self.retry_at is not None:
-            report["next_attempt_in_s"] = round(max(0.0, self.retry_at - now), 3)
-        return report
 
 
 def describe_error(exc: BaseException) -> str:
@@ -68,25 +44,27 @@ class Supervisor:
     stable_after_s: float = 60.0
     max_restarts: int | None = None
     start_attempts: int | None = 3
-    states: dict[str, ActorState] = field(default_factory=dict)
+    registry: Registry = field(default_factory=Registry)
+
+    @property
+    def states(self) -> dict[str, ActorState]:
+        return self.registry.states
 
     def ready(self) -> bool:
-        return bool(self.states) and all(s.status == "running" for s in self.states.values())
+        return self.registry.ready()
 
     def report(self) -> dict[str, dict[str, Any]]:
-        now = trio.current_time()
-        return {name: state.as_dict(now) for name, state in self.states.items()}
+        return self.registry.report()
 
-    async def start(self, nursery: trio.Nursery, name: str, actor: Actor) -> Any:
-        """Start `actor` under supervision; return its handle once it first serves."""
-        if name in self.states:
-            raise ValueError(f"an actor named {name!r} is already supervised")
-        self.states[name] = ActorState(name=name, since=trio.current_time())
-        return await nursery.start(self._supervise, name, actor)
+    async def start(self, nursery: trio.Nursery, actor: A) -> A:
+        """Start `actor` under supervision; return it once it first serves."""
+        self.registry.supervise(actor)
+        started: A = await nursery.start(self._supervise, actor)
+        return started
 
-    async def _supervise(
-        self, name: str, actor: Actor, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
-    ) -> None:
+    async def _supervise(self, actor: Actor, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+                         ) -> None:
+        name = actor.name
         state = self.states[name]
         backoff = self.base_backoff_s
         first = True

@@ -24,9 +24,10 @@ from config.settings import (
     SubnetSettings,
     WalletSettings,
 )
-from engine.gateway import Gateway, run, shield_response_end
+from engine.gateway import Gateway, run
 from tests.scripted_miners import Miners
 from web.app import create_app
+from web.asgi import shield_response_end
 
 UIDS = (1, 2, 3)
 

@@ -158,7 +158,7 @@ async def test_client_disconnect_keeps_collecting_for_scoring(stack: Stack) -> N
     assert pool.jobs_running == 1  # while the miners are still heard out for scoring
     with trio.fail_after(10):
         await pool.wait_idle()
-    assert pool.health.report()["1"]["successes"] == 1  # the stream was read to its end
+    assert pool.miner_health.report()["1"]["successes"] == 1  # the stream was read to its end
 
 
 async def test_metrics_report_actors_components_and_miners(stack: Stack) -> None:

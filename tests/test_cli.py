@@ -209,7 +209,7 @@ def test_serve_devnet_answers_with_its_printed_key_and_leaves_no_state_behind(tm
 def test_settle_heap_freezes_start_up_objects_and_collects_young_ones_less_often() -> None:
     import gc
 
-    from engine.cli import GC_YOUNG_THRESHOLD, settle_heap
+    from web.server import GC_YOUNG_THRESHOLD, settle_heap
 
     before = gc.get_threshold()
     try:

@@ -22,8 +22,8 @@ from config.loading import ConfigError, load_settings
 from config.settings import AuthSettings, DevnetSettings, ServerSettings, Settings, WalletSettings
 from devnet import text
 from devnet.miner import MinerFault
-from devnet.network import DEFAULT_GATEWAY_URI, Devnet, serve_with_devnet
-from engine.gateway import Gateway, metagraph_source
+from devnet.network import DEFAULT_GATEWAY_URI, Devnet
+from engine.gateway import Gateway, metagraph_source, serve_with_devnet
 from wire.epistula import Signer
 
 

@@ -151,7 +151,7 @@ async def test_answers_still_coming_at_shutdown_are_scored_or_spooled(nursery: t
         assert fanout.jobs_running == 4 and fanout.jobs_serving == 0  # the hanging miner holds each open
         gateway.shutdown()
         await gateway.wait_stopped()
-        stats = gateway.services.scoring.statistics()
+        stats = gateway.services.scoring.health()
 
     assert stats["dropped"] == dict.fromkeys(stats["dropped"], 0), stats
     spool = Spool(tmp_path / "spool", max_bytes=1 << 30)

@@ -145,9 +145,9 @@ async def test_failing_miner_opens_its_breaker(pool: FanoutPool, miners: Miners,
         job = pool.start(BODY, [neuron(1), neuron(2)], mode="stream", task="InferenceTask")
         await collect(job)
         await finished(job)
-    assert pool.health.state(1) == "open" and pool.health.state(2) == "closed"
+    assert pool.miner_health.state(1) == "open" and pool.miner_health.state(2) == "closed"
     await trio.sleep(31)
-    assert pool.health.state(1) == "half_open" and pool.health.allows(1)
+    assert pool.miner_health.state(1) == "half_open" and pool.miner_health.allows(1)
 
 
 def test_timeout_budget_is_upstreams() -> None:
@@ -214,7 +214,7 @@ async def test_capacity_cuts_short_the_oldest_finished_collection(
     await trio.sleep(1)  # the hanging miner has said something by now
     third = pool.start(BODY, [neuron(1), neuron(2)], mode="stream", task="InferenceTask")  # first is cut
     await finished(first)
-    assert pool.statistics()["collections_cut_short"] == 1
+    assert pool.health()["collections_cut_short"] == 1
     cut = {a.uid: a for a in results[0].answers}
     assert cut[1].error is None and cut[2].error is not None and "capacity" in cut[2].error
     assert cut[2].text == "hang"  # what had arrived is still scored
@@ -222,7 +222,7 @@ async def test_capacity_cuts_short_the_oldest_finished_collection(
     third.release()
     pool.start(BODY, [neuron(1)], mode="stream", task="InferenceTask").release()  # the oldest again
     await finished(second)
-    assert pool.statistics()["collections_cut_short"] == 2
+    assert pool.health()["collections_cut_short"] == 2
 
 
 async def test_half_open_trials_are_taken_once_and_given_back_only_by_their_holder(

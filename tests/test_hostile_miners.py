@@ -90,7 +90,7 @@ async def test_a_miner_over_its_bounds_fails_and_the_honest_one_answers(
     hostile = result.answers[0]
     assert hostile.error is not None and reason in hostile.error
     assert hostile.received_bytes <= job.bounds.max_bytes
-    failures = pool.statistics()["miner_failures"]
+    failures = pool.health()["miner_failures"]
     assert failures["over_bounds"] + failures["failed"] == 1
     assert len(result.encode()) < 100_000  # the scoring payload is bounded too
 
@@ -201,7 +201,7 @@ async def test_a_miner_refusing_the_input_moves_no_breaker(pool: FanoutPool, min
     for _ in range(5):
         job = pool.start(BODY, [neuron(1)], mode="complete", task="InferenceTask")
         await job.finished.wait()
-    assert pool.health.state(1) == "closed" and pool.statistics()["miner_failures"]["client_caused"] == 5
+    assert pool.miner_health.state(1) == "closed" and pool.health()["miner_failures"]["client_caused"] == 5
 
 
 async def test_requests_naming_their_miners_move_no_breaker(pool: FanoutPool, miners: Miners,
@@ -210,7 +210,7 @@ async def test_requests_naming_their_miners_move_no_breaker(pool: FanoutPool, mi
     for _ in range(5):
         job = pool.start(BODY, [neuron(1)], mode="complete", task="InferenceTask", moves_breakers=False)
         await job.finished.wait()
-    assert pool.health.state(1) == "closed" and pool.health.report()["1"]["failures"] == 5
+    assert pool.miner_health.state(1) == "closed" and pool.miner_health.report()["1"]["failures"] == 5
 
 
 @pytest.mark.parametrize("error", [GatewayLimitError("too many open files"), RuntimeError("a defect")])
@@ -227,7 +227,7 @@ async def test_the_gateways_own_failures_move_no_breaker(
         job = pool.start(BODY, [neuron(1)], mode="complete", task="InferenceTask")
         await job.finished.wait()
         assert (job.answers[0].error or "").startswith("gateway error")
-    assert pool.health.state(1) == "closed" and pool.statistics()["gateway_errors"] == 3
+    assert pool.miner_health.state(1) == "closed" and pool.health()["gateway_errors"] == 3
 
 
 # -- a broken winner with nobody to take over ---------------------------------------------------
@@ -292,7 +292,7 @@ async def test_a_hostile_devnet_miner_costs_only_its_own_answer(tmp_path: Path, 
         await net.gateway.services.fanout.wait_idle()
         for uid in (0, 1):
             await net.devnet.miner(uid).wait_streams_closed()
-        failures = net.gateway.services.fanout.statistics()["miner_failures"]
+        failures = net.gateway.services.fanout.health()["miner_failures"]
         assert failures["over_bounds"] == 9  # endless_line, flood and deep_json (one 100 kB line), each round
     await net.client.aclose()
     net.gateway.shutdown()

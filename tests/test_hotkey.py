@@ -17,8 +17,8 @@ from trio.testing import MockClock
 
 from actors.subnet.actor import SubnetActor
 from config.settings import DevnetSettings, NeuronSettings, Settings, SubnetSettings, WalletSettings
-from devnet.network import DEFAULT_GATEWAY_URI, serve_with_devnet
-from engine.gateway import Gateway, run
+from devnet.network import DEFAULT_GATEWAY_URI
+from engine.gateway import Gateway, run, serve_with_devnet
 from wire.hotkey import HotkeyError, HotkeyStanding, hotkey_standing, load_hotkey
 from wire.metagraph import Neuron, SubnetSnapshot
 from wire.snapshot import SnapshotCell

@@ -170,7 +170,7 @@ async def test_validator_receives_every_answer_under_its_own_uid_signed_for_it(
     verifier = Verifier(neuron.hotkey, {signer.ss58})
     for request in validators.requests:
         assert verifier.verify(request.headers, request.content) == signer.ss58
-    assert forwarder.statistics()["delivered"] == 3
+    assert forwarder.health()["delivered"] == 3
 
 
 async def test_configured_validator_wins_over_the_metagraph(
@@ -224,11 +224,11 @@ async def test_a_failing_validator_backs_off_exponentially_then_gets_the_payload
     start = trio.current_time()
     forwarder.submit_nowait(organic(0))
     def failures() -> int:
-        state = forwarder.statistics()["validators"].get(neuron.hotkey)
+        state = forwarder.health()["validators"].get(neuron.hotkey)
         return 0 if state is None else int(state["consecutive_failures"])
 
     await until(lambda: failures() == 4, limit_s=600)
-    assert 4.0 < forwarder.statistics()["validators"][neuron.hotkey]["backoff_remaining_s"] <= 8.0
+    assert 4.0 < forwarder.health()["validators"][neuron.hotkey]["backoff_remaining_s"] <= 8.0
     assert len(validators.attempts) == 4 and validators.delivered == []
     validators.default = "ok"
     await until(lambda: len(validators.delivered) == 1, limit_s=600)
@@ -242,7 +242,7 @@ async def test_a_failing_validator_backs_off_exponentially_then_gets_the_payload
     assert all(gap >= want - 1e-6 for gap, want in zip(gaps, [1.0, 2.0, 4.0, 8.0], strict=True)), gaps
     assert validators.request_ids() == [0]
     await until(lambda: forwarder.spool.pending == 0)  # the cursor moves once the 200 is in
-    stats = forwarder.statistics()
+    stats = forwarder.health()
     assert stats["validators"][neuron.hotkey]["consecutive_failures"] == 0
     assert stats["attempts_failed"] == 4 and stats["delivered"] == 1 and stats["spool"]["pending"] == 0
 
@@ -276,8 +276,8 @@ async def test_concurrent_failures_of_one_outage_count_as_one_back_off_step(
         forwarder.submit_nowait(organic(i))
     await until(lambda: len(validators.attempts) == 8)  # all eight are sent before any answer comes
     validators.gate.set()
-    await until(lambda: forwarder.statistics()["spool"]["pending"] == 8)
-    state = forwarder.statistics()["validators"][neuron.hotkey]
+    await until(lambda: forwarder.health()["spool"]["pending"] == 8)
+    state = forwarder.health()["validators"][neuron.hotkey]
     assert state["failures"] == 8
     assert state["consecutive_failures"] == 1
     assert 0.0 < state["backoff_remaining_s"] <= 1.0  # one step: the first back-off, not 2**7 s
@@ -292,7 +292,7 @@ async def test_disabled_scoring_forwards_and_stores_nothing(
     await trio.sleep(0.05)
     assert validators.attempts == []
     assert not (tmp_path / "spool").exists()
-    stats = forwarder.statistics()
+    stats = forwarder.health()
     assert stats["ignored"]["disabled"] == 3 and stats["submitted"] == 0
 
 
@@ -308,7 +308,7 @@ async def test_only_inference_and_web_retrieval_results_are_forwarded(
     await trio.sleep(0.05)
     assert sorted((p["body"]["seed"], p["body"]["task"]) for _, p in validators.delivered) == [
         (0, "InferenceTask"), (2, "WebRetrievalTask")]
-    assert forwarder.statistics()["ignored"] == {"disabled": 0, "not_scored": 2, "no_miners": 1}
+    assert forwarder.health()["ignored"] == {"disabled": 0, "not_scored": 2, "no_miners": 1}
 
 
 async def test_a_full_queue_spills_to_the_spool_and_nothing_is_lost(
@@ -319,16 +319,16 @@ async def test_a_full_queue_spills_to_the_spool_and_nothing_is_lost(
     await trio.sleep(0.01)  # the delivery task is waiting for work
     for i in range(30):
         forwarder.submit_nowait(organic(i))  # synchronous: it cannot block the request's task
-    stats = forwarder.statistics()
+    stats = forwarder.health()
     # One went straight to the waiting delivery task, two fill the queue, the rest spill.
     assert (stats["queued"], stats["overflow"]) == (2, 27)
     await until(lambda: forwarder.spool.pending == 27)
-    assert forwarder.statistics()["spooled"] == 27
+    assert forwarder.health()["spooled"] == 27
     validators.gate.set()
     await until(lambda: len(validators.delivered) == 30)
     await trio.sleep(0.05)
     assert sorted(validators.request_ids()) == list(range(30))
-    assert forwarder.statistics()["dropped"]["overflow"] == 0
+    assert forwarder.health()["dropped"]["overflow"] == 0
 
 
 async def test_when_even_the_overflow_buffer_is_full_results_are_dropped_and_counted(
@@ -339,7 +339,7 @@ async def test_when_even_the_overflow_buffer_is_full_results_are_dropped_and_cou
     for i in range(10):
         forwarder.submit_nowait(organic(i))
     # Kept: one for the waiting delivery task, one in the queue, three in the overflow buffer.
-    assert forwarder.statistics()["dropped"]["overflow"] == 5
+    assert forwarder.health()["dropped"]["overflow"] == 5
     await until(lambda: len(validators.delivered) == 5)
     await trio.sleep(0.05)
     assert sorted(validators.request_ids()) == [0, 1, 2, 3, 4]
@@ -362,7 +362,7 @@ async def test_shutdown_writes_queued_and_in_flight_payloads_to_the_spool(
         await nursery.start(forwarder.run)
         for i in range(20):
             forwarder.submit_nowait(organic(i))
-        await until(lambda: forwarder.statistics()["in_flight"] == 2)
+        await until(lambda: forwarder.health()["in_flight"] == 2)
         nursery.cancel_scope.cancel()
     seeds = spooled_seeds(tmp_path / "spool")
     assert sorted(seeds) == list(range(20))
@@ -388,7 +388,7 @@ async def test_a_spool_write_cut_short_by_shutdown_is_written_by_the_flush(
         await nursery.start(forwarder.run)
         for i in range(5):
             forwarder.submit_nowait(organic(i))
-        await until(lambda: bool(held) and forwarder.statistics()["queued"] == 0)
+        await until(lambda: bool(held) and forwarder.health()["queued"] == 0)
         nursery.cancel_scope.cancel()
     assert sorted(spooled_seeds(tmp_path / "spool")) == list(range(5))
 
@@ -402,7 +402,7 @@ async def test_a_payload_that_is_not_json_is_dropped_and_counted_the_rest_delive
         forwarder.submit_nowait(result)
     await until(lambda: len(validators.delivered) == 2)
     assert sorted(validators.request_ids()) == [0, 2]
-    assert forwarder.statistics()["dropped"]["unencodable"] == 1
+    assert forwarder.health()["dropped"]["unencodable"] == 1
 
 
 async def test_a_failing_spool_write_is_retried_and_reported(
@@ -413,15 +413,15 @@ async def test_a_failing_spool_write_is_retried_and_reported(
     await nursery.start(forwarder.run)
     disk.fail("pwrite")
     forwarder.submit_nowait(organic(0))
-    await until(lambda: forwarder.statistics()["spool"]["errors"] == 1)
-    stats = forwarder.statistics()
+    await until(lambda: forwarder.health()["spool"]["errors"] == 1)
+    stats = forwarder.health()
     assert "No space left on device (ENOSPC)" in stats["spool"]["last_error"]
     assert stats["spool"]["failing"] is True and stats["overflow"] == 1, "held in memory"
     assert any("spool" in w and "failing" in w for w in stats["warnings"])
     disk.heal()
     await until(lambda: forwarder.spool.pending == 1, limit_s=60)
-    assert forwarder.statistics()["spool"]["last_error"] is None
-    assert forwarder.statistics()["warnings"] == []
+    assert forwarder.health()["spool"]["last_error"] is None
+    assert forwarder.health()["warnings"] == []
     validators.default = "ok"
     await until(lambda: len(validators.delivered) == 1, limit_s=600)
     assert validators.request_ids() == [0]
@@ -458,7 +458,7 @@ async def test_outage_and_restart_deliver_every_payload_once(
     expected = {json.dumps(organic(i).scoring_payload(), sort_keys=True) for i in range(30)}
     assert sent == expected
     assert second.spool.pending == 0
-    assert second.statistics()["replayed"] >= 25
+    assert second.health()["replayed"] >= 25
 
 
 async def test_a_corrupt_spooled_record_is_skipped_counted_and_the_rest_delivered(
@@ -476,7 +476,7 @@ async def test_a_corrupt_spooled_record_is_skipped_counted_and_the_rest_delivere
     await until(lambda: len(validators.delivered) == 2)
     await until(lambda: forwarder.spool.pending == 0)
     assert sorted(validators.request_ids()) == [0, 2]
-    assert forwarder.statistics()["dropped"]["corrupt"] == 1
+    assert forwarder.health()["dropped"]["corrupt"] == 1
 
 
 async def test_no_eligible_validator_spools_and_delivers_once_one_appears(
@@ -487,7 +487,7 @@ async def test_no_eligible_validator_spools_and_delivers_once_one_appears(
     await nursery.start(forwarder.run)
     forwarder.submit_nowait(organic(0))
     await until(lambda: forwarder.spool.pending == 1)
-    stats = forwarder.statistics()
+    stats = forwarder.health()
     assert stats["no_validator"] == 1 and "validator permit" in stats["validator_problem"]
     assert validators.attempts == []
     subnet.publish(SubnetSnapshot.of(1, [validator(1, 10.0), validator(2, 2000.0)]))
@@ -519,7 +519,7 @@ async def test_a_validator_refusing_our_hotkey_keeps_every_payload_and_is_probed
     times = attempts_to(validators, None)
     assert len(times) <= 1 + 3600 // 300, "one probe per back-off period, never the same batch again and again"
     assert all(b - a >= 300 - 1e-6 for a, b in itertools.pairwise(times)), times
-    stats = forwarder.statistics()
+    stats = forwarder.health()
     assert stats["spool"]["pending"] == 20 and stats["delivered"] == 0
     assert all(v == 0 for v in stats["dropped"].values()), "nothing is lost"
     state = stats["validators"][neuron.hotkey]
@@ -537,7 +537,7 @@ async def test_a_validator_refusing_our_hotkey_keeps_every_payload_and_is_probed
     assert trio.current_time() - start < 3600 + 301
     await trio.sleep(600)
     assert Counter(validators.request_ids()) == Counter(range(20)), "each exactly once"
-    stats = forwarder.statistics()
+    stats = forwarder.health()
     assert stats["spool"]["pending"] == 0 and stats["warnings"] == []
     assert stats["validators"][neuron.hotkey]["refused_signer"] is False
 
@@ -556,7 +556,7 @@ async def test_payloads_refused_by_one_validator_go_to_another_at_once(
     assert sorted(validators.request_ids()) == list(range(50))
     assert {axon for axon, _ in validators.delivered} == {good.axon}
     assert 1 <= len(attempts_to(validators, refusing.axon)) <= 1 + 1000 // 300
-    stats = forwarder.statistics()
+    stats = forwarder.health()
     assert stats["spooled"] == 0, "never had to wait in the spool"
     assert stats["validators"][refusing.hotkey]["refused_signer"] is True
     assert stats["validators_refusing_signer"] == 1
@@ -575,7 +575,7 @@ async def test_a_payload_refused_with_another_4xx_is_dropped_counted_by_status_a
         await trio.sleep(1)
     await trio.sleep(600)
     assert len(validators.attempts) == 5, "each sent once: it can never succeed"
-    stats = forwarder.statistics()
+    stats = forwarder.health()
     assert stats["dropped"][f"http_{status}"] == 5
     assert stats["spooled"] == 0 and stats["spool"]["pending"] == 0
     assert stats["validators"][neuron.hotkey]["consecutive_failures"] == 0, "the validator itself is fine"
@@ -595,7 +595,7 @@ async def test_429_is_retried_later_not_dropped(
     await until(lambda: forwarder.spool.pending == 1)
     validators.default = "ok"
     await until(lambda: len(validators.delivered) == 1, limit_s=120)
-    assert forwarder.statistics()["dropped"].get("http_429", 0) == 0
+    assert forwarder.health()["dropped"].get("http_429", 0) == 0
 
 
 async def test_an_answer_over_the_cap_is_the_validators_failure_and_the_payload_is_kept(
@@ -606,11 +606,11 @@ async def test_an_answer_over_the_cap_is_the_validators_failure_and_the_payload_
     await nursery.start(forwarder.run)
     forwarder.submit_nowait(organic(0))
     await until(lambda: forwarder.spool.pending == 1)
-    state = forwarder.statistics()["validators"][neuron.hotkey]
+    state = forwarder.health()["validators"][neuron.hotkey]
     assert state["failures"] == 1 and "answer over 65536 bytes" in state["last_error"]
-    assert forwarder.statistics()["delivered"] == 0
+    assert forwarder.health()["delivered"] == 0
     validators.default = "ok"
-    await until(lambda: forwarder.statistics()["delivered"] == 1, limit_s=120)
+    await until(lambda: forwarder.health()["delivered"] == 1, limit_s=120)
     assert validators.request_ids() == [0]
 
 
@@ -624,7 +624,7 @@ async def test_a_payload_over_max_payload_bytes_is_dropped_and_counted(
     await until(lambda: len(validators.delivered) == 2)
     await trio.sleep(0.05)
     assert sorted(validators.request_ids()) == [0, 2]
-    stats = forwarder.statistics()
+    stats = forwarder.health()
     assert stats["dropped"]["too_large"] == 1 and stats["spooled"] == 0
 
 
@@ -643,7 +643,7 @@ async def test_payloads_older_than_max_age_leave_the_spool_counted(
     validators.default = "ok"
     await until(lambda: forwarder.spool.pending == 0, limit_s=600)
     assert validators.request_ids() == [3]
-    assert forwarder.statistics()["dropped"]["expired"] == 3
+    assert forwarder.health()["dropped"]["expired"] == 3
 
 
 async def test_no_eligible_validator_is_a_warning_at_start_and_on_health(
@@ -651,7 +651,7 @@ async def test_no_eligible_validator_is_a_warning_at_start_and_on_health(
     forwarder: ScoringForwarder = await nursery.start(make(subnet_of(validator(1, 10.0, permit=False))).run)
     logged = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("no validator is eligible for scoring" in m and "validator permit" in m for m in logged)
-    (warning,) = forwarder.statistics()["warnings"]
+    (warning,) = forwarder.health()["warnings"]
     assert warning.startswith("no validator is eligible for scoring: no neuron in the metagraph has a validator "
                               "permit") and "payloads wait in the spool" in warning
     configured = make(validator="10.9.9.9:1")  # configured without a hotkey the metagraph knows
@@ -716,7 +716,7 @@ async def test_replay_waits_in_every_state_over_simulated_time(
         assert len(later) <= 7 + hour / 60, len(later)
     assert disk_calls <= 3 * len(times) + 20, (disk_calls, len(times))
     assert counter.steps <= 50 * len(times) + 5_000, (counter.steps, len(times))
-    stats = forwarder.statistics()
+    stats = forwarder.health()
     assert stats["spool"]["pending"] == 30 and stats["delivered"] == 0
     assert all(v == 0 for v in stats["dropped"].values())
 
@@ -736,13 +736,13 @@ async def test_a_full_disk_while_the_validator_is_down_loses_nothing_and_sends_n
     forwarder = make(inline_io=True, spool_files=disk, backoff_max_s=30.0)
     supervisor = Supervisor()
     async with trio.open_nursery() as nursery:
-        await supervisor.start(nursery, "scoring", forwarder)
+        await supervisor.start(nursery, forwarder)
         disk.fail(*WRITES)
         for i in range(160):
             forwarder.submit_nowait(organic(i))
             await trio.sleep(0.5)
         await trio.sleep(120)
-        stats = forwarder.statistics()
+        stats = forwarder.health()
         assert stats["spool"]["errors"] >= 3 and "No space left on device" in stats["spool"]["last_error"]
         assert stats["overflow"] + stats["writing"] + stats["in_flight"] == 160, "held in memory"
         assert any("spool" in w and "failing" in w for w in stats["warnings"])
@@ -756,7 +756,7 @@ async def test_a_full_disk_while_the_validator_is_down_loses_nothing_and_sends_n
     ids = validators.request_ids()
     assert len(ids) == 160 and set(ids) == set(range(160)), "exactly N distinct, N deliveries"
     assert supervisor.states["scoring"].restarts == 0
-    stats = forwarder.statistics()
+    stats = forwarder.health()
     assert all(v == 0 for v in stats["dropped"].values()) and stats["spool"]["pending"] == 0
     assert stats["warnings"] == []
 
@@ -771,7 +771,7 @@ async def test_a_disk_that_fails_while_replaying_never_sends_a_delivered_payload
     forwarder = make(inline_io=True, spool_files=disk, concurrency=4)
     supervisor = Supervisor()
     async with trio.open_nursery() as nursery:
-        await supervisor.start(nursery, "scoring", forwarder)
+        await supervisor.start(nursery, forwarder)
         for i in range(40):
             forwarder.submit_nowait(organic(i))
         await until(lambda: forwarder.spool.pending == 40, limit_s=120)
@@ -779,7 +779,7 @@ async def test_a_disk_that_fails_while_replaying_never_sends_a_delivered_payload
         validators.modes["10.0.0.1:8091"] = "ok"
         await until(lambda: len(validators.delivered) == 40, limit_s=600)
         await trio.sleep(300)
-        assert forwarder.statistics()["spool"]["failing"] is True
+        assert forwarder.health()["spool"]["failing"] is True
         disk.heal()
         await until(lambda: not forwarder.spool.needs_sync, limit_s=120)
         nursery.cancel_scope.cancel()
@@ -811,11 +811,11 @@ async def test_a_replayed_batch_whose_requeue_cannot_be_written_is_not_sent_agai
         await nursery.start(forwarder.run)
         await until(lambda: len(validators.attempts) == 4)  # the first batch is out
         validators.gate.set()
-        await until(lambda: forwarder.statistics()["spool"]["errors"] >= 1, limit_s=600)
+        await until(lambda: forwarder.health()["spool"]["errors"] >= 1, limit_s=600)
         assert sorted(validators.request_ids()) == [0, 2], "the first batch: the even ones are taken"
         await trio.sleep(600)
         assert sorted(validators.request_ids()) == [0, 2], "blocked until the commit is written, not resending"
-        assert forwarder.statistics()["spool"]["errors"] >= 5
+        assert forwarder.health()["spool"]["errors"] >= 5
         disk.heal()
         validators.default = "ok"
         await until(lambda: len(validators.delivered) == 20, limit_s=600)
@@ -833,12 +833,12 @@ async def test_while_the_disk_is_full_memory_stays_bounded_and_every_drop_is_cou
     forwarder = make(inline_io=True, spool_files=disk, queue_size=10, overflow_size=50, concurrency=2)
     supervisor = Supervisor()
     async with trio.open_nursery() as nursery:
-        await supervisor.start(nursery, "scoring", forwarder)
+        await supervisor.start(nursery, forwarder)
         disk.fail(*WRITES)
         for i in range(300):
             forwarder.submit_nowait(organic(i))
             await trio.sleep(0.1)
-        stats = forwarder.statistics()
+        stats = forwarder.health()
         held = stats["overflow"] + stats["writing"] + stats["in_flight"] + stats["queued"]
         assert held <= 50 + 10 + 2
         times = attempts_to(validators, None)
@@ -847,12 +847,12 @@ async def test_while_the_disk_is_full_memory_stays_bounded_and_every_drop_is_cou
             "one probe at a time, however many payloads wait in memory for it"
         disk.heal()
         validators.default = "ok"
-        await until(lambda: forwarder.spool.pending == 0 and forwarder.statistics()["overflow"] == 0
-                    and forwarder.statistics()["queued"] == 0, limit_s=600)
+        await until(lambda: forwarder.spool.pending == 0 and forwarder.health()["overflow"] == 0
+                    and forwarder.health()["queued"] == 0, limit_s=600)
         await trio.sleep(120)
         nursery.cancel_scope.cancel()
     ids = validators.request_ids()
     assert len(ids) == len(set(ids)), "nothing twice"
-    dropped = forwarder.statistics()["dropped"]
+    dropped = forwarder.health()["dropped"]
     assert len(ids) + dropped["overflow"] == 300, "every missing payload is a counted drop"
     assert supervisor.states["scoring"].restarts == 0

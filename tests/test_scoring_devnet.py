@@ -142,11 +142,11 @@ async def test_a_full_disk_while_the_devnet_validator_is_down_delivers_each_payl
     with trio.fail_after(30):
         async with httpx.AsyncClient(trust_env=False) as http:
             forwarder = forwarder_for(validator, tmp_path, signer, http, spool_files=disk)
-            await supervisor.start(nursery, "scoring", forwarder)
+            await supervisor.start(nursery, forwarder)
             for i, order in enumerate(shuffled_orders(60)):
                 forwarder.submit_nowait(organic(i, order))
             await until(lambda: forwarder.spool_errors >= 3 and forwarder.attempts_failed >= 2)
-            stats = forwarder.statistics()
+            stats = forwarder.health()
             assert stats["overflow"] + stats["writing"] + stats["in_flight"] == 60
             assert stats["spool"]["failing"] and stats["spool"]["segments"] <= 1
             disk.heal()
@@ -154,7 +154,7 @@ async def test_a_full_disk_while_the_devnet_validator_is_down_delivers_each_payl
             await validator.come_up()
             await until(lambda: validator.scored_total == 60)
             await trio.sleep(0.5)  # several back-off periods: a duplicate would show up
-            stats = forwarder.statistics()
+            stats = forwarder.health()
     assert Counter(p["body"]["seed"] for p in validator.scored) == Counter(range(60)), "each exactly once"
     assert sum(r.status == 200 for r in validator.received) == 60, "N deliveries"
     assert supervisor.states["scoring"].restarts == 0
@@ -209,7 +209,7 @@ async def test_validator_down_across_a_gateway_restart_then_everything_arrives_o
         await validator.come_up()
         await until(lambda: validator.scored_total == 40)
         await trio.sleep(0.5)  # a duplicate would have arrived by now
-        stats = second.services.scoring.statistics()
+        stats = second.services.scoring.health()
         second.shutdown()
         await second.wait_stopped()
 

@@ -152,7 +152,7 @@ async def test_validator_source_keeps_last_answers_on_failure(autojump_clock: An
     actor = AvailabilityActor(settings_for("validator"), subnet,
                               httpx.AsyncClient(transport=httpx.MockTransport(validator.handle)),
                               Signer(Keypair.create_from_uri("//G")), wall_clock=lambda: clock[0])
-    cell = await nursery.start(actor.run)
+    cell = (await nursery.start(actor.run)).cell
     await trio.sleep(1)
     snap = cell.get()
     assert validator.calls == [[1, 2]]
@@ -173,7 +173,7 @@ async def test_validator_never_reached_means_fallback_reported(autojump_clock: A
     actor = AvailabilityActor(settings_for("validator"), SnapshotCell(SubnetSnapshot.of(1, [miner(1, 0.5)])),
                               httpx.AsyncClient(transport=httpx.MockTransport(validator.handle)),
                               Signer(Keypair.create_from_uri("//G")))
-    cell = await nursery.start(actor.run)
+    cell = (await nursery.start(actor.run)).cell
     await trio.sleep(1)
     assert cell.get().everyone
     assert actor.health()["fallback_every_serving_miner"] is True
@@ -194,7 +194,7 @@ async def test_miners_source_asks_each_miner(autojump_clock: Any, nursery: trio.
                               SnapshotCell(SubnetSnapshot.of(1, [miner(1, 0.5), miner(2, 0.4), miner(3, 0.3)])),
                               httpx.AsyncClient(transport=httpx.MockTransport(handle)),
                               Signer(Keypair.create_from_uri("//G")))
-    cell = await nursery.start(actor.run)
+    cell = (await nursery.start(actor.run)).cell
     await trio.sleep(9.9)  # one round: the asks are spread over the interval
     assert sorted(asked) == [9001, 9002, 9003]
     await trio.sleep(0.2)

@@ -216,7 +216,7 @@ async def test_first_sync_publishes_and_writes_the_disk_cache(
     world: World, tmp_path: Path, thread_clock: MockClock, nursery: trio.Nursery
 ) -> None:
     actor = actor_for(world, tmp_path)
-    cell = await nursery.start(actor.run)
+    cell = (await nursery.start(actor.run)).cell
     assert [n.uid for n in cell.get().neurons] == [0, 1, 2]
     assert actor.health() == {
         "source": "chain", "snapshot_source": "chain", "neurons": 3, "block": 100, "age_s": 0.0,
@@ -243,7 +243,7 @@ async def test_the_metagraph_is_resynced_every_interval(
     world: World, tmp_path: Path, thread_clock: MockClock, nursery: trio.Nursery
 ) -> None:
     actor = actor_for(world, tmp_path)
-    cell = await nursery.start(actor.run)
+    cell = (await nursery.start(actor.run)).cell
     world.answer = GRAPH_B
     await trio.sleep(599)
     assert cell.get().block == 100 and len(world.calls) == 1
@@ -258,7 +258,7 @@ async def test_an_outage_keeps_the_last_snapshot_reports_its_age_and_retries_soo
     world: World, tmp_path: Path, thread_clock: MockClock, nursery: trio.Nursery
 ) -> None:
     actor = actor_for(world, tmp_path, retry_s=10.0)
-    cell = await nursery.start(actor.run)
+    cell = (await nursery.start(actor.run)).cell
     good = cell.get()
     world.answer = RpcConnectionError("could not connect to any endpoint: [Errno 111]")
     await trio.sleep(601)  # the resync at 600 fails
@@ -280,7 +280,7 @@ async def test_a_read_that_hangs_times_out_and_does_not_pile_up(
     world: World, tmp_path: Path, thread_clock: MockClock, nursery: trio.Nursery
 ) -> None:
     actor = actor_for(world, tmp_path, fetch_timeout_s=30.0, retry_s=10.0)
-    cell = await nursery.start(actor.run)
+    cell = (await nursery.start(actor.run)).cell
     world.hold = threading.Event()  # the next read blocks in its thread until released
     try:
         await trio.sleep(600 + 31)
@@ -303,7 +303,7 @@ async def test_a_restart_without_the_chain_serves_the_disk_cache(
     await trio.sleep(3600)
     actor = actor_for(world, tmp_path)
     async with trio.open_nursery() as nursery:
-        cell = await nursery.start(actor.run)
+        cell = (await nursery.start(actor.run)).cell
         assert [n.uid for n in cell.get().neurons] == [0, 1, 2]
         assert [n.axon for n in cell.get().serving_by_incentive] == ["23.94.0.1:8091", "23.94.0.2:8091"]
         health = actor.health()
@@ -319,7 +319,7 @@ async def test_an_unreadable_cache_is_ignored(
     (tmp_path / "metagraph.json").write_text(content)
     world.answer = RpcConnectionError("down")
     actor = actor_for(world, tmp_path)
-    cell = await nursery.start(actor.run)
+    cell = (await nursery.start(actor.run)).cell
     assert cell.get().neurons == () and cell.get().fetched_at is None
     assert actor.health()["stale"] is True and actor.health()["age_s"] is None
 
@@ -330,7 +330,7 @@ async def test_the_cache_of_another_subnet_is_ignored(
     other = SubnetSnapshot.of(7, [Neuron(uid=0, hotkey="5X", axon="23.94.9.9:1")], fetched_at=EPOCH, source="chain")
     (tmp_path / "metagraph.json").write_text(json.dumps(other.as_dict()))
     world.answer = RpcConnectionError("down")
-    cell = await nursery.start(actor_for(world, tmp_path).run)
+    cell = (await nursery.start(actor_for(world, tmp_path).run)).cell
     assert cell.get().neurons == ()
 
 
@@ -416,7 +416,7 @@ async def test_private_axons_of_the_chain_count_as_not_serving_once_per_read(
 ) -> None:
     world.answer = MIXED
     actor = actor_for(world, tmp_path, screen_axons=True)
-    cell = await nursery.start(actor.run)
+    cell = (await nursery.start(actor.run)).cell
     snapshot = cell.get()
     assert [n.uid for n in snapshot.serving_by_incentive] == [0, 3]
     assert snapshot.by_uid[1].axon is None and snapshot.by_uid[4].axon is None  # nor is it a validator to post to
@@ -433,7 +433,7 @@ async def test_private_axons_of_the_chain_count_as_not_serving_once_per_read(
     world.answer = RpcConnectionError("down")
     again = actor_for(world, tmp_path, screen_axons=True)
     async with trio.open_nursery() as second:
-        restarted = await second.start(again.run)
+        restarted = (await second.start(again.run)).cell
         assert restarted.get().source == "cache"
         assert [n.uid for n in restarted.get().serving_by_incentive] == [0, 3]
         assert again.health()["axons_refused"] == 3

@@ -17,6 +17,7 @@ from wire.snapshot import SnapshotCell
 class Flaky:
     """Serves after `setup_s`, then crashes after `crash_after_s` for its first `crashes` runs."""
 
+    name: str = "a"
     crashes: int = 0
     crash_after_s: float = 0.0
     setup_s: float = 0.0
@@ -36,6 +37,9 @@ class Flaky:
             raise RuntimeError(f"crash {len(self.starts)}")
         await trio.sleep_forever()
 
+    def health(self) -> dict[str, Any]:
+        return {"starts": len(self.starts)}
+
 
 def gaps(times: list[float]) -> list[float]:
     return [round(b - a, 6) for a, b in itertools.pairwise(times)]
@@ -43,9 +47,9 @@ def gaps(times: list[float]) -> list[float]:
 
 async def test_crashes_are_restarted_with_doubling_back_off_up_to_the_cap(autojump_clock: Any) -> None:
     supervisor = Supervisor(base_backoff_s=0.5, max_backoff_s=4.0, stable_after_s=60.0)
-    actor = Flaky(crashes=6)
+    actor = Flaky(name="flaky", crashes=6)
     async with trio.open_nursery() as nursery:
-        await supervisor.start(nursery, "flaky", actor)
+        await supervisor.start(nursery, actor)
         await trio.sleep(100)
         assert gaps(actor.starts) == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
         state = supervisor.report()["flaky"]
@@ -59,7 +63,7 @@ async def test_a_run_that_was_stable_resets_the_back_off(autojump_clock: Any) ->
     supervisor = Supervisor(base_backoff_s=1.0, max_backoff_s=30.0, stable_after_s=10.0)
     actor = Flaky(crashes=4, crash_after_s=0.0)
     async with trio.open_nursery() as nursery:
-        await supervisor.start(nursery, "a", actor)
+        await supervisor.start(nursery, actor)
         await trio.sleep(5)  # crashes at 0, 1, 3: back-off 1, 2, 4
         actor.crash_after_s = 20.0  # the fourth run lives long enough to count as stable
         await trio.sleep(60)
@@ -73,7 +77,7 @@ async def test_start_returns_the_handle_once_the_actor_serves_and_keeps_it_acros
     supervisor = Supervisor(base_backoff_s=0.5)
     actor = Flaky(crashes=1, setup_s=3.0, crash_after_s=1.0)
     async with trio.open_nursery() as nursery:
-        handle = await supervisor.start(nursery, "a", actor)
+        handle = await supervisor.start(nursery, actor)
         assert handle is actor.handle
         assert trio.current_time() == pytest.approx(3.0)  # not before its setup finished
         assert supervisor.ready()
@@ -82,10 +86,10 @@ async def test_start_returns_the_handle_once_the_actor_serves_and_keeps_it_acros
 
 async def test_report_while_restarting_names_the_error_and_the_next_attempt(autojump_clock: Any) -> None:
     supervisor = Supervisor(base_backoff_s=8.0)
-    ok, flaky = Flaky(), Flaky(crashes=1, crash_after_s=1.0)
+    ok, flaky = Flaky(name="ok"), Flaky(name="flaky", crashes=1, crash_after_s=1.0)
     async with trio.open_nursery() as nursery:
-        await supervisor.start(nursery, "ok", ok)
-        await supervisor.start(nursery, "flaky", flaky)
+        await supervisor.start(nursery, ok)
+        await supervisor.start(nursery, flaky)
         assert supervisor.ready()
         await trio.sleep(3)  # crashed at t=1, next attempt at t=9
         assert not supervisor.ready()
@@ -106,7 +110,7 @@ async def test_a_crash_during_setup_is_retried_until_the_actor_serves(autojump_c
     supervisor = Supervisor(base_backoff_s=1.0)
     actor = Flaky(crashes=2, crash_in_setup=True)
     async with trio.open_nursery() as nursery:
-        handle = await supervisor.start(nursery, "a", actor)
+        handle = await supervisor.start(nursery, actor)
         assert handle is actor.handle
         assert gaps(actor.starts) == [1.0, 2.0]
         assert supervisor.report()["a"]["last_error"] == "OSError: setup failed (run 2)"
@@ -115,11 +119,11 @@ async def test_a_crash_during_setup_is_retried_until_the_actor_serves(autojump_c
 
 async def test_after_max_restarts_an_actor_is_failed_and_stays_down(autojump_clock: Any) -> None:
     supervisor = Supervisor(base_backoff_s=1.0, max_restarts=2)
-    actor = Flaky(crashes=100, crash_after_s=1.0)
-    other = Flaky()
+    actor = Flaky(name="doomed", crashes=100, crash_after_s=1.0)
+    other = Flaky(name="other")
     async with trio.open_nursery() as nursery:
-        await supervisor.start(nursery, "doomed", actor)
-        await supervisor.start(nursery, "other", other)
+        await supervisor.start(nursery, actor)
+        await supervisor.start(nursery, other)
         await trio.sleep(1000)
         assert len(actor.starts) == 3
         report = supervisor.report()
@@ -135,7 +139,7 @@ async def test_an_actor_that_never_serves_within_max_restarts_fails_its_start(au
     with pytest.RaisesGroup(pytest.RaisesExc(StartupError, match="a could not start: OSError: setup failed"),
                             flatten_subgroups=True):
         async with trio.open_nursery() as nursery:
-            await supervisor.start(nursery, "a", Flaky(crashes=5, crash_in_setup=True))
+            await supervisor.start(nursery, Flaky(crashes=5, crash_in_setup=True))
     assert supervisor.report()["a"]["status"] == "failed"
 
 
@@ -145,14 +149,18 @@ async def test_an_actor_that_cannot_start_is_a_startup_error_not_an_endless_retr
     with pytest.RaisesGroup(pytest.RaisesExc(StartupError, match=r"^a could not start \(3 attempts\): OSError"),
                             flatten_subgroups=True):
         async with trio.open_nursery() as nursery:
-            await supervisor.start(nursery, "a", actor)
+            await supervisor.start(nursery, actor)
     assert gaps(actor.starts) == [1.0, 2.0]
     assert supervisor.report()["a"]["status"] == "failed"
 
 
 async def test_an_actor_that_returns_is_stopped_not_restarted(autojump_clock: Any) -> None:
     class Once:
+        name = "once"
         runs = 0
+
+        def health(self) -> dict[str, Any]:
+            return {}
 
         async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
             self.runs += 1
@@ -161,7 +169,7 @@ async def test_an_actor_that_returns_is_stopped_not_restarted(autojump_clock: An
     supervisor = Supervisor()
     once = Once()
     async with trio.open_nursery() as nursery:
-        await supervisor.start(nursery, "once", once)
+        await supervisor.start(nursery, once)
     assert once.runs == 1
     assert supervisor.report()["once"]["status"] == "stopped"
 
@@ -171,7 +179,7 @@ async def test_cancellation_stops_a_restarting_actor_without_another_attempt(aut
     actor = Flaky(crashes=1, crash_after_s=1.0)
     with trio.move_on_after(5):
         async with trio.open_nursery() as nursery:
-            await supervisor.start(nursery, "a", actor)
+            await supervisor.start(nursery, actor)
     assert len(actor.starts) == 1
     assert supervisor.report()["a"]["status"] == "restarting"
 
@@ -179,9 +187,9 @@ async def test_cancellation_stops_a_restarting_actor_without_another_attempt(aut
 async def test_names_are_unique(autojump_clock: Any) -> None:
     supervisor = Supervisor()
     async with trio.open_nursery() as nursery:
-        await supervisor.start(nursery, "a", Flaky())
-        with pytest.raises(ValueError, match="already supervised"):
-            await supervisor.start(nursery, "a", Flaky())
+        await supervisor.start(nursery, Flaky())
+        with pytest.raises(ValueError, match="already registered"):
+            await supervisor.start(nursery, Flaky())
         nursery.cancel_scope.cancel()
 
 

@@ -87,6 +87,10 @@ class Flaky:
     restarting: trio.Event = field(default_factory=trio.Event)
     serving_again: trio.Event = field(default_factory=trio.Event)
     runs: int = 0
+    name: str = "flaky"
+
+    def health(self) -> dict[str, Any]:
+        return {"runs": self.runs}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.runs += 1
@@ -169,7 +173,7 @@ async def test_ready_lists_each_actor_running(shell: Shell) -> None:
 
 async def test_readiness_while_an_actor_restarts(shell: Shell, nursery: trio.Nursery) -> None:
     flaky = Flaky()
-    await shell.supervisor.start(nursery, "flaky", flaky)
+    await shell.supervisor.start(nursery, flaky)
     assert (await shell.client.get("/health/ready")).status_code == 200
 
     flaky.crash.set()  # it crashes; its restart waits until `may_serve`

@@ -11,15 +11,14 @@ its deadline), then one healthy, high-incentive miner combines them.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import trio
 from quart import Blueprint, Response
-from quart import request as quart_request
 
 from actors.fanout.pool import Broken, Chunk, Complete, End, Event, Failed, FanoutJob
-from engine.gateway import CLOSE_CALLBACKS
+from web.asgi import on_close
 from web.auth import Grant, authorize, rate_limit_headers_on_errors
 from web.body import json_body
 from web.chat_request import DEFAULT_MODEL_ALIAS, ChatRequest, parse_chat_request
@@ -102,13 +101,6 @@ async def next_event(job: FanoutJob, timeout_s: float) -> Event | None:
         except trio.EndOfChannel:
             return Broken("the miners' answers ended without a result")
     return None
-
-
-def on_close(callback: Callable[[], object]) -> None:
-    """Run `callback` when the current exchange ends, however it ends (see `shield_response_end`,
-    which every served app runs inside)."""
-    callbacks: list[Callable[[], object]] = quart_request.scope[CLOSE_CALLBACKS]  # type: ignore[literal-required]
-    callbacks.append(callback)
 
 
 def record_usage(services: Services, grant: Grant, usage: dict[str, int]) -> None:
@@ -283,6 +275,6 @@ def blueprint(services: Services) -> Blueprint:
     @bp.get("/status/miners")
     async def miners_status() -> Response:
         return json_response({"miners": services.miner_health.report(),
-                              "fanout": services.fanout.statistics()})
+                              "fanout": services.fanout.health()})
 
     return bp

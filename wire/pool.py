@@ -188,6 +188,8 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
     is sized far above a normal load (`fanout.max_connections`), so reaching it means overload,
     where shedding at once is the answer, and callers do not count it against the peer."""
 
+    name = "outbound"  # as it reports on /health/ready
+
     def __init__(self, *, keepalive_expiry_s: float = 60.0, max_idle_per_origin: int = 256,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
         self.keepalive_expiry_s = keepalive_expiry_s
@@ -210,7 +212,7 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         """Connections open (or opening), idle and in use."""
         return self._connections
 
-    def statistics(self) -> dict[str, int]:
+    def health(self) -> dict[str, int]:
         return {"open": self._connections, "idle": self.idle_count(), "max_connections": self.max_connections,
                 "opened": self.opened, "reused": self.reused, "refused_at_cap": self.refused_at_cap,
                 "replaced_at_cap": self.replaced_at_cap}

@@ -328,6 +328,8 @@ class FanoutJob:
 
 
 class FanoutPool:
+    name = "fanout"
+
     def __init__(
         self,
         http: httpx.AsyncClient,
@@ -341,7 +343,7 @@ class FanoutPool:
     ) -> None:
         self.http = http
         self.signer = signer
-        self.health = health
+        self.miner_health = health
         self.submit = submit
         self.max_serving = max_serving
         self.max_jobs = max_jobs
@@ -388,7 +390,7 @@ class FanoutPool:
         )
         if moves_breakers:
             job.trials = {i: trial for i, neuron in enumerate(miners)
-                          if (trial := self.health.asking(neuron.uid)) is not None}
+                          if (trial := self.miner_health.asking(neuron.uid)) is not None}
         self._jobs[id(job)] = job
         self.jobs_serving += 1
         if self.jobs_running == 0:
@@ -501,11 +503,11 @@ class FanoutPool:
         finally:
             trial, moves = job.trials.get(i), job.moves_breakers
             if outcome == "ok":
-                self.health.succeeded(neuron.uid, answer.timings[0] if answer.timings else None, trial, moves=moves)
+                self.miner_health.succeeded(neuron.uid, answer.timings[0] if answer.timings else None, trial, moves=moves)
             elif outcome == "failed":
-                self.health.failed(neuron.uid, answer.error or "failed", trial, moves=moves)
+                self.miner_health.failed(neuron.uid, answer.error or "failed", trial, moves=moves)
             elif trial is not None:
-                self.health.released(neuron.uid, trial)
+                self.miner_health.released(neuron.uid, trial)
         await self._settle(job, i)
 
     async def _stream(self, job: FanoutJob, i: int, body_bytes: bytes, headers: dict[str, str]) -> None:
@@ -655,7 +657,7 @@ class FanoutPool:
         """Wait until no fan-out is running (background collections included)."""
         await self._idle.wait()
 
-    def statistics(self) -> dict[str, Any]:
+    def health(self) -> dict[str, Any]:
         return {"running": self.jobs_running, "serving": self.jobs_serving, "total": self.jobs_total,
                 "refused": self.jobs_refused, "collections_cut_short": self.jobs_evicted,
                 "unscored": self.results_unscored, "miner_failures": dict(self.miner_failures),

@@ -11,6 +11,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -24,12 +25,17 @@ SHUTDOWN_FLUSH_S = 5.0
 
 
 class KeyStoreActor:
+    name = "keys"
+
     def __init__(self, store: KeyStore) -> None:
         self.store = store
 
-    async def run(self, *, task_status: trio.TaskStatus[KeyStore] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started(self.store)
+    async def run(self, *, task_status: trio.TaskStatus[KeyStoreActor] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started(self)
         await self.store.maintain()
+
+    def health(self) -> dict[str, Any]:
+        return self.store.health()
 
 
 @asynccontextmanager

@@ -372,6 +372,8 @@ class Stored:
 class ScoringForwarder:
     """The actor. Its channel and buffers live on the object, so they survive a supervisor restart."""
 
+    name = "scoring"
+
     def __init__(
         self,
         settings: Settings,
@@ -483,7 +485,7 @@ class ScoringForwarder:
                          f"then new ones are dropped) and the write is retried")
         return found
 
-    def statistics(self) -> dict[str, Any]:
+    def health(self) -> dict[str, Any]:
         channel = self._send.statistics()
         now = trio.current_time()
         warnings = self.warnings()

@@ -83,6 +83,8 @@ class SubnetActor:
     screened again when loaded. `hotkey`: the gateway's own, looked up in every new snapshot.
     """
 
+    name = "subnet"
+
     def __init__(
         self,
         source: MetagraphSource,
@@ -113,12 +115,12 @@ class SubnetActor:
         if hotkey is not None:
             self._judge_hotkey(cell.get())
 
-    async def run(self, *, task_status: trio.TaskStatus[SnapshotCell[SubnetSnapshot]] = trio.TASK_STATUS_IGNORED
+    async def run(self, *, task_status: trio.TaskStatus[SubnetActor] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         if self.cell.get().fetched_at is None and self.cache_path is not None:
             await self._load_cache()
         ok = await self.sync_once()
-        task_status.started(self.cell)
+        task_status.started(self)
         retry = self.retry_s
         while True:
             if ok:

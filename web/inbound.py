@@ -99,6 +99,8 @@ class Connection(trio.abc.HalfCloseableStream):
 class Connections:
     """The slots for client connections, and the connections holding them."""
 
+    name = "connections"  # as it reports on /health/ready
+
     def __init__(self, cap: int, *, busy_idle_s: float) -> None:
         self.cap = cap
         self.busy_idle_s = busy_idle_s
@@ -185,7 +187,7 @@ class Connections:
         for connection in list(self.open.values()):
             await connection.end()
 
-    def statistics(self) -> dict[str, Any]:
+    def health(self) -> dict[str, Any]:
         return {
             "open": self.in_use,
             "max": self.cap,
