@@ -292,12 +292,15 @@ async def test_a_failed_model_call_ends_the_run_with_its_reason() -> None:
     assert headings(emitted) == ["## Generating Research Plan"]
 
 
-async def test_a_failed_call_inside_a_tool_ends_the_run_and_stops_the_other_tool() -> None:
+async def test_a_failed_call_inside_a_tool_ends_the_run_and_stops_the_other_tool(
+        autojump_clock: trio.testing.MockClock) -> None:
     two = dumps([{"tool_name": "web_search", "parameters": {"question": q}, "purpose": q} for q in ("a", "b")])
     script = Script(tools=[two],
                     query=[lambda messages, i: ResearchCallFailed("miners down") if i == 1 else "query a"])
     script.search_delay_s = 10.0
+    start = trio.current_time()
     outcome, _ = await research(script)
+    assert trio.current_time() == start  # the other search did not run its 10 s
     assert outcome.failure is ResearchFailure.CALL_FAILED and outcome.message == "the query call failed: miners down"
     assert "search_answer" not in script.steps()  # the other tool's search was cut short
 
@@ -404,6 +407,12 @@ GOOD = {"thinking_step_title": "t", "thoughts": "x", "summary": "s", "next_actio
 ])
 def test_the_json_is_found_where_models_put_it(text: str) -> None:
     assert extract(text, _thought) == research_steps.Thought("t", "x", "s", False)
+
+
+def test_the_first_fenced_block_wins_over_json_earlier_in_the_prose() -> None:
+    example = {**GOOD, "thinking_step_title": "an example of the format"}
+    text = f"The format is {dumps(example)}; mine:\n```json\n{dumps(GOOD)}\n```"
+    assert extract(text, _thought).title == "t"
 
 
 @pytest.mark.parametrize(("text", "problem"), [
