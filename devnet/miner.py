@@ -7,7 +7,8 @@ signer, and `sampling_parameters` must hold only numbers and booleans (else 422,
 miners answer). How a stream is shaped (a role-only first chunk, the finish in the last token's chunk,
 a usage chunk, `[DONE]`) differs between deployed miners: each simulated miner has a `MinerStyle`,
 by default derived from its uid (see `MinerStyle.for_uid`). The fault mode is read per request and can
-be changed at run time (`set_fault`).
+be changed at run time (`set_fault`). The gateway's deep-research prompts get scripted answers, valid
+for each step (`devnet/research.py`); every other prompt its ordinary answer.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 from config.loading import ConfigError
-from devnet import text
+from devnet import research, text
 from devnet.listener import Listener
 from devnet.receiving import Inbox, Received, error_response, json_response
 from wire.metagraph import Neuron
@@ -71,6 +72,8 @@ class MinerFault(enum.StrEnum):
     DEEP_JSON = "deep_json"  # its first chunk nests 100,000 deep, then a normal answer
     GZIP_BOMB = "gzip_bomb"  # answers `/availability` with `Content-Encoding: gzip`: about 3 MB that
     #                          inflate to 3 GiB of zeros (chat is answered normally)
+    RESEARCH_BAD_JSON = "research_bad_json"  # answers each deep-research step that asks for JSON with
+    #                                          a cut-short Python dict printout (other prompts normally)
 
 
 def parse_faults(values: Iterable[str], *, key: str = "devnet.faults") -> tuple[MinerFault, ...]:
@@ -275,6 +278,10 @@ class Miner:
             if fault is MinerFault.BENCH:
                 answer = text.fixed_answer(body.get("seed"), body.get("messages"), self.timing.bench_tokens,
                                            text.max_tokens_of(body))
+            elif (scripted := research.reply_to(body.get("messages"),
+                                                broken=fault is MinerFault.RESEARCH_BAD_JSON)) is not None:
+                answer = text.scripted_answer(scripted, body.get("seed"), body.get("messages"),
+                                              text.max_tokens_of(body))
             else:
                 answer = text.answer(body.get("seed"), body.get("messages"), text.max_tokens_of(body))
             reply = Reply([t.text for t in answer.tokens],

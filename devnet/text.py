@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +98,18 @@ def answer(seed: Any, messages: Any, max_tokens: int) -> Answer:
         logprob = -round(rng.random() * 1.5, 4)
         tokens.append(Token(word + " ", logprob, other + " ", round(logprob - 0.5 - rng.random(), 4)))
     return Answer(tuple(tokens), "length" if natural > max_tokens else "stop")
+
+
+def scripted_answer(content: str, seed: Any, messages: Any, max_tokens: int) -> Answer:
+    """`content` as an answer: a token per word (with the spaces after it), logprobs drawn as `answer`
+    draws them, cut at `max_tokens` (for prompts whose answer is scripted, such as research steps)."""
+    rng = random.Random(request_digest(seed, messages))
+    pieces = re.findall(r"\s*\S+\s*", content) or [content]
+    tokens = []
+    for piece in pieces[:max_tokens]:
+        logprob = -round(rng.random() * 1.5, 4)
+        tokens.append(Token(piece, logprob, rng.choice(WORDS) + " ", round(logprob - 0.5 - rng.random(), 4)))
+    return Answer(tuple(tokens), "length" if len(pieces) > max_tokens else "stop")
 
 
 def fixed_answer(seed: Any, messages: Any, length: int, max_tokens: int) -> Answer:
