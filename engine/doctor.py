@@ -406,23 +406,21 @@ def check_spool(settings: Settings) -> CheckResult:
 
 
 def check_port(settings: Settings) -> CheckResult:
-    """Bind `server.host:server.port` as the server does (SO_REUSEADDR) and release it at once."""
+    """Bind `server.host:server.port` as the server does (hypercorn: the address family by the host's
+    spelling, SO_REUSEADDR) and release it at once."""
     name = "port"
     host, port = settings.server.host, settings.server.port
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if port == 0:
         return note(name, "server.port = 0: a free port is picked at each start")
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen()
     except socket.gaierror as exc:
         return fail(name, f"server.host {host!r} does not resolve ({exc.strerror})",
                     "set server.host to an address of this machine (0.0.0.0 for all)")
-    family, kind, proto, _, address = infos[0]
-    try:
-        with socket.socket(family, kind, proto) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(address)
-            sock.listen()
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             return fail(name, f"{where} is in use (a gateway, or the upstream API, still running?)",
