@@ -302,7 +302,14 @@ class _Translator:
         self.simple("ADMIN_KEY", "auth.admin_key", as_text)
         self.validator()
         self.simple("SCORE_ORGANICS", "scoring.enabled", as_bool)
+        if not self.env.named("SCORE_ORGANICS"):
+            self.out.unmapped.append(Unmapped(
+                "SCORE_ORGANICS (not set)", "upstream's default was false (nothing sent for scoring); "
+                "scoring.enabled stays true here: set it to false to keep that"))
         self.simple("NETUID", "subnet.netuid", as_int)
+        if not self.env.named("NETUID"):
+            self.out.unmapped.append(Unmapped(
+                "NETUID (not set)", "upstream's default was 61; subnet.netuid stays 1 (Subnet 1) here"))
         self.network()
         self.simple("API_TOP_UIDS_TO_STREAM", "fanout.miners", as_int)
         self.simple("API_TOP_UIDS_SAMPLE", "fanout.top_pool", as_int)

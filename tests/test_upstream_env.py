@@ -110,7 +110,7 @@ def test_a_realistic_env_api_becomes_a_config_that_loads_with_every_setting_mapp
     assert main(["check-config", str(out)]) == 0
 
 
-def test_without_api_host_and_port_clients_keep_upstreams_address(
+def test_settings_the_file_does_not_name_keep_upstreams_address_and_our_defaults_otherwise(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     env = write_env(tmp_path, "WALLET_NAME=v\nHOTKEY=h\n")
@@ -120,9 +120,12 @@ def test_without_api_host_and_port_clients_keep_upstreams_address(
     assert ('mapped: API_HOST (not set) -> server.host = "0.0.0.0"; upstream\'s default, so that clients reach the '
             "gateway where they reached the API") in lines
     assert any(line.startswith("mapped: API_PORT (not set) -> server.port = 8005;") for line in lines)
+    assert ("not mapped: SCORE_ORGANICS (not set): upstream's default was false (nothing sent for scoring); "
+            "scoring.enabled stays true here: set it to false to keep that") in lines
+    assert "not mapped: NETUID (not set): upstream's default was 61; subnet.netuid stays 1 (Subnet 1) here" in lines
     settings = load_settings(out, environ={})
     assert (settings.server.host, settings.server.port) == ("0.0.0.0", 8005)
-    assert settings.auth.admin_key == ""
+    assert settings.auth.admin_key == "" and settings.scoring.enabled and settings.subnet.netuid == 1
 
 
 def test_refuses_to_overwrite_unless_forced_and_forced_files_become_private(
