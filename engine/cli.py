@@ -141,6 +141,8 @@ def cmd_devnet(args: argparse.Namespace) -> int:
 def cmd_init(args: argparse.Namespace) -> int:
     from config.template import write_default
 
+    if args.from_upstream is not None:
+        return init_from_upstream(args.from_upstream, args.file, force=args.force)
     try:
         path = write_default(args.file, force=args.force)
     except FileExistsError:
@@ -151,6 +153,51 @@ def cmd_init(args: argparse.Namespace) -> int:
         return 1
     print(f"wrote {path}; check it with: sn1-gateway check-config {path}")
     return 0
+
+
+def init_from_upstream(env_path: str, file: str, *, force: bool) -> int:
+    """`init --from-upstream .env.api [FILE]`: the commented file with upstream's settings mapped in."""
+    from engine import upstream_env
+
+    if not force and os.path.lexists(file):  # before reading anything, as plain `init` does
+        print(f"{file}: already exists; use --force to replace it", file=sys.stderr)
+        return 1
+    try:
+        env = upstream_env.read_env_file(env_path)
+    except upstream_env.UpstreamEnvError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    translation = upstream_env.translate(env, base=os.path.dirname(os.path.abspath(env_path)))
+    text = upstream_env.render_config(translation, source=env_path)
+    try:
+        path = upstream_env.write_private(file, text, force=force)
+    except FileExistsError:
+        print(f"{file}: already exists; use --force to replace it", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"{file}: cannot be written: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    for line in translation.lines():
+        print(line)
+    load_settings(path)  # what was written loads, or this is a bug worth a loud error
+    print(f"wrote {path} (mode 0600: it may hold the admin key)")
+    print(f"next: sn1-gateway keys import {translation.keys_file} --config {path}")
+    print(f"then: sn1-gateway doctor --config {path}")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from engine.doctor import CheckResult, run_checks, summary
+
+    def report(result: CheckResult) -> None:
+        print(result.line(), flush=True)
+
+    if not args.verbose:  # the chain client logs each endpoint it tries; the check says what matters
+        logging.getLogger("bittensor").setLevel(logging.WARNING)
+
+    results = trio.run(partial(run_checks, args.config, probe=args.probe, report=report))
+    print(summary(results))
+    return 1 if any(r.failed for r in results) else 0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -175,7 +222,17 @@ def build_parser() -> argparse.ArgumentParser:
     init = sub.add_parser("init", help="write a commented default config file")
     init.add_argument("file", nargs="?", default=DEFAULT_CONFIG, metavar="FILE")
     init.add_argument("--force", action="store_true", help="replace an existing file")
+    init.add_argument("--from-upstream", metavar="ENV_FILE",
+                      help="fill it in from an upstream validator API's .env.api (printing what was mapped "
+                           "and what was not)")
     init.set_defaults(func=cmd_init)
+
+    doctor = sub.add_parser("doctor", help="check a production setup end to end and say what to fix")
+    doctor.add_argument("--config", metavar="FILE", default=DEFAULT_CONFIG,
+                        help=f"config file (default: ./{DEFAULT_CONFIG})")
+    doctor.add_argument("--probe", action="store_true",
+                        help="also send one empty scoring payload to a validator, to see it accepts our hotkey")
+    doctor.set_defaults(func=cmd_doctor)
 
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("file", metavar="FILE")
