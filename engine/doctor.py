@@ -33,17 +33,17 @@ import trio
 from bittensor_core import Keypair
 
 from actors.keystore import KeyStoreError, keyfile
-from actors.scoring import ANSWER_LIMIT_BYTES, Validator, ValidatorPicker, read_capped
-from actors.spool import CURSOR_NAME, SEGMENT_SUFFIX
-from actors.subnet import MetagraphSource, SubnetUnavailable
+from actors.scoring.forwarder import ANSWER_LIMIT_BYTES, Validator, ValidatorPicker, read_capped
+from actors.scoring.spool import CURSOR_NAME, SEGMENT_SUFFIX
+from actors.subnet.actor import MetagraphSource, SubnetUnavailable
 from config.loading import ConfigError, load_settings
 from config.settings import Settings, WalletSettings
-from engine.epistula import Signer
 from engine.gateway import make_http_client, metagraph_source
-from engine.hotkey import HotkeyError, load_hotkey
-from engine.keepalive import post_streaming
-from engine.snapshot import SnapshotCell
-from engine.subnet import SubnetSnapshot
+from wire.epistula import Signer
+from wire.hotkey import HotkeyError, load_hotkey
+from wire.metagraph import SubnetSnapshot
+from wire.pool import post_streaming
+from wire.snapshot import SnapshotCell
 
 CHAIN_TIMEOUT_S = 60.0  # a metagraph read that takes longer: the chain counts as unreachable
 REDIS_TIMEOUT_S = 3.0  # PING

@@ -18,7 +18,6 @@ from devnet import research as devnet_research
 from devnet import text
 from devnet.miner import Miner, MinerFault, MinerTiming
 from devnet.network import Devnet
-from engine.epistula import Signer
 from web.research import (
     MARKER_PREFIX,
     ResearchCallFailed,
@@ -31,6 +30,7 @@ from web.research import (
     steps,
 )
 from web.research.extract import Malformed, extract
+from wire.epistula import Signer
 
 TODAY = "2025-07-03"
 QUESTION = "How do Subnet 1 validators score organic answers?"

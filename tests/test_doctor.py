@@ -18,18 +18,18 @@ from bittensor.result import RpcConnectionError
 from bittensor_core import Keypair
 from trio.testing import MockClock
 
-from actors.chain import ChainSource
 from actors.keystore.keyfile import render
 from actors.keystore.records import KeyInfo
-from actors.subnet import MetagraphSource
+from actors.subnet.actor import MetagraphSource
+from actors.subnet.chain import ChainSource
 from config.loading import load_settings
 from config.settings import Settings
 from devnet.network import Devnet
 from engine import doctor
 from engine.cli import main
 from engine.doctor import CheckResult, Mark, run_checks
-from engine.subnet import Neuron, SubnetSnapshot
 from tests.redis_server import RedisServer, free_port, redis_server, redis_url
+from wire.metagraph import Neuron, SubnetSnapshot
 
 __all__ = ["redis_server", "redis_url"]  # fixtures
 

@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from engine import jsonio
+from wire import jsonio
 
 MAX_SCAN_CHARS = 100_000  # a step's JSON answer is a few kilobytes; the rest of a long answer is ignored
 MAX_CANDIDATES = 64  # `{` / `[` positions tried before giving up

@@ -12,8 +12,8 @@ import enum
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from engine import jsonio
 from web.research.steps import CONTINUE, FINISH, SearchResult, clip
+from wire import jsonio
 
 MARKER_PREFIX = "sn1-research/"
 MAX_QUESTION_CHARS = 8_000  # the client's last message, as each step sees it
