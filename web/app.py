@@ -5,7 +5,7 @@ from __future__ import annotations
 from quart_trio import QuartTrio
 
 from engine.services import Services
-from web import availability, chat, health, keys, metrics, retrieval
+from web import availability, chat, docs, health, keys, metrics, retrieval
 from web.errors import install_error_handlers
 
 
@@ -20,4 +20,5 @@ def create_app(services: Services) -> QuartTrio:
     app.register_blueprint(retrieval.blueprint(services))
     app.register_blueprint(availability.blueprint(services))
     app.register_blueprint(metrics.blueprint(services))
+    app.register_blueprint(docs.blueprint())
     return app
