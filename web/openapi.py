@@ -872,8 +872,8 @@ def monitoring_paths() -> dict[str, Any]:
             responses={"200": ok("Per miner.", ref("MinersStatus"))})},
         "/status": {"get": operation(
             "statusPage", "Monitoring", "Status page",
-            "A page for operators showing the gateway's state; it reads `GET /status/data` with the admin key "
-            "the operator enters.", security=PUBLIC,
+            "An HTML page for operators showing the gateway's state; its figures come from `GET /status/data`.",
+            security=PUBLIC,
             responses={"200": {"description": "The page.", "content": {"text/html": {"schema": {"type": "string"}}}}})},
         "/status/data": {"get": operation(
             "statusData", "Monitoring", "Status page data",
