@@ -31,6 +31,7 @@ from quart_trio import QuartTrio
 from config.settings import ServerSettings, Settings
 from engine.gateway import Gateway, run
 from engine.supervisor import Supervisor
+from web.app import create_app
 from web.body import json_body
 from web.errors import ApiError, json_response
 
@@ -205,6 +206,16 @@ async def test_readiness_while_an_actor_restarts(shell: Shell, nursery: trio.Nur
 async def test_unknown_path_is_404(shell: Shell) -> None:
     error = assert_error(await shell.client.get("/v2/nothing"), 404, "not_found_error", "not_found")
     assert error["message"] == "Unknown path /v2/nothing."
+
+
+async def test_no_file_of_the_working_folder_is_served(shell: Shell, monkeypatch: pytest.MonkeyPatch,
+                                                       tmp_path: Path) -> None:
+    (tmp_path / "static").mkdir()
+    (tmp_path / "static" / "secret.txt").write_text("not for clients")
+    monkeypatch.chdir(tmp_path)  # the app is made where the gateway was started
+    client = create_app(shell.gateway.services).test_client()
+    response = await client.get("/static/secret.txt")
+    assert response.status_code == 404 and "not for clients" not in (await response.get_data(as_text=True))
 
 
 async def test_wrong_method_is_405_with_allow(shell: Shell) -> None:

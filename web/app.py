@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from quart_trio import QuartTrio
 
-from web import availability, chat, health, keys, metrics, retrieval
+from web import availability, chat, docs, health, keys, metrics, retrieval
 from web.errors import install_error_handlers
 from web.services import Services
 
 
 def create_app(services: Services) -> QuartTrio:
-    app = QuartTrio("sn1_gateway")
+    app = QuartTrio("sn1_gateway", static_folder=None)  # no /static route serving the working folder
     app.config["MAX_CONTENT_LENGTH"] = services.settings.server.max_body_bytes
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = True
     install_error_handlers(app)
@@ -20,4 +20,5 @@ def create_app(services: Services) -> QuartTrio:
     app.register_blueprint(retrieval.blueprint(services))
     app.register_blueprint(availability.blueprint(services))
     app.register_blueprint(metrics.blueprint(services))
+    app.register_blueprint(docs.blueprint())
     return app
