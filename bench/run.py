@@ -33,7 +33,7 @@ import tomlkit
 import trio
 from bittensor_core import Keypair
 
-from actors.fanout.pool import request_timeout_s
+from actors.fanout.bounds import request_timeout_s
 from bench import report
 from bench.load import Endpoint, HeldStreams, LoadResult, cpu_seconds, hold_streams, request_bytes, run_load
 from bench.processes import Child, ChildFailed, cli, raise_fd_limit, run_command, sample, start_child

@@ -10,8 +10,10 @@ import pytest
 import trio
 from bittensor_core import Keypair
 
+from actors.fanout.bounds import request_timeout_s
 from actors.fanout.breaker import MinerHealth
-from actors.fanout.pool import Broken, Chunk, Complete, End, Failed, FanoutPool, PoolBusy, request_timeout_s
+from actors.fanout.events import Broken, Chunk, Complete, End, Failed
+from actors.fanout.pool import FanoutPool, PoolBusy
 from tests.scripted_miners import DONE, Miners, answer, chunk
 from wire.epistula import Signer
 from wire.metagraph import Neuron
@@ -175,7 +177,7 @@ async def test_a_broken_winner_is_continued_by_a_miner_that_said_the_same(
     job = pool.start(BODY, [neuron(1), neuron(2)], mode="stream", task="InferenceTask")
     events = await collect(job)
     assert text_of(events) == "The same answer"
-    assert isinstance(events[-1], End) and job.takeovers == 1 and job.answers[job.winner or 0].uid == 2
+    assert isinstance(events[-1], End) and job.race is not None and job.race.takeovers == 1 and job.answers[job.winner or 0].uid == 2
 
 
 async def test_a_stalled_winner_is_overtaken(pool: FanoutPool, miners: Miners, autojump_clock: Any) -> None:

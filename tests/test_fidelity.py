@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import trio
 
-from actors.fanout.pool import request_timeout_s
+from actors.fanout.bounds import request_timeout_s
 from tests.chat_stack import Stack, asgi_post, open_stack, sse_events, stack
 from tests.scripted_miners import answer, vllm_answer
 from web.chat_request import DEFAULT_SAMPLING, parse_chat_request

@@ -12,8 +12,11 @@ import pytest
 import trio
 from bittensor_core import Keypair
 
+from actors.fanout.bounds import AnswerBounds
 from actors.fanout.breaker import MinerHealth
-from actors.fanout.pool import AnswerBounds, Broken, Chunk, End, FanoutJob, FanoutPool
+from actors.fanout.events import Broken, Chunk, End
+from actors.fanout.job import FanoutJob
+from actors.fanout.pool import FanoutPool
 from tests.chat_stack import Stack, sse_events, stack
 from tests.devnet_stack import start, stream_chat
 from tests.scripted_miners import DONE, Miners, answer, chunk, vllm_answer, vllm_chunk
@@ -256,25 +259,27 @@ def test_watching_a_stalled_winner_compares_each_chunk_once() -> None:
     async def main() -> None:
         job = FanoutJob(request_id="r", task="InferenceTask", body=BODY, miners=[neuron(1), neuron(2)],
                         mode="stream", timeout_s=60, bounds=AnswerBounds(max_bytes=1 << 30, max_events=1 << 20))
+        race = job.race
+        assert race is not None
         job.winner = 0
         for i in range(5000):
-            job._send_text(f"t{i} ")
+            race.send_text(f"t{i} ")
         follower = job.answers[1].chunks
         compared = 0
         for i in range(5000):
             follower.append(f"t{i} ")
-            before = job._checked[1]
-            assert job.covers(1) == (i == 4999)
-            compared += job._checked[1][0] - before[0]
-            assert job._checked[1][0] == i + 1  # resumed where it stopped, not from the start
+            before = race._checked[1]
+            assert race.covers(1) == (i == 4999)
+            compared += race._checked[1][0] - before[0]
+            assert race._checked[1][0] == i + 1  # resumed where it stopped, not from the start
         assert compared == 5000
         follower.append("more")
-        assert job.covers(1) and job._rest_of(1) == "more"
+        assert race.covers(1) and race.rest_of(1) == "more"
         follower[4000] = "changed"  # a text already compared is not compared again
-        assert job.covers(1)
+        assert race.covers(1)
         diverging = job.answers[0]
         diverging.chunks.extend(["t0 ", "x"])
-        assert not job.covers(0) and job._diverged[0]
+        assert not race.covers(0) and race._diverged[0]
 
     trio.run(main)
 

@@ -17,7 +17,8 @@ from typing import Any
 import trio
 from quart import Blueprint, Response
 
-from actors.fanout.pool import Broken, Chunk, Complete, End, Event, Failed, FanoutJob
+from actors.fanout.events import Broken, Chunk, Complete, End, Event, Failed
+from actors.fanout.job import FanoutJob
 from web.asgi import on_close
 from web.auth import Grant, authorize, rate_limit_headers_on_errors
 from web.body import json_body

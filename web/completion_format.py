@@ -17,8 +17,8 @@ import time
 import uuid
 from typing import Any
 
-from actors.fanout.pool import content_of
 from wire import jsonio
+from wire.chunks import content_of
 from wire.organic import MinerAnswer
 
 FINISH_REASONS = frozenset({"stop", "length", "content_filter"})

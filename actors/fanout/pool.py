@@ -6,11 +6,7 @@ the request's timeout) so that every answer can be scored. When all of a job's m
 job's `OrganicResult` goes to the scoring forwarder.
 
 Modes:
-- "stream": the winner is the first miner to send a content chunk; its chunks are passed on as they
-  arrive. Subnet 1 miners answer a seeded request with the same text, so when the winner breaks or
-  stalls (no chunk for `stall_s`), another miner whose answer so far begins with exactly what the
-  client has received takes over from that point. Without such a miner the stream ends in an error,
-  at once when no miner that has said something can still catch up, else after `stall_s`.
+- "stream": the first miner to send text wins (`actors/fanout/race.py`: stalls and takeovers).
 - "complete": the winner is the first miner to finish a valid answer.
 - "all": no winner; the caller waits for `finished` (mixture of miners, first round; web retrieval).
 
@@ -23,79 +19,31 @@ event's size, and time. Going over is that miner's failure; its connection is cl
 from __future__ import annotations
 
 import logging
-import math
-import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 import trio
 
+from actors.fanout.bounds import AnswerBounds, request_timeout_s
 from actors.fanout.breaker import MinerHealth
+from actors.fanout.events import Complete, Failed
+from actors.fanout.job import FanoutJob, Mode
 from wire import jsonio
+from wire.chunks import content_of, usage_counts
 from wire.epistula import Signer, routing_headers
 from wire.http1 import GatewayLimitError
 from wire.metagraph import Neuron
-from wire.organic import MinerAnswer, OrganicResult
+from wire.organic import OrganicResult
 from wire.pool import ParsedUrls, post_streaming
 from wire.sse import DONE, SseData, SseTooLarge
 
 log = logging.getLogger("sn1_gateway.fanout")
 
-Mode = Literal["stream", "complete", "all"]
 DRAIN_AFTER_DONE_S = 0.25  # how long the end of a miner's body may lag behind its [DONE]
-JOB_EVENTS = 64  # winner events buffered towards the handler; beyond that the winner's stream waits
-DEFAULT_MAX_NEW_TOKENS = 1024
-MIN_TIMEOUT_S, MAX_TIMEOUT_S = 60.0, 300.0
 # Answers the miner gives because of what the client sent: not the miner's failure.
 CLIENT_CAUSED_STATUSES = frozenset({400, 413, 422})
-MAX_USAGE_TOKENS = 2**31 - 1
-RETRIEVAL_TASK = "WebRetrievalTask"
-RETRIEVAL_MAX_BYTES = 8 * 1024 * 1024
-
-
-def token_budget(body: dict[str, Any]) -> int:
-    """The request's `max_new_tokens` (OpenAI's `max_tokens` counts too), else upstream's default."""
-    params = body.get("sampling_parameters")
-    limit = params.get("max_new_tokens") if isinstance(params, dict) else None
-    if not isinstance(limit, int) or isinstance(limit, bool):
-        limit = body.get("max_tokens")
-    if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
-        limit = DEFAULT_MAX_NEW_TOKENS
-    return limit
-
-
-def request_timeout_s(body: dict[str, Any]) -> float:
-    """Upstream v2.19's budget for one miner's answer (also the wait for its first chunk):
-    clamp(max(30, 10 * floor(log2(max_new_tokens / 256)) + 30), 60, 300) seconds, or the client's
-    `timeout` field clamped the same way."""
-    given = body.get("timeout")
-    if isinstance(given, int | float) and not isinstance(given, bool) and math.isfinite(given) and given > 0:
-        seconds = float(given)
-    else:
-        seconds = float(max(30, 10 * math.floor(math.log2(token_budget(body) / 256)) + 30))
-    return min(max(seconds, MIN_TIMEOUT_S), MAX_TIMEOUT_S)
-
-
-@dataclass(frozen=True, slots=True)
-class AnswerBounds:
-    """What one miner's answer may hold, derived from the token budget with a generous margin: a
-    Subnet 1 miner streams a token per chunk, a chunk with logprobs is well under 4 KiB."""
-
-    max_bytes: int
-    max_events: int
-    max_event_bytes: int = 64 * 1024
-    max_chunk_chars: int | None = 8192  # one chunk's text: a token, or a few; never passed on beyond it
-
-    @classmethod
-    def for_request(cls, task: str, body: dict[str, Any]) -> AnswerBounds:
-        if task == RETRIEVAL_TASK:  # one chunk holding every result's page text as a JSON list
-            return cls(max_bytes=RETRIEVAL_MAX_BYTES, max_events=256, max_event_bytes=RETRIEVAL_MAX_BYTES,
-                       max_chunk_chars=None)
-        tokens = token_budget(body)
-        return cls(max_bytes=min(64 * 1024 + 4096 * tokens, 32 * 1024 * 1024), max_events=2 * tokens + 64)
 
 
 class MinerFailure(Exception):
@@ -108,223 +56,6 @@ class ClientCaused(MinerFailure):
 
 class OverBounds(MinerFailure):
     """The miner's answer went over its bounds (`AnswerBounds`): its connection is closed."""
-
-
-@dataclass(frozen=True, slots=True)
-class Chunk:
-    """Text of the winner's stream, with the miner's chunk choice it came in (None for text a successor
-    supplied at a takeover): only ever read through an allowlist."""
-
-    text: str
-    choice: dict[str, Any] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class End:
-    """The winner finished; `finish_reason` as it sent it (None if it only sent [DONE])."""
-
-    finish_reason: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class Broken:
-    """The winner failed after it had started answering, and no miner could take over."""
-
-    error: str
-
-
-@dataclass(frozen=True, slots=True)
-class Failed:
-    """Every miner failed before any usable answer."""
-
-    errors: dict[int, str]
-
-
-@dataclass(frozen=True, slots=True)
-class Complete:
-    """A whole valid answer (mode "complete")."""
-
-    answer: MinerAnswer
-
-
-Event = Chunk | End | Broken | Failed | Complete
-
-
-def content_of(chunk: dict[str, Any]) -> tuple[str, str | None, dict[str, Any] | None]:
-    """The text delta, finish_reason and choice of an OpenAI chat chunk (empty text when there is none)."""
-    choices = chunk.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        return "", None, None
-    choice = choices[0]
-    delta = choice.get("delta")
-    if not isinstance(delta, dict):
-        delta = choice.get("message") if isinstance(choice.get("message"), dict) else {}
-    text = delta.get("content") if isinstance(delta, dict) else None
-    finish = choice.get("finish_reason")
-    return (text if isinstance(text, str) else ""), (finish if isinstance(finish, str) else None), choice
-
-
-def usage_counts(value: Any) -> dict[str, int] | None:
-    """A miner's `usage`, kept only when each count is a plausible non-negative integer."""
-    if not isinstance(value, dict):
-        return None
-    counts = {}
-    for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
-        count = value.get(name)
-        if count is None:
-            continue
-        if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= MAX_USAGE_TOKENS:
-            return None
-        counts[name] = count
-    return counts or None
-
-
-@dataclass
-class FanoutJob:
-    request_id: str
-    task: str
-    body: dict[str, Any]
-    miners: list[Neuron]
-    mode: Mode
-    timeout_s: float
-    bounds: AnswerBounds
-    started: float = field(default_factory=trio.current_time)
-    answers: list[MinerAnswer] = field(default_factory=list)
-    winner: int | None = None
-    stall_s: float = 1.5
-    moves_breakers: bool = True  # False for requests that name their miners
-    scoring_only: int = 0  # how many of `miners`, at the end, are asked only for scoring
-    finished: trio.Event = field(default_factory=trio.Event)
-    first_done: trio.Event = field(default_factory=trio.Event)  # a miner finished well, or the job ended
-    answered: bool = False  # the handler has had its last event (the answer is whole, broken or failed)
-    handler_left: bool = False  # the handler stopped reading (client gone, timeout, released)
-    winner_broken: bool = False
-    broken_at: float | None = None  # when the winner broke with no successor ready
-    takeovers: int = 0
-    released: bool = False  # the handler is done with the job; what remains is collection for scoring
-    cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    cut_reason: str | None = None  # why the job was cut short, when it was
-    trials: dict[int, int] = field(default_factory=dict)  # miner index -> number of the half-open trial it holds
-    _sent: list[str] = field(default_factory=list)  # the text the client has received, in pieces
-    _sent_len: int = 0
-    _sent_text: str = ""  # "".join(_sent), joined again only when _sent has grown
-    _sent_joined: int = 0  # pieces in _sent_text
-    _winner_seen_at: float = 0.0  # when the winner last sent a chunk
-    _settled: list[bool] = field(default_factory=list)
-    _checked: list[tuple[int, int]] = field(default_factory=list)  # per answer: chunks, chars agreeing with _sent
-    _diverged: list[bool] = field(default_factory=list)
-    _pending: int = 0  # primary miners (not scoring-only) still answering
-    _on_release: Callable[[], None] | None = None
-    _send: trio.MemorySendChannel[Event] = field(init=False)
-    receive: trio.MemoryReceiveChannel[Event] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self._send, self.receive = trio.open_memory_channel[Event](JOB_EVENTS)
-        primaries = len(self.miners) - self.scoring_only
-        self.answers = [MinerAnswer(uid=n.uid, hotkey=n.hotkey, scoring_only=i >= primaries)
-                        for i, n in enumerate(self.miners)]
-        self._pending = primaries
-        self._settled = [False] * len(self.miners)
-        self._checked = [(0, 0)] * len(self.miners)
-        self._diverged = [False] * len(self.miners)
-
-    @property
-    def streaming(self) -> bool:
-        """Whether events still go to the handler."""
-        return not (self.answered or self.handler_left)
-
-    def sent_text(self) -> str:
-        if self._sent_joined != len(self._sent):
-            self._sent_text, self._sent_joined = "".join(self._sent), len(self._sent)
-        return self._sent_text
-
-    def _send_text(self, text: str) -> None:
-        self._sent.append(text)
-        self._sent_len += len(text)
-
-    def covers(self, j: int) -> bool:
-        """Whether answer j so far begins with everything the client has received. Incremental: each
-        of its chunks is compared once (a chunk reaching past the received text again until it is
-        passed), so watching a stalled winner costs no more than the text that arrives."""
-        if self._diverged[j]:
-            return False
-        chunks = self.answers[j].chunks
-        sent = self.sent_text()
-        n, pos = self._checked[j]
-        while n < len(chunks) and pos < len(sent):
-            piece = chunks[n]
-            if pos + len(piece) > len(sent):  # reaches past what was sent: compare the part within
-                if not sent.startswith(piece[:len(sent) - pos], pos):
-                    self._diverged[j] = True
-                    return False
-                self._checked[j] = (n, pos)
-                return True
-            if not sent.startswith(piece, pos):
-                self._diverged[j] = True
-                return False
-            n, pos = n + 1, pos + len(piece)
-        self._checked[j] = (n, pos)
-        return pos >= len(sent)
-
-    def _rest_of(self, j: int) -> str:
-        """What answer j (which covers the received text) says beyond it."""
-        n, pos = self._checked[j]
-        return "".join(self.answers[j].chunks[n:])[self._sent_len - pos:]
-
-    def _candidate(self, j: int) -> bool:
-        answer = self.answers[j]
-        return j != self.winner and not answer.scoring_only and answer.error is None
-
-    def successor(self, now: float) -> int | None:
-        """A miner that can continue the client's stream: the winner is broken or stalled, and this
-        miner's answer so far begins with exactly what the client received (and it has not failed)."""
-        if self.winner is None or not self.streaming:
-            return None
-        if not self.winner_broken and now - self._winner_seen_at < self.stall_s:
-            return None
-        for j in range(len(self.answers)):
-            if self._candidate(j) and self.answers[j].chunks and self.covers(j):
-                return j
-        return None
-
-    def may_catch_up(self) -> bool:
-        """Whether a miner still answering has said nothing yet that differs from what the client has:
-        it may yet reach it (the stall watcher waits for that at most `stall_s`)."""
-        return any(self._candidate(j) and not self._settled[j] and (self.covers(j) or not self._diverged[j])
-                   for j in range(len(self.answers)))
-
-    def release(self) -> None:
-        """The handler is done: no more events for it; the miners go on only for scoring."""
-        self.receive.close()
-        self.handler_left = True
-        if not self.released:
-            self.released = True
-            if self._on_release is not None:
-                self._on_release()
-
-    @property
-    def winner_answer(self) -> MinerAnswer | None:
-        return None if self.winner is None else self.answers[self.winner]
-
-    def errors(self) -> dict[int, str]:
-        return {a.uid: a.error or "no answer" for a in self.answers
-                if not a.scoring_only and (a.error or not a.chunks)}
-
-    async def _emit(self, event: Event) -> None:
-        if not self.streaming:
-            return
-        if isinstance(event, End | Broken | Failed | Complete):
-            self.answered = True
-        try:
-            await self._send.send(event)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self.handler_left = True  # the handler left (client disconnect, timeout): keep collecting
-
-    def result(self) -> OrganicResult:
-        return OrganicResult(
-            request_id=self.request_id, task=self.task, body=self.body, answers=tuple(self.answers),
-            created_at=time.time(),
-        )
 
 
 class FanoutPool:
@@ -441,8 +172,8 @@ class FanoutPool:
         try:
             with job.cancel_scope:
                 async with trio.open_nursery() as watch:
-                    if job.mode == "stream":
-                        watch.start_soon(self._watch_stalls, job)
+                    if job.race is not None:
+                        watch.start_soon(job.race.watch)
                     async with trio.open_nursery() as nursery:
                         for i in range(len(job.miners)):
                             nursery.start_soon(self._ask, job, i, body_bytes, routing)
@@ -547,7 +278,7 @@ class FanoutPool:
         if answer.events > job.bounds.max_events:
             raise OverBounds(f"answer over {job.bounds.max_events} events")
         at = round(trio.current_time() - job.started, 6)
-        forward = job.mode == "stream" and not answer.scoring_only
+        race = None if answer.scoring_only else job.race
         for data in events:
             if data == DONE:
                 answer.completed = True
@@ -570,88 +301,26 @@ class FanoutPool:
                 answer.raw_chunks.append(jsonio.dumps(chunk) if b"\n" in data or b"\r" in data else data)
             if finish is not None:
                 answer.finish_reason = finish
-            if forward and job.streaming:
-                await self._forward(job, i, text, finish, choice)
+            if race is not None and job.streaming:
+                await race.on_chunk(i, text, finish, choice)
         return False
-
-    async def _forward(self, job: FanoutJob, i: int, text: str, finish: str | None,
-                       choice: dict[str, Any] | None) -> None:
-        if job.winner is None:
-            if not text:
-                return
-            job.winner = i
-        elif job.winner != i:
-            if job.successor(trio.current_time()) == i:
-                await self._take_over(job, i)
-            return
-        job._winner_seen_at = trio.current_time()
-        if text:
-            job._send_text(text)
-            await job._emit(Chunk(text, choice))
-        if finish is not None:
-            await job._emit(End(finish))  # the client's answer is whole; the rest is for scoring only
-
-    async def _watch_stalls(self, job: FanoutJob) -> None:
-        """A stalled winner is noticed even when no other chunk arrives to prompt the check, and a
-        broken winner that nobody can continue ends the stream within `stall_s`."""
-        while job.streaming:
-            wake = trio.current_time() + job.stall_s / 2
-            if job.broken_at is not None:
-                wake = min(wake, job.broken_at + job.stall_s)
-            await trio.sleep_until(wake)
-            now = trio.current_time()
-            successor = job.successor(now)
-            if successor is not None:
-                await self._take_over(job, successor)
-            elif job.broken_at is not None and (now - job.broken_at >= job.stall_s or not job.may_catch_up()):
-                await self._end_broken(job)
-
-    async def _take_over(self, job: FanoutJob, j: int) -> None:
-        """Continue the client's stream from miner j, which has already said what the client has."""
-        answer = job.answers[j]
-        log.info("request %s: uid %d takes over the stream from uid %d", job.request_id, answer.uid,
-                 job.answers[job.winner or 0].uid)
-        rest = job._rest_of(j)
-        job.winner, job.winner_broken, job.broken_at = j, False, None
-        job.takeovers += 1
-        job._winner_seen_at = trio.current_time()
-        if rest:
-            job._send_text(rest)
-            await job._emit(Chunk(rest))
-        if answer.finish_reason is not None or answer.completed:
-            await job._emit(End(answer.finish_reason))
-
-    async def _end_broken(self, job: FanoutJob) -> None:
-        await job._emit(Broken(job.answers[job.winner or 0].error or "the answer broke off"))
 
     async def _settle(self, job: FanoutJob, i: int) -> None:
         """One miner is done: tell the handler what that changes."""
         answer = job.answers[i]
-        job._settled[i] = True
+        job.settled[i] = True
         if answer.scoring_only:
             return
-        job._pending -= 1
+        job.pending -= 1
         if not answer.error:
             job.first_done.set()
-        if job.mode == "stream":
-            if job.winner == i:
-                if answer.error:
-                    job.winner_broken = True
-                else:
-                    await job._emit(End(answer.finish_reason))
-            if job.winner_broken and job.streaming:
-                successor = job.successor(trio.current_time())
-                if successor is not None:
-                    await self._take_over(job, successor)
-                elif not job.may_catch_up():
-                    await self._end_broken(job)
-                elif job.broken_at is None:
-                    job.broken_at = trio.current_time()  # the stall watcher ends it after `stall_s`
+        if job.race is not None:
+            await job.race.on_settled(i)
         elif job.mode == "complete" and job.winner is None and not answer.error:
             job.winner = i
-            await job._emit(Complete(answer))
-        if job._pending == 0 and job.winner is None and job.mode != "all":
-            await job._emit(Failed(job.errors()))
+            await job.emit(Complete(answer))
+        if job.pending == 0 and job.winner is None and job.mode != "all":
+            await job.emit(Failed(job.errors()))
 
     async def wait_idle(self) -> None:
         """Wait until no fan-out is running (background collections included)."""
