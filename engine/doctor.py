@@ -33,8 +33,9 @@ import trio
 from bittensor_core import Keypair
 
 from actors.keystore import KeyStoreError, keyfile
-from actors.scoring.forwarder import ANSWER_LIMIT_BYTES, Validator, ValidatorPicker, read_capped
+from actors.scoring.forwarder import ANSWER_LIMIT_BYTES
 from actors.scoring.spool import CURSOR_NAME, SEGMENT_SUFFIX
+from actors.scoring.validators import Validator, ValidatorPicker
 from actors.subnet.actor import MetagraphSource, SubnetUnavailable
 from config.loading import ConfigError, load_settings
 from config.settings import Settings, WalletSettings
@@ -261,7 +262,7 @@ async def probe_validator(settings: Settings, keypair: Keypair, validator: Valid
                 async with post_streaming(http, httpx.URL(f"http://{validator.axon}/scoring"), PROBE_PAYLOAD,
                                           headers, bounded=True) as response:
                     status = response.status_code
-                    answer, _ = await read_capped(response, ANSWER_LIMIT_BYTES)
+                    answer = await response.aread(max_bytes=ANSWER_LIMIT_BYTES)
         except trio.TooSlowError:
             reason = f"no answer within {settings.scoring.timeout_s:g} s (scoring.timeout_s)"
         except httpx.HTTPError as exc:

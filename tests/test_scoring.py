@@ -607,7 +607,7 @@ async def test_an_answer_over_the_cap_is_the_validators_failure_and_the_payload_
     forwarder.submit_nowait(organic(0))
     await until(lambda: forwarder.spool.pending == 1)
     state = forwarder.health()["validators"][neuron.hotkey]
-    assert state["failures"] == 1 and "answer over 65536 bytes" in state["last_error"]
+    assert state["failures"] == 1 and "over the 65536 allowed" in state["last_error"]
     assert forwarder.health()["delivered"] == 0
     validators.default = "ok"
     await until(lambda: forwarder.health()["delivered"] == 1, limit_s=120)
