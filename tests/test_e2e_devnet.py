@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -81,8 +82,10 @@ async def test_every_answer_reaches_the_validator_under_its_own_uid(net_factory:
                     assert len(raw) == len(payload["chunks"][str(uid)])  # aligned, chunk for chunk
                     # each devnet miner stamps its uid into its chunk ids
                     assert {c["id"].split("-")[2] for c in raw} == {str(uid)}
+                # 0.25 s apart, in that order; a loaded machine may read two at once (same instant, any order)
                 first_at = {uid: payload["timings"][str(uid)][0] for uid in payload["uids"]}
-                assert sorted(first_at, key=first_at.__getitem__) == [4, 3, 2, 1, 0], first_at
+                order = [4, 3, 2, 1, 0]
+                assert all(first_at[a] <= first_at[b] + 0.05 for a, b in itertools.pairwise(order)), first_at
 
 
 async def ask_directly(client: httpx.AsyncClient, net: Net, uid: int, body: dict[str, Any]) -> str:

@@ -1,4 +1,4 @@
-"""`POST /v1/chat/completions`, `GET /v1/models` and the miners' status page.
+"""`POST /v1/chat/completions`: a chat request fanned out to miners, the winner's answer to the client.
 
 A chat request is fanned out to several miners. Streaming: the first miner to send content wins and
 its text is passed on (one stable id, the requested model name, its finish_reason), then `[DONE]`; a
@@ -12,7 +12,6 @@ its deadline), then one healthy, high-incentive miner combines them.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
 import trio
 from quart import Blueprint, Response
@@ -20,62 +19,17 @@ from quart import Blueprint, Response
 from actors.fanout.events import Broken, Chunk, Complete, End, Event, Failed
 from actors.fanout.job import FanoutJob
 from web.asgi import on_close
+from web.asking import answered_model, resolve_model, start_job
 from web.auth import Grant, authorize, rate_limit_headers_on_errors
 from web.body import json_body
-from web.chat_request import DEFAULT_MODEL_ALIAS, ChatRequest, parse_chat_request
+from web.chat_request import ChatRequest, parse_chat_request
 from web.completion_format import ChatStream, completion_body, usage_of
-from web.errors import ApiError, fanout_errors, json_response
+from web.errors import ApiError, json_response
+from web.mixture import mixture_job
 from web.services import Services
 from wire.sse import DONE_EVENT, encode_event
 
-MIXTURE_PREAMBLE = "I have received the following answers from other assistants:"
-MIXTURE_CLOSING = "I will now combine them into one concise reply."
-MIXTURE_MIN_GRACE_S = 0.5
 KEEPALIVE_COMMENT = b": keep-alive\n\n"
-
-
-def mixture_message(answers: list[str]) -> dict[str, str]:
-    numbered = "\n\n".join(f"{i}. {text.strip()}" for i, text in enumerate(answers, 1))
-    return {"role": "assistant", "content": f"{MIXTURE_PREAMBLE}\n\n{numbered}\n\n{MIXTURE_CLOSING}"}
-
-
-def answered_model(request: ChatRequest) -> str:
-    """The model name the client's answer carries: the one it asked for, or the one "Default" means."""
-    requested = request.requested_model
-    return request.model if requested is None or requested == DEFAULT_MODEL_ALIAS else requested
-
-
-def resolve_model(services: Services, request: ChatRequest) -> ChatRequest:
-    """A model that no miner advertises goes to miners for the task as the subnet's default model (as
-    upstream serves it), so that validators can score the answers; `fanout.strict_models` keeps it a 404."""
-    fanout = services.settings.fanout
-    if fanout.strict_models or request.model == fanout.default_model:
-        return request
-    if services.selector.index().serves_model(request.model):
-        return request
-    return request.with_model(fanout.default_model)
-
-
-def start_job(services: Services, request: ChatRequest, body: dict[str, Any], *, mode: str,
-              final: bool = False, exclude: tuple[int, ...] = ()) -> FanoutJob:
-    """Choose the miners and start asking them; selection and overload become client errors.
-
-    A request naming its `uids` asks exactly those and moves no miner's breaker; otherwise
-    `fanout.extra_scoring_miners` more miners, drawn at random, answer for scoring only."""
-    settings = services.settings.fanout
-    selector = services.selector
-    scoring_only: list[Any] = []
-    with fanout_errors():
-        if final:
-            miners = [selector.best(request.task, request.model, exclude=exclude)]
-        elif request.uids is not None:
-            miners = selector.explicit(request.uids)
-        else:
-            miners = selector.pick(request.task, request.model, settings.miners, fallback=not settings.strict_models)
-            if settings.extra_scoring_miners and mode != "all":
-                scoring_only = selector.extra(settings.extra_scoring_miners, exclude=[n.uid for n in miners])
-        return services.fanout.start(body, miners, mode=mode, task=request.task,  # type: ignore[arg-type]
-                                     scoring_only=scoring_only, moves_breakers=request.uids is None)
 
 
 def failed_error(event: Failed) -> ApiError:
@@ -215,35 +169,6 @@ async def complete_response(services: Services, grant: Grant, request: ChatReque
     return json_response(body, headers={**grant.headers, "X-Request-Id": job.request_id})
 
 
-async def wait_first_round(job: FanoutJob, deadline_s: float) -> None:
-    """Until every miner is done, but never for the slowest: once the fastest has answered, the others
-    get as long again as it took (at least `MIXTURE_MIN_GRACE_S`), all within `deadline_s`."""
-    with trio.move_on_after(deadline_s):
-        await job.first_done.wait()
-        grace = max(trio.current_time() - job.started, MIXTURE_MIN_GRACE_S)
-        with trio.move_on_after(grace):
-            await job.finished.wait()
-
-
-async def mixture_job(services: Services, request: ChatRequest) -> FanoutJob:
-    """First round to several miners (see `wait_first_round`), then one miner combines the answers."""
-    first_round = start_job(services, request, request.miner_body, mode="all")
-    on_close(first_round.release)  # also when the client leaves during the first round
-    await wait_first_round(first_round, services.settings.fanout.mixture_deadline_s)
-    first_round.release()
-    answers = [a for a in first_round.answers if a.whole]
-    if not answers:  # none whole in time: take what has arrived
-        answers = [a for a in first_round.answers if a.chunks]
-    if not answers:
-        raise ApiError(502, "No miner answered the mixture's first round.", code="miners_failed",
-                       details={str(uid): e for uid, e in first_round.errors().items()})
-    final_body = dict(request.miner_body)
-    final_body["messages"] = [*request.messages, mixture_message([a.text for a in answers])]
-    asked = tuple(a.uid for a in first_round.answers)
-    return start_job(services, request, final_body, mode="stream" if request.stream else "complete",
-                     final=True, exclude=asked)
-
-
 def blueprint(services: Services) -> Blueprint:
     bp = Blueprint("chat", __name__)
 
@@ -265,17 +190,5 @@ def blueprint(services: Services) -> Blueprint:
             if request.stream:
                 return await stream_response(services, grant, request, job)
             return await complete_response(services, grant, request, job)
-
-    @bp.get("/v1/models")
-    async def models() -> Response:
-        grant = await authorize(services)
-        names = services.availability.get().models()
-        data = [{"id": name, "object": "model", "created": 0, "owned_by": "sn1"} for name in names]
-        return json_response({"object": "list", "data": data}, headers=grant.headers)
-
-    @bp.get("/status/miners")
-    async def miners_status() -> Response:
-        return json_response({"miners": services.miner_health.report(),
-                              "fanout": services.fanout.health()})
 
     return bp
