@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import trio
 from bittensor_core import Keypair
 
@@ -78,12 +77,6 @@ async def open_stack(tmp_path: Path, nursery: trio.Nursery, **fanout: Any) -> As
     async with httpx.AsyncClient(base_url=gateway.url, headers={"api-key": key}, timeout=30) as client:
         yield Stack(gateway, miners, key, client)
     gateway.shutdown()
-
-
-@pytest.fixture
-async def stack(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Stack]:
-    async with open_stack(tmp_path, nursery) as opened:
-        yield opened
 
 
 def sse_events(text: str) -> list[Any]:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+import trio
 
 from config.settings import (
     AuthSettings,
@@ -16,6 +19,9 @@ from config.settings import (
     SubnetSettings,
     WalletSettings,
 )
+from tests.chat_stack import Stack, open_stack
+from tests.redis_server import RedisServer, free_port, start_redis, stop_redis
+from wire.pool import KeepAliveTransport
 
 
 @pytest.fixture
@@ -32,3 +38,36 @@ def gateway_settings(tmp_path: Path) -> Settings:
         scoring=ScoringSettings(enabled=False, spool_dir=str(tmp_path / "spool")),
         base_dir=str(tmp_path),
     )
+
+
+@pytest.fixture
+async def stack(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Stack]:
+    """A gateway on loopback whose miners are scripted (tests/chat_stack.py), with an API key."""
+    async with open_stack(tmp_path, nursery) as opened:
+        yield opened
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A redis-server of the tests' own on a free loopback port (skipped where there is none, outside CI)."""
+    port = free_port()
+    proc = start_redis(port)
+    try:
+        yield RedisServer(port)
+    finally:
+        stop_redis(proc)
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The server's URL, emptied for this test."""
+    redis_server.command("FLUSHALL")
+    return redis_server.url
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[tuple[httpx.AsyncClient, KeepAliveTransport]]:
+    """An httpx client on the gateway's own outbound pool."""
+    transport = KeepAliveTransport()
+    async with httpx.AsyncClient(transport=transport, timeout=5) as http:
+        yield http, transport

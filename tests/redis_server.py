@@ -11,7 +11,6 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -75,20 +74,3 @@ def stop_redis(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-
-
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    port = free_port()
-    proc = start_redis(port)
-    try:
-        yield RedisServer(port)
-    finally:
-        stop_redis(proc)
-
-
-@pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
-    """The server's URL, emptied for this test."""
-    redis_server.command("FLUSHALL")
-    return redis_server.url

@@ -17,7 +17,7 @@ from bittensor_core import Keypair
 from actors.availability import AvailabilityActor
 from config.settings import AvailabilitySettings, ScoringSettings, Settings
 from engine.gateway import make_http_client
-from tests.test_http1 import RawServer, start
+from tests.raw_servers import RawServer, start
 from wire.epistula import Signer
 from wire.metagraph import Neuron, SubnetSnapshot
 from wire.snapshot import SnapshotCell

@@ -6,10 +6,8 @@ import json
 
 import pytest
 
-from tests.chat_stack import Stack, stack
+from tests.chat_stack import Stack
 from tests.scripted_miners import answer
-
-__all__ = ["stack"]
 
 BRACKETS = b"[" * 100_000
 OBJECTS = b'{"a":' * 40 + b"1" + b"}" * 40

@@ -12,10 +12,8 @@ from typing import Any
 import pytest
 import trio
 
-from tests.chat_stack import Stack, sse_events, stack
+from tests.chat_stack import Stack, sse_events
 from tests.scripted_miners import answer, chunk
-
-__all__ = ["stack"]
 
 
 async def test_stream_passes_on_winner_chunks_and_finish_reason(stack: Stack) -> None:

@@ -5,11 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import re
-import signal
-import subprocess
-import sys
 from functools import partial
 from pathlib import Path
 
@@ -24,6 +19,7 @@ from devnet import text
 from devnet.miner import MinerFault
 from devnet.network import DEFAULT_GATEWAY_URI, Devnet
 from engine.gateway import Gateway, metagraph_source, serve_with_devnet
+from tests.cli_process import read_until, start_cli, stop
 from wire.epistula import Signer
 
 
@@ -139,30 +135,6 @@ async def test_serve_with_devnet_answers_from_the_devnet_and_scores(tmp_path: Pa
 
 
 # -- the command line -----------------------------------------------------------------------------
-
-
-async def start_cli(*args: str, cwd: Path) -> trio.Process:
-    env = {**os.environ, "HOME": str(cwd)}  # no wallet anywhere
-    return await trio.lowlevel.open_process([sys.executable, "-m", "engine.cli", *args], cwd=cwd, env=env,
-                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-async def read_until(stream: trio.abc.ReceiveStream | None, marker: bytes) -> bytes:
-    """Everything read from `stream` until `marker` (a regular expression) appears in it."""
-    assert stream is not None
-    seen = b""
-    while not re.search(marker, seen):
-        chunk = await stream.receive_some()
-        if not chunk:
-            raise AssertionError(f"the output ended before {marker!r}: {seen.decode(errors='replace')}")
-        seen += chunk
-    return seen
-
-
-async def stop(process: trio.Process) -> int:
-    process.send_signal(signal.SIGINT)
-    with trio.fail_after(15):
-        return await process.wait()
 
 
 async def test_the_devnet_command_prints_a_config_that_reaches_its_miners(tmp_path: Path) -> None:

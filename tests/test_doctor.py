@@ -28,10 +28,8 @@ from devnet.network import Devnet
 from engine import doctor
 from engine.cli import main
 from engine.doctor import CheckResult, Mark, run_checks
-from tests.redis_server import RedisServer, free_port, redis_server, redis_url
+from tests.redis_server import RedisServer, free_port
 from wire.metagraph import Neuron, SubnetSnapshot
-
-__all__ = ["redis_server", "redis_url"]  # fixtures
 
 ALICE = Keypair.create_from_uri("//Alice").ss58_address
 BOB = Keypair.create_from_uri("//Bob").ss58_address

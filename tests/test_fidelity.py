@@ -12,13 +12,11 @@ import pytest
 import trio
 
 from actors.fanout.bounds import request_timeout_s
-from tests.chat_stack import Stack, asgi_post, open_stack, sse_events, stack
+from tests.chat_stack import Stack, asgi_post, open_stack, sse_events
 from tests.scripted_miners import answer, vllm_answer
 from web.chat_request import DEFAULT_SAMPLING, parse_chat_request
 from wire import jsonio
 from wire.organic import MinerAnswer, OrganicResult, scored_body
-
-__all__ = ["stack"]
 
 MISTRAL = "mrfakename/mistral-small-3.1-24b-instruct-2503-hf"
 WORDS = ["The", " same", " answer"]

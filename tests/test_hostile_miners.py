@@ -17,15 +17,13 @@ from actors.fanout.breaker import MinerHealth
 from actors.fanout.events import Broken, Chunk, End
 from actors.fanout.job import FanoutJob
 from actors.fanout.pool import FanoutPool
-from tests.chat_stack import Stack, sse_events, stack
+from tests.chat_stack import Stack, sse_events
 from tests.devnet_stack import start, stream_chat
 from tests.scripted_miners import DONE, Miners, answer, chunk, vllm_answer, vllm_chunk
 from wire.epistula import Signer
 from wire.http1 import GatewayLimitError
 from wire.metagraph import Neuron
 from wire.organic import OrganicResult
-
-__all__ = ["stack"]
 
 BODY: dict[str, Any] = {"model": None, "messages": [{"role": "user", "content": "hi"}], "stream": True,
                         "seed": 7, "task": "InferenceTask", "sampling_parameters": {"max_new_tokens": 16}}

@@ -9,15 +9,13 @@ import gzip
 import os
 import resource
 import sys
-from collections.abc import Awaitable, Callable
-from functools import partial
 
 import httpx
 import pytest
 import trio
 import trio.lowlevel
 
-from tests.test_keepalive import client
+from tests.raw_servers import RawServer, start
 from wire.http1 import (
     RECEIVE_BYTES,
     AnswerEncoded,
@@ -27,49 +25,6 @@ from wire.http1 import (
     parse_head,
 )
 from wire.pool import MAX_ANSWER_BYTES, KeepAliveTransport, post_streaming
-
-__all__ = ["client"]
-
-Handler = Callable[[trio.SocketStream, int], Awaitable[None]]
-
-
-class RawServer:
-    """Serves each connection with `handler(stream, n)`, n counting connections from 1."""
-
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
-        self.accepted = 0
-        self.requests: list[bytes] = []
-        self.port = 0
-
-    async def serve(self, stream: trio.SocketStream) -> None:
-        self.accepted += 1
-        with contextlib.suppress(trio.BrokenResourceError):
-            await self.handler(stream, self.accepted)
-
-    async def read_request(self, stream: trio.SocketStream, pending: list[bytes]) -> bytes | None:
-        """One request (head and Content-Length body); None when the client closed."""
-        data = pending.pop() if pending else b""
-        while b"\r\n\r\n" not in data:
-            more = await stream.receive_some(65536)
-            if not more:
-                return None
-            data += more
-        head, _, rest = data.partition(b"\r\n\r\n")
-        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                       if line.lower().startswith(b"content-length:")), 0)
-        while len(rest) < length:
-            rest += await stream.receive_some(65536)
-        pending.append(rest[length:])
-        self.requests.append(head + b"\r\n\r\n" + rest[:length])
-        return head
-
-
-async def start(nursery: trio.Nursery, handler: Handler) -> RawServer:
-    server = RawServer(handler)
-    listeners = await nursery.start(partial(trio.serve_tcp, server.serve, 0, host="127.0.0.1"))
-    server.port = listeners[0].socket.getsockname()[1]
-    return server
 
 
 async def serve_responses(nursery: trio.Nursery, *responses: bytes, byte_by_byte: bool = False) -> RawServer:

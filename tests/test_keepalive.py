@@ -76,13 +76,6 @@ async def start_server(nursery: trio.Nursery, *, keep_alive_timeout: float = 30.
     return server
 
 
-@pytest.fixture
-async def client() -> AsyncIterator[tuple[httpx.AsyncClient, KeepAliveTransport]]:
-    transport = KeepAliveTransport()
-    async with httpx.AsyncClient(transport=transport, timeout=5) as http:
-        yield http, transport
-
-
 async def read_all(http: httpx.AsyncClient, url: str) -> bytes:
     async with http.stream("POST", url, content=b"{}") as response:
         assert response.status_code == 200

@@ -8,10 +8,8 @@ from pathlib import Path
 
 from actors.keystore import keyfile
 from actors.keystore.records import INT64_MAX, MAX_TOKENS_PER_REQUEST, key_id_of
-from tests.chat_stack import Stack, stack
+from tests.chat_stack import Stack
 from tests.scripted_miners import chunk
-
-__all__ = ["stack"]  # fixture
 
 
 async def test_a_miner_reporting_2_64_tokens_changes_no_total_beyond_a_requests_bound(

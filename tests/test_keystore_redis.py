@@ -22,9 +22,7 @@ from tests.keys_support import (
     wait_until,
     write_config,
 )
-from tests.redis_server import RedisServer, free_port, redis_server, redis_url, start_redis, stop_redis
-
-__all__ = ["redis_server", "redis_url"]  # fixtures
+from tests.redis_server import RedisServer, free_port, start_redis, stop_redis
 
 
 async def test_create_check_modify_delete(redis_url: str) -> None:

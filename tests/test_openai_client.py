@@ -6,10 +6,8 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 
-from tests.chat_stack import Stack, stack
+from tests.chat_stack import Stack
 from tests.scripted_miners import answer
-
-__all__ = ["stack"]
 
 
 def client_for(stack: Stack, key: str | None = None) -> AsyncOpenAI:

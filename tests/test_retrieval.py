@@ -8,11 +8,9 @@ import pytest
 import trio
 
 from actors.availability import AvailabilitySnapshot, MinerAvailability
-from tests.chat_stack import Stack, stack
+from tests.chat_stack import Stack
 from tests.scripted_miners import DONE, chunk
 from web.app import create_app
-
-__all__ = ["stack"]
 
 MODEL = "hugging-quants/Meta-Llama-3.1-70B-Instruct-AWQ-INT4"
 

@@ -24,7 +24,7 @@ from devnet.network import Devnet
 from devnet.validator import ValidatorFault
 from engine.cli import devnet_key
 from engine.gateway import EXIT_MARGIN_S, EXIT_STUCK
-from tests.test_devnet_network import read_until
+from tests.cli_process import read_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DRAIN_S = 3.0  # twice this (the old drain, then a second one for fan-outs) is over DRAIN_S + EXIT_MARGIN_S
