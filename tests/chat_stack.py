@@ -1,4 +1,4 @@
-"""A gateway on real loopback HTTP whose miners are scripted (MockTransport behind the gateway)."""
+"""A gateway on real loopback HTTP whose miners are scripted servers on loopback too."""
 
 from __future__ import annotations
 
@@ -31,10 +31,12 @@ from web.asgi import shield_response_end
 UIDS = (1, 2, 3)
 
 
-def settings_for(tmp_path: Path, **fanout: Any) -> Settings:
+def settings_for(tmp_path: Path, scripted: Miners | None = None, **fanout: Any) -> Settings:
+    """The stack's settings: a static subnet of `UIDS` (at the miners' loopback axons when served)."""
     neurons = tuple(
         NeuronSettings(uid=uid, hotkey=Keypair.create_from_uri(f"//miner{uid}").ss58_address,
-                       axon=f"127.0.0.1:{9000 + uid}", incentive=0.1 * uid)
+                       axon=scripted.axon(uid) if scripted is not None else f"127.0.0.1:{9000 + uid}",
+                       incentive=0.1 * uid)
         for uid in UIDS
     )
     return dataclasses.replace(
@@ -69,10 +71,11 @@ class Stack:
 
 @asynccontextmanager
 async def open_stack(tmp_path: Path, nursery: trio.Nursery, **fanout: Any) -> AsyncIterator[Stack]:
-    """A gateway whose miners are scripted, with `fanout` settings overriding the defaults."""
+    """A gateway whose miners are scripted loopback servers, with `fanout` settings overriding the defaults."""
     miners = Miners()
+    await miners.serve(nursery, UIDS)  # real loopback servers, reached through the gateway's own pool
     gateway: Gateway = await nursery.start(lambda task_status: run(
-        settings_for(tmp_path, **fanout), transport=miners.transport(), task_status=task_status))
+        settings_for(tmp_path, miners, **fanout), task_status=task_status))
     key, _ = await gateway.services.keys.create(1000)
     async with httpx.AsyncClient(base_url=gateway.url, headers={"api-key": key}, timeout=30) as client:
         yield Stack(gateway, miners, key, client)

@@ -17,6 +17,8 @@ from actors.fanout.breaker import MinerHealth
 from actors.fanout.events import Broken, Chunk, End
 from actors.fanout.job import FanoutJob
 from actors.fanout.pool import FanoutPool
+from config.settings import Settings
+from engine.gateway import make_http_client
 from tests.chat_stack import Stack, sse_events
 from tests.devnet_stack import start, stream_chat
 from tests.scripted_miners import DONE, Miners, answer, chunk, vllm_answer, vllm_chunk
@@ -40,13 +42,16 @@ def results() -> list[OrganicResult]:
 
 
 @pytest.fixture
-def miners() -> Miners:
-    return Miners()
+async def miners(nursery: trio.Nursery) -> Miners:
+    """Scripted miners on loopback, for uids 1 to 5."""
+    served = Miners()
+    await served.serve(nursery, range(1, 6))
+    return served
 
 
 @pytest.fixture
 async def pool(miners: Miners, results: list[OrganicResult], nursery: trio.Nursery) -> FanoutPool:
-    http = httpx.AsyncClient(transport=miners.transport())
+    http = make_http_client(Settings())
     health = MinerHealth(failure_threshold=2, cooldown_s=30.0)
     started: FanoutPool = await nursery.start(
         FanoutPool(http, Signer(Keypair.create_from_uri("//Gateway")), health, results.append).run)
@@ -83,7 +88,7 @@ async def test_a_miner_over_its_bounds_fails_and_the_honest_one_answers(
         script: list[tuple[float, str]], reason: str) -> None:
     miners.scripts[9001] = script
     miners.scripts[9002] = answer(["honest", " answer"], first_delay=0.05)
-    job = pool.start(BODY, [neuron(1), neuron(2)], mode="stream", task="InferenceTask")
+    job = pool.start(BODY, [miners.neuron(1), miners.neuron(2)], mode="stream", task="InferenceTask")
     events = await events_of(job)
     assert text_of(events) == "honest answer" and isinstance(events[-1], End)
     await job.finished.wait()
@@ -99,7 +104,7 @@ async def test_a_miner_over_its_bounds_fails_and_the_honest_one_answers(
 async def test_a_winner_going_over_its_bounds_ends_the_stream_bounded(
         pool: FanoutPool, miners: Miners, results: list[OrganicResult], autojump_clock: Any) -> None:
     miners.scripts[9001] = [(0.0, chunk("z"))] * 1000  # valid tokens, far beyond the budget
-    job = pool.start(BODY, [neuron(1)], mode="stream", task="InferenceTask")
+    job = pool.start(BODY, [miners.neuron(1)], mode="stream", task="InferenceTask")
     events = await events_of(job)
     assert isinstance(events[-1], Broken) and "over 96 events" in events[-1].error
     assert len(text_of(events)) <= job.bounds.max_events
@@ -200,7 +205,7 @@ async def test_a_miner_refusing_the_input_moves_no_breaker(pool: FanoutPool, min
                                                           ) -> None:
     miners.scripts[9001] = 422
     for _ in range(5):
-        job = pool.start(BODY, [neuron(1)], mode="complete", task="InferenceTask")
+        job = pool.start(BODY, [miners.neuron(1)], mode="complete", task="InferenceTask")
         await job.finished.wait()
     assert pool.miner_health.state(1) == "closed" and pool.health()["miner_failures"]["client_caused"] == 5
 
@@ -209,7 +214,7 @@ async def test_requests_naming_their_miners_move_no_breaker(pool: FanoutPool, mi
                                                             autojump_clock: Any) -> None:
     miners.scripts[9001] = 500
     for _ in range(5):
-        job = pool.start(BODY, [neuron(1)], mode="complete", task="InferenceTask", moves_breakers=False)
+        job = pool.start(BODY, [miners.neuron(1)], mode="complete", task="InferenceTask", moves_breakers=False)
         await job.finished.wait()
     assert pool.miner_health.state(1) == "closed" and pool.miner_health.report()["1"]["failures"] == 5
 
@@ -225,7 +230,7 @@ async def test_the_gateways_own_failures_move_no_breaker(
         http, Signer(Keypair.create_from_uri("//Gateway")), MinerHealth(failure_threshold=1, cooldown_s=30),
         None).run)
     for _ in range(3):
-        job = pool.start(BODY, [neuron(1)], mode="complete", task="InferenceTask")
+        job = pool.start(BODY, [miners.neuron(1)], mode="complete", task="InferenceTask")
         await job.finished.wait()
         assert (job.answers[0].error or "").startswith("gateway error")
     assert pool.miner_health.state(1) == "closed" and pool.health()["gateway_errors"] == 3
@@ -243,7 +248,7 @@ async def test_a_broken_winner_nobody_can_continue_ends_the_stream_soon(
 ) -> None:
     miners.scripts[9001] = [(0.1, chunk("The ")), (0.1, chunk("same ")), (0.0, "BREAK")]
     miners.scripts[9002] = other
-    job = pool.start(BODY, [neuron(1), neuron(2)], mode="stream", task="InferenceTask")
+    job = pool.start(BODY, [miners.neuron(1), miners.neuron(2)], mode="stream", task="InferenceTask")
     events = []
     async for event in job.receive:
         events.append(event)
