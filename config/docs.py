@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -33,39 +33,45 @@ type, a number outside its bounds or a malformed `host:port` stops the command w
 the file, the dotted key, what was expected and what was found (exit status 2). Numbers must be finite;
 an integer is accepted where a number is expected, not the other way round. `auth.keys_file`,
 `scoring.spool_dir` and `subnet.cache_file` are taken relative to the config file's folder (the
-working folder when there is no file); `~` is expanded.
-"""
+working folder when there is no file); `~` is expanded."""
 
-NEURONS_NOTE = """\
-No two neurons may share a uid or a hotkey. For example:"""
+NEURONS_NOTE = "No two neurons may share a uid or a hotkey. For example:"
 
 
-def _type_name(tp: Any, meta: dict[str, Any]) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
+def array_of_tables(tp: Any) -> type | None:
+    """The settings class of an array of tables (`tuple[NeuronSettings, ...]`), else None."""
+    if get_origin(tp) is tuple:
+        item = get_args(tp)[0]
+        if isinstance(item, type) and dataclasses.is_dataclass(item):
+            return item
+    return None
+
+
+def toml_text(value: Any) -> str:
+    """A value as it is written in the file."""
+    return tomlkit.item(list(value) if isinstance(value, tuple) else value).as_string()
+
+
+def _type_name(tp: Any, meta: Mapping[str, Any]) -> str:
+    if get_origin(tp) is Literal:
         return " or ".join(f'`"{word}"`' for word in get_args(tp))
-    if origin is tuple:
-        (item, _) = get_args(tp)
-        if dataclasses.is_dataclass(item):
-            return "array of tables"
-        return f"array of {SCALARS[item]}s"
+    if array_of_tables(tp) is not None:
+        return "array of tables"
+    if get_origin(tp) is tuple:
+        return f"array of {SCALARS[get_args(tp)[0]]}s"
     if meta.get("address"):
         return '`"host:port"` or `""`'
     return SCALARS[tp]
 
 
-def _toml(value: Any) -> str:
-    return tomlkit.item(list(value) if isinstance(value, tuple) else value).as_string()
-
-
-def _bounds(meta: dict[str, Any]) -> str:
+def _bounds(meta: Mapping[str, Any]) -> str:
     low, high = meta.get("min"), meta.get("max")
     if low is not None and high is not None:
-        return f"{_toml(low)} to {_toml(high)}"
+        return f"{toml_text(low)} to {toml_text(high)}"
     if low is not None:
-        return f"at least {_toml(low)}"
+        return f"at least {toml_text(low)}"
     if high is not None:
-        return f"at most {_toml(high)}"
+        return f"at most {toml_text(high)}"
     return ""
 
 
@@ -74,7 +80,7 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def _doc(meta: dict[str, Any], note: str = "") -> str:
+def _doc(meta: Mapping[str, Any], note: str = "") -> str:
     text = meta["doc"]
     text = text[0].upper() + text[1:]
     if not text.endswith("."):
@@ -92,61 +98,25 @@ def _rows(cls: type, values: Any, where: str) -> Iterator[str]:
         if f.metadata.get("internal"):
             continue
         tp = hints[f.name]
-        note = ""
-        if get_origin(tp) is tuple and dataclasses.is_dataclass(get_args(tp)[0]):
-            note = f" One `[[{where}.{f.name}]]` table each, below."
-        default = _toml(getattr(values, f.name))
-        yield (f"| `{f.name}` | {_type_name(tp, dict(f.metadata))} | `{_cell(default)}` | "
-               f"{_bounds(dict(f.metadata))} | {_doc(dict(f.metadata), note)} |")
+        note = f" One `[[{where}.{f.name}]]` table each, below." if array_of_tables(tp) else ""
+        default = toml_text(getattr(values, f.name))
+        yield (f"| `{f.name}` | {_type_name(tp, f.metadata)} | `{_cell(default)}` | "
+               f"{_bounds(f.metadata)} | {_doc(f.metadata, note)} |")
 
 
-def _environment() -> Iterator[str]:
-    defaults = Settings()
-    overrides = [
-        (f.metadata["env"], f"{section.name}.{f.name}")
-        for section in dataclasses.fields(Settings) if not section.metadata.get("internal")
-        for f in dataclasses.fields(getattr(defaults, section.name))
-        if f.metadata.get("env")
-    ]
-    yield "## Environment"
+def _table(heading: str, meta: Mapping[str, Any], cls: type, values: Any, where: str) -> Iterator[str]:
+    yield from (heading, "", _doc(meta), "")
+    yield from _rows(cls, values, where)
     yield ""
-    yield "Each of these variables, when set, replaces the key's value from the file (or its default)."
-    yield ""
-    yield "| variable | key |"
-    yield "|---|---|"
-    for variable, key in overrides:
-        yield f"| `{variable}` | `{key}` |"
-    yield ""
-
-
-def render_markdown() -> str:
-    """The whole page, as `make docs` writes it."""
-    lines = [
-        "# Configuration",
-        "",
-        "<!-- Generated from config/settings.py by `make docs` (python -m config.docs); do not edit. -->",
-        "",
-        *INTRODUCTION.splitlines(),
-        "",
-        *_environment(),
-    ]
-    defaults = Settings()
-    for section in dataclasses.fields(Settings):
-        if section.metadata.get("internal"):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        item = array_of_tables(hints[f.name])
+        if item is None:
             continue
-        values = getattr(defaults, section.name)
-        lines += [f"## `[{section.name}]`", "", _doc(dict(section.metadata)), "", *_rows(type(values), values,
-                                                                                       section.name), ""]
-        hints = typing.get_type_hints(type(values))
-        for f in dataclasses.fields(values):
-            tp = hints[f.name]
-            if get_origin(tp) is tuple and dataclasses.is_dataclass(item := get_args(tp)[0]):
-                table = f"{section.name}.{f.name}"
-                lines += [f"### `[[{table}]]`", "", _doc(dict(f.metadata)), "",
-                          *_rows(item, item(), table), ""]
-                if item is NeuronSettings:
-                    lines += [*NEURONS_NOTE.splitlines(), "", *_neuron_example(table), ""]
-    return "\n".join(lines)
+        table = f"{where}.{f.name}"
+        yield from _table(f"### `[[{table}]]`", f.metadata, item, item(), table)
+        if item is NeuronSettings:
+            yield from (NEURONS_NOTE, "", *_neuron_example(table), "")
 
 
 def _neuron_example(table: str) -> Iterator[str]:
@@ -154,8 +124,38 @@ def _neuron_example(table: str) -> Iterator[str]:
     yield "```toml"
     yield f"[[{table}]]"
     for f in dataclasses.fields(NeuronSettings):
-        yield f"{f.name} = {_toml(getattr(example, f.name))}"
+        yield f"{f.name} = {toml_text(getattr(example, f.name))}"
     yield "```"
+
+
+def _environment(defaults: Settings) -> Iterator[str]:
+    yield from ("## Environment", "",
+                "Each of these variables, when set, replaces the key's value from the file (or its default).", "",
+                "| variable | key |", "|---|---|")
+    for section in dataclasses.fields(Settings):
+        if section.metadata.get("internal"):
+            continue
+        for f in dataclasses.fields(getattr(defaults, section.name)):
+            if f.metadata.get("env"):
+                yield f"| `{f.metadata['env']}` | `{section.name}.{f.name}` |"
+    yield ""
+
+
+def render_markdown() -> str:
+    """The whole page, as `make docs` writes it."""
+    defaults = Settings()
+    lines = [
+        "# Configuration", "",
+        "<!-- Generated from config/settings.py by `make docs` (python -m config.docs); do not edit. -->", "",
+        INTRODUCTION, "",
+        *_environment(defaults),
+    ]
+    for section in dataclasses.fields(Settings):
+        if section.metadata.get("internal"):
+            continue
+        values = getattr(defaults, section.name)
+        lines += _table(f"## `[{section.name}]`", section.metadata, type(values), values, section.name)
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
