@@ -38,6 +38,11 @@ def page(name: str) -> str:
     return (DOCS / name).read_text(encoding="utf-8")
 
 
+def flat(text: str) -> str:
+    """`text` with every run of white space (line breaks included) as one space."""
+    return " ".join(text.split())
+
+
 def section(text: str, heading: str) -> str:
     """The text under `heading` (a whole heading line) up to the next heading of any level."""
     lines = text.splitlines()
@@ -151,9 +156,9 @@ def test_the_protocol_page_lists_every_route_the_app_serves_and_no_other() -> No
 
 def test_the_protocol_page_states_what_the_code_sends() -> None:
     text = page("protocol.md")
-    routing = section(text, "### Routing headers")
+    routing = flat(section(text, "### Routing headers"))
     assert ", ".join(f"`{name}`" for name in ROUTED_FIELDS) in routing
-    chat_body = section(text, "### The chat body")
+    chat_body = flat(section(text, "### The chat body"))
     assert json.dumps(dict(DEFAULT_SAMPLING)) in chat_body
 
 
