@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint unit bench clean
+.PHONY: run test lint unit bench docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ test: lint unit
 
 bench: $(VENV)/.installed
 	$(BIN)/sn1-gateway bench
+
+# docs/configuration.md is generated from the settings' metadata; tests/test_docs.py keeps it current.
+docs: $(VENV)/.installed
+	$(BIN)/python -m config.docs docs/configuration.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -128,7 +128,7 @@ class MinerStyle:
         | 1 | yes | yes | no  | no  |
         | 2 | no  | yes | yes | yes |
         | 3 | no  | no  | yes | no  |
-        | 4 | no  | no  | no  | yes |  (the plain shape of PROTOCOL.md)
+        | 4 | no  | no  | no  | yes |  (the plain shape of docs/protocol.md, "What a miner answers")
         """
         return _STYLES[uid % len(_STYLES)]
 

@@ -25,7 +25,7 @@ from wire.metagraph import Neuron, SubnetSnapshot
 
 DEFAULT_GATEWAY_URI = "//devnet/gateway"
 # The gateway's own neuron holds more than the 10,000 stake that miners verifying signers ask of it
-# (UPSTREAM.md section 1), so a gateway on the devnet gets no warning about its hotkey.
+# (docs/protocol.md, "What receivers check"), so a gateway on the devnet gets no warning about its hotkey.
 GATEWAY_STAKE = 20_000.0
 
 

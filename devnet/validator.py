@@ -1,7 +1,7 @@
 """A simulated validator: receives organic scoring payloads and answers miner availabilities.
 
-`POST /scoring` behaves as the deployed validator's (UPSTREAM.md section 3), so that tests through it
-catch what a real one would do with the gateway's payloads:
+`POST /scoring` behaves as the deployed validator's (docs/protocol.md, "The validator's answers"), so
+that tests through it catch what a real one would do with the gateway's payloads:
 - it must be Epistula-signed for the validator's own hotkey by its `API_HOTKEY` (`api_hotkey`, by
   default the gateway's hotkey); any other signer gets 401;
 - a body whose `sampling_parameters` holds anything but numbers and booleans is a 500 (upstream's model

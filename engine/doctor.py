@@ -48,7 +48,8 @@ from wire.snapshot import SnapshotCell
 
 CHAIN_TIMEOUT_S = 60.0  # a metagraph read that takes longer: the chain counts as unreachable
 REDIS_TIMEOUT_S = 3.0  # PING
-MINER_MIN_SIGNER_STAKE = 10_000.0  # the reference miner refuses (401) a signer with less (UPSTREAM.md §1)
+# The reference miner refuses (401) a signer with less (docs/protocol.md, "What receivers check").
+MINER_MIN_SIGNER_STAKE = 10_000.0
 SHORT_ADMIN_KEY = 16  # characters; a shorter admin key is easy to guess
 PROBE_PAYLOAD = b'{"body":{},"uids":[],"chunks":{},"timings":{},"chunk_dicts_raw":{}}'
 SHOWN_ANSWER_CHARS = 160  # of a validator's answer, in a FAIL line

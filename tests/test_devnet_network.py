@@ -38,7 +38,8 @@ async def test_the_metagraph_lists_the_miners_then_the_validator_then_the_gatewa
     miners, validator, gateway = neurons[:4], neurons[4], neurons[5]
     assert [n.axon for n in miners] == [m.address for m in devnet.miners]
     assert len({n.axon for n in neurons[:5]}) == 5 and len({n.hotkey for n in neurons}) == 6
-    # the gateway serves nothing, and holds what miners verifying signers ask of it (UPSTREAM.md 1)
+    # the gateway serves nothing, and holds what miners verifying signers ask of it
+    # (docs/protocol.md, "What receivers check")
     assert (gateway.hotkey, gateway.axon) == (devnet.gateway_hotkey, None) and gateway.stake >= 10_000
     assert [n.incentive for n in miners] == sorted((n.incentive for n in miners), reverse=True)
     assert sum(n.incentive for n in miners) == pytest.approx(1.0, abs=1e-5)

@@ -52,7 +52,8 @@ class Clock:
 
 
 def verify_with_bittensor(headers: httpx.Headers | dict[str, str], body: bytes) -> bool:
-    """PROTOCOL.md section 1, checked with nothing but bittensor's Keypair built from the ss58 address."""
+    """docs/protocol.md, "Epistula signing", checked with nothing but bittensor's Keypair built from the
+    ss58 address."""
     message = (
         f"{hashlib.sha256(body).hexdigest()}.{headers['Epistula-Uuid']}."
         f"{headers['Epistula-Timestamp']}.{headers['Epistula-Signed-For']}"

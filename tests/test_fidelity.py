@@ -1,4 +1,4 @@
-"""The gateway behaves as Subnet 1's deployed validators and miners expect (UPSTREAM.md sections 1-4):
+"""The gateway behaves as Subnet 1's deployed validators and miners expect (docs/protocol.md):
 scoring payloads the validator can score, upstream's time budgets and sampling defaults, models as
 upstream serves them, OpenAI-shaped output, and the rest of upstream's request fields."""
 

@@ -102,7 +102,7 @@ async def test_an_encrypted_hotkey_without_a_terminal_fails_fast_instead_of_prom
     assert "BT_PW_" in message
 
 
-# --- what miners that verify signers will make of the hotkey (UPSTREAM.md section 1) -------------
+# --- what miners that verify signers will make of the hotkey (docs/protocol.md, "What receivers check")
 
 ALICE = Keypair.create_from_uri("//Alice").ss58_address
 

@@ -1,7 +1,7 @@
 """API-key management (`admin-key` header) and `whoami` (an API key's own view of itself).
 
 Served under `/api_management/...` as in the seed document, and without the prefix as the
-predecessor did. Answers are those of PROTOCOL.md section 6. Keys are never logged, and no error
+predecessor did. Answers are those of docs/protocol.md, "The client API". Keys are never logged, and no error
 repeats one: the modify and delete paths carry the key, so a wrong method on them gets its 405 here,
 naming the route rather than the path.
 """

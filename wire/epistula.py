@@ -1,7 +1,7 @@
 """Epistula request signing (gateway -> miners and validators) and verification (the devnet).
 
 Signed message: f"{sha256_hex(body)}.{uuid}.{timestamp_ms}.{signed_for}", sr25519 over exactly the
-bytes sent. See PROTOCOL.md section 1.
+bytes sent. See docs/protocol.md, "Epistula signing".
 """
 
 from __future__ import annotations

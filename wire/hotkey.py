@@ -13,8 +13,8 @@ from bittensor_core import Keypair
 from config.settings import WalletSettings
 from wire.metagraph import SubnetSnapshot
 
-# UPSTREAM.md section 1: the reference miner, when it verifies signers, refuses (401) one that is not in
-# the metagraph or holds less than this stake.
+# docs/protocol.md, "What receivers check": the reference miner, when it verifies signers, refuses (401)
+# one that is not in the metagraph or holds less than this stake.
 MINER_SIGNER_MIN_STAKE = 10_000.0
 
 

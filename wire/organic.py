@@ -73,7 +73,8 @@ class OrganicResult:
         return self.task in SCORED_TASKS
 
     def encode(self) -> bytes:
-        """The `/scoring` body of PROTOCOL.md section 5, as the bytes that are signed, sent and spooled.
+        """The `/scoring` body (docs/protocol.md, "The scoring payload"), as the bytes that are signed,
+        sent and spooled.
 
         Each raw chunk goes in as the bytes the miner sent (it was parsed strictly, so it is JSON), not
         decoded and encoded again."""

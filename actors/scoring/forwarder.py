@@ -15,7 +15,7 @@ on shutdown whatever is still in memory (queued, in the overflow buffer, or in f
 the spool, and replayed on the next start. Delivery is therefore at least once; see `actors/scoring/spool.py`
 for where duplicates can occur.
 
-What a validator's answer means (UPSTREAM.md section 3):
+What a validator's answer means (docs/protocol.md, "The validator's answers"):
 - 200: taken (its body is `null`; taken is not scored).
 - 401/403: it refuses our hotkey (its `API_HOTKEY` names another). Resending cannot help until its
   operator fixes that: the validator is skipped for `backoff_max_s`, then sent ONE payload as a probe
