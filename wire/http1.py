@@ -4,7 +4,7 @@ Two layers. `ResponseParser` is the protocol without I/O, in the style of h11: `
 `next_event()` until it says `NEED_DATA`; it holds every limit on what a peer may send (`Limits`), so
 it is tested against h11 over every byte split. `Connection` is the thin I/O shell around it: one
 `send_all` of the head and body per request, then each received piece fed to the parser once. The
-outbound pool (`engine/keepalive.py`) keeps these connections.
+outbound pool (`wire/pool.py`) keeps these connections.
 
 Per answer the work is one pass over the bytes received: the head is matched once (two regular
 expression scans in C, no per-line Python), the body is passed on as it comes, chunked framing

@@ -1,6 +1,6 @@
 """KeepAliveTransport: the outbound connection pool, with O(1) work per request.
 
-Each origin keeps a stack of idle HTTP/1.1 connections (`engine/http1.py`); a request pops the most
+Each origin keeps a stack of idle HTTP/1.1 connections (`wire/http1.py`); a request pops the most
 recently used one (checking only that one: not expired, not closed by the server), and a response,
 once its body is read to the end and closed, pushes its connection back. httpx's default pool
 (httpcore's) re-examined every pooled connection on every request and response, and its h11 parser
