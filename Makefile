@@ -32,5 +32,17 @@ test: lint unit
 bench: $(VENV)/.installed
 	$(BIN)/sn1-gateway bench
 
+# One executable file, no Python needed where it runs (packaging/). Rebuilt when a source changes.
+.PHONY: binary
+binary: dist/sn1-gateway
+
+$(VENV)/.installed-build: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[build]'
+	touch $(VENV)/.installed $@
+
+dist/sn1-gateway: $(VENV)/.installed-build packaging/sn1-gateway.spec packaging/launcher.py \
+		$(wildcard packaging/hooks/*.py) $(shell find config engine actors web devnet bench -name '*.py')
+	PYTHON=$(BIN)/python bash packaging/build.sh
+
 clean:
 	rm -rf $(VENV) build *.egg-info

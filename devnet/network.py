@@ -171,6 +171,8 @@ class Devnet:
 
 async def run_until_signalled(devnet: Devnet, *, on_ready: Callable[[Devnet], None] | None = None) -> None:
     """Run the devnet alone until SIGINT or SIGTERM (`sn1-gateway devnet`)."""
+    from engine.gateway import absorb_signal_echoes
+
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(devnet.run)
@@ -178,7 +180,9 @@ async def run_until_signalled(devnet: Devnet, *, on_ready: Callable[[Devnet], No
                 on_ready(devnet)
             async for _ in signals:
                 break
+            signalled_at = trio.current_time()
             nursery.cancel_scope.cancel()
+        await absorb_signal_echoes(signals, signalled_at)
 
 
 async def serve_with_devnet(settings: Settings, *, on_ready: Callable[[Gateway], None] | None = None,

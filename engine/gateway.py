@@ -7,6 +7,7 @@ requests get up to `server.drain_timeout_s`, then the actors are cancelled and p
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -43,6 +44,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("sn1_gateway")
 
 FANOUT_STOP_S = 2.0  # how long cut-short fan-outs get to hand their results to the forwarder
+# The same signal again this soon after the first is one signal delivered twice, not an operator asking
+# again: the one-file binary's launcher passes on to its child the Ctrl-C the child had from the
+# terminal already, and systemd signals every process of a unit, the launcher included.
+SIGNAL_ECHO_S = 0.2
 
 
 @dataclass
@@ -254,26 +259,32 @@ async def _set_on_exit(event: trio.Event) -> AsyncIterator[None]:
 async def serve_until_signalled(
     settings: Settings, *, on_ready: Callable[[Gateway], None] | None = None, **run_kw: object
 ) -> None:
-    """Run the gateway; the first SIGINT/SIGTERM drains and stops it, a second one exits at once.
+    """Run the gateway; the first SIGINT/SIGTERM drains and stops it, a second one exits at once
+    (the same signal within `SIGNAL_ECHO_S` of the first is that one delivered twice, and ignored).
 
     A signal while it is still starting stops the start-up (nothing is being served yet to drain).
     """
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             running: list[Gateway] = []
+            first: dict[int, float] = {}  # signal number: when it first asked for the drain
 
             async def watch() -> None:
                 async for signum in signals:
                     name = signal.Signals(signum).name
                     if not running:
                         log.info("%s while starting: stopping", name)
+                        first.setdefault(signum, trio.current_time())
                         nursery.cancel_scope.cancel()
                     elif running[0].stopping:
+                        if trio.current_time() - first.get(signum, -math.inf) < SIGNAL_ECHO_S:
+                            continue
                         log.warning("second %s: exiting now", name)
                         os._exit(130)
                     else:
                         log.info("%s: draining (up to %.0fs); send it again to exit now",
                                  name, settings.server.drain_timeout_s)
+                        first[signum] = trio.current_time()
                         running[0].shutdown()
 
             nursery.start_soon(watch)
@@ -283,3 +294,15 @@ async def serve_until_signalled(
                 on_ready(gateway)
             await gateway.wait_stopped()
             nursery.cancel_scope.cancel()
+        await absorb_signal_echoes(signals, min(first.values(), default=None))
+
+
+async def absorb_signal_echoes(signals: AsyncIterator[int], since: float | None) -> None:
+    """Take the copies of a signal still arriving until `SIGNAL_ECHO_S` after it came (at `since`, if it
+    did). Leaving a signal receiver delivers what it holds again, to Python's default handler: an echo
+    would end the program with a KeyboardInterrupt traceback after a clean stop."""
+    if since is None:
+        return
+    with trio.move_on_at(since + SIGNAL_ECHO_S):
+        async for _ in signals:
+            pass
