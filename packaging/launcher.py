@@ -8,6 +8,7 @@ as `python -m` would; anything else is the ordinary command line.
 
 from __future__ import annotations
 
+import importlib.util
 import runpy
 import sys
 
@@ -15,6 +16,13 @@ import sys
 def launch(argv: list[str]) -> int:
     if getattr(sys, "frozen", False) and len(argv) >= 3 and argv[1] == "-m":
         module = argv[2]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # a parent package is missing
+            found = False
+        if not found:
+            print(f"{argv[0]}: No module named {module}", file=sys.stderr)
+            return 1
         sys.argv = [module, *argv[3:]]
         runpy.run_module(module, run_name="__main__", alter_sys=True)
         return 0

@@ -13,6 +13,7 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -169,6 +170,19 @@ def test_version_is_the_projects(binary: Binary) -> None:
     assert done.stdout == f"sn1-gateway {project_version()}\n"
 
 
+def test_bench_and_the_children_it_starts_run_from_the_binary(binary: Binary) -> None:
+    """`bench` starts its gateways and its floor as `sys.executable -m MODULE`: the binary runs those."""
+    helped = binary.run("bench", "--help")
+    assert helped.returncode == 0 and helped.stdout.startswith("usage: sn1-gateway bench"), helped.stderr
+    as_module = binary.run("-m", "engine.cli", "--version")
+    assert (as_module.returncode, as_module.stdout) == (0, f"sn1-gateway {project_version()}\n"), as_module.stderr
+    floor = binary.run("-m", "bench.floor", "--help")
+    assert floor.returncode == 0 and "--tokens" in floor.stdout, floor.stderr
+    missing = binary.run("-m", "no_such_module")
+    assert missing.returncode == 1 and "No module named no_such_module" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
 def test_init_writes_a_config_that_check_config_accepts_and_a_wrong_key_is_refused(binary: Binary) -> None:
     done = binary.run("init")
     assert done.returncode == 0, done.stderr
@@ -244,6 +258,26 @@ def test_devnet_and_serve_with_a_wallet_hotkey_stop_once_when_their_group_is_sig
             log = gateway.output()
             assert log.count("SIGTERM: draining") == 1 and "second SIGTERM" not in log, log
         assert devnet.stop(signal.SIGINT, group=True) == 0, devnet.output()
+
+
+def test_serve_reads_the_chain_through_bittensor_and_reports_it_unreachable(binary: Binary) -> None:
+    """bittensor's chain client runs in the frozen program: nothing listens at the endpoint, and the
+    gateway serves on and says why its metagraph is empty (bittensor's own connection error)."""
+    with socket.socket() as placeholder:
+        placeholder.bind(("127.0.0.1", 0))
+        endpoint = f"ws://127.0.0.1:{placeholder.getsockname()[1]}"  # closed: bound, never listening
+        (binary.folder / "chain.toml").write_text(
+            f'[server]\nport = 0\n[wallet]\nuri = "//Alice"\n[subnet]\nsource = "chain"\nnetwork = "{endpoint}"\n'
+            '[availability]\nsource = "none"\n[scoring]\nenabled = false\n', encoding="utf-8")
+        with started(binary, "serve", "--config", "chain.toml") as gateway:
+            url = gateway.wait_for("listening on ").split("listening on ", 1)[1].split()[0]
+            deadline = time.monotonic() + START_S
+            while (subnet := httpx.get(f"{url}/health/ready", timeout=10).json()["subnet"])["failures"] == 0:
+                assert time.monotonic() < deadline, subnet
+                time.sleep(0.1)
+            assert subnet["source"] == "chain" and subnet["neurons"] == 0
+            assert endpoint in subnet["last_error"] and "RpcConnectionError" in subnet["last_error"]
+            assert gateway.stop(signal.SIGINT) == 0, gateway.output()
 
 
 def test_the_same_signal_twice_at_once_drains_as_one(tmp_path: Path) -> None:
