@@ -41,7 +41,8 @@ $(VENV)/.installed-build: pyproject.toml | $(BIN)/python
 	touch $(VENV)/.installed $@
 
 dist/sn1-gateway: $(VENV)/.installed-build packaging/sn1-gateway.spec packaging/launcher.py \
-		$(wildcard packaging/hooks/*.py) $(shell find config engine actors web devnet bench -name '*.py')
+		$(wildcard packaging/hooks/*.py) \
+		$(shell find . -name '*.py' -not -path './.*' -not -path './tests/*' -not -path './build/*')
 	PYTHON=$(BIN)/python bash packaging/build.sh
 
 clean:

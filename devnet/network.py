@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from engine.gateway import Gateway
 
 DEFAULT_GATEWAY_URI = "//devnet/gateway"
+SIGNAL_ECHO_S = 0.2  # as engine.gateway.SIGNAL_ECHO_S (the devnet sits below the engine and may not import it)
 
 
 class DevnetSource:
@@ -170,9 +171,12 @@ class Devnet:
 
 
 async def run_until_signalled(devnet: Devnet, *, on_ready: Callable[[Devnet], None] | None = None) -> None:
-    """Run the devnet alone until SIGINT or SIGTERM (`sn1-gateway devnet`)."""
-    from engine.gateway import absorb_signal_echoes
+    """Run the devnet alone until SIGINT or SIGTERM (`sn1-gateway devnet`).
 
+    Copies of the signal arriving within `SIGNAL_ECHO_S` of it (the one-file binary's launcher passes a
+    terminal's Ctrl-C on) are taken here: leaving the receiver would deliver them again, to Python's
+    default handler, and a clean stop would end with a KeyboardInterrupt traceback.
+    """
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(devnet.run)
@@ -180,9 +184,11 @@ async def run_until_signalled(devnet: Devnet, *, on_ready: Callable[[Devnet], No
                 on_ready(devnet)
             async for _ in signals:
                 break
-            signalled_at = trio.current_time()
+            echoes_until = trio.current_time() + SIGNAL_ECHO_S
             nursery.cancel_scope.cancel()
-        await absorb_signal_echoes(signals, signalled_at)
+        with trio.move_on_at(echoes_until):
+            async for _ in signals:
+                pass
 
 
 async def serve_with_devnet(settings: Settings, *, on_ready: Callable[[Gateway], None] | None = None,
