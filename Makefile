@@ -37,5 +37,18 @@ bench: $(VENV)/.installed
 docs: $(VENV)/.installed
 	$(BIN)/python -m config.docs docs/configuration.md
 
+# One executable file, no Python needed where it runs (packaging/). Rebuilt when a source changes.
+.PHONY: binary
+binary: dist/sn1-gateway
+
+$(VENV)/.installed-build: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[build]'
+	touch $(VENV)/.installed $@
+
+dist/sn1-gateway: $(VENV)/.installed-build packaging/sn1-gateway.spec packaging/launcher.py \
+		$(wildcard packaging/hooks/*.py) \
+		$(shell find . -name '*.py' -not -path './.*' -not -path './tests/*' -not -path './build/*')
+	PYTHON=$(BIN)/python bash packaging/build.sh
+
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -22,6 +22,7 @@ from config.settings import Settings
 from devnet.miner import Miner, MinerFault, MinerTiming, parse_faults
 from devnet.validator import Validator, ValidatorFault, parse_validator_fault
 from wire.metagraph import Neuron, SubnetSnapshot
+from wire.signals import absorb_signal_echoes
 
 DEFAULT_GATEWAY_URI = "//devnet/gateway"
 # The gateway's own neuron holds more than the 10,000 stake that miners verifying signers ask of it
@@ -172,7 +173,12 @@ class Devnet:
 
 
 async def run_until_signalled(devnet: Devnet, *, on_ready: Callable[[Devnet], None] | None = None) -> None:
-    """Run the devnet alone until SIGINT or SIGTERM (`sn1-gateway devnet`)."""
+    """Run the devnet alone until SIGINT or SIGTERM (`sn1-gateway devnet`).
+
+    Copies of the signal arriving within `SIGNAL_ECHO_S` of it (the one-file binary's launcher passes a
+    terminal's Ctrl-C on) are taken here: leaving the receiver would deliver them again, to Python's
+    default handler, and a clean stop would end with a KeyboardInterrupt traceback.
+    """
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(devnet.run)
@@ -180,4 +186,6 @@ async def run_until_signalled(devnet: Devnet, *, on_ready: Callable[[Devnet], No
                 on_ready(devnet)
             async for _ in signals:
                 break
+            since = trio.current_time()
             nursery.cancel_scope.cancel()
+        await absorb_signal_echoes(signals, since)

@@ -45,6 +45,7 @@ from wire.epistula import Signer
 from wire.hotkey import load_hotkey
 from wire.metagraph import SubnetSnapshot
 from wire.pool import KeepAliveTransport
+from wire.signals import SIGNAL_ECHO_S, absorb_signal_echoes
 from wire.snapshot import SnapshotCell
 
 if TYPE_CHECKING:
@@ -305,26 +306,32 @@ def _write_stderr(data: bytes) -> None:
 async def serve_until_signalled(
     settings: Settings, *, on_ready: Callable[[Gateway], None] | None = None, **run_kw: object
 ) -> None:
-    """Run the gateway; the first SIGINT/SIGTERM drains and stops it, a second one exits at once.
+    """Run the gateway; the first SIGINT/SIGTERM drains and stops it, a second one exits at once
+    (the same signal within `SIGNAL_ECHO_S` of the first is that one delivered twice, and ignored).
 
     A signal while it is still starting stops the start-up (nothing is being served yet to drain).
     """
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             running: list[Gateway] = []
+            first: dict[int, float] = {}  # signal number: when it first asked for the drain
 
             async def watch() -> None:
                 async for signum in signals:
                     name = signal.Signals(signum).name
                     if not running:
                         log.info("%s while starting: stopping", name)
+                        first.setdefault(signum, trio.current_time())
                         nursery.cancel_scope.cancel()
                     elif running[0].stopping:
+                        if trio.current_time() - first.get(signum, -math.inf) < SIGNAL_ECHO_S:
+                            continue
                         log.warning("second %s: exiting now", name)
                         os._exit(130)
                     else:
                         log.info("%s: draining (up to %gs, exit within %gs); send it again to exit now",
                                  name, settings.server.drain_timeout_s, settings.server.drain_timeout_s + EXIT_MARGIN_S)
+                        first[signum] = trio.current_time()
                         stopping = running[0]
                         stopping.shutdown()
                         watchdogs.append(ExitWatchdog(stopping.plan))
@@ -341,6 +348,7 @@ async def serve_until_signalled(
             finally:
                 for watchdog in watchdogs:
                     watchdog.cancel()
+        await absorb_signal_echoes(signals, min(first.values(), default=None))
 
 
 async def serve_with_devnet(settings: Settings, *, on_ready: Callable[[Gateway], None] | None = None,

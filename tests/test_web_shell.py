@@ -31,6 +31,7 @@ from quart_trio import QuartTrio
 from config.settings import ServerSettings, Settings
 from engine.gateway import Gateway, run
 from engine.supervisor import Supervisor
+from tests.cli_process import GOOD_CONFIG, SLOW_GATEWAY, Process, start_process
 from web.app import create_app
 from web.body import json_body
 from web.errors import ApiError, json_response
@@ -353,72 +354,6 @@ async def test_the_drain_deadline_cuts_off_a_request_that_does_not_finish(gatewa
 
 
 # --- the real process: signals ------------------------------------------------------------------
-
-GOOD_CONFIG = """
-[server]
-port = 0
-drain_timeout_s = 20
-[auth]
-keys_file = "keys.toml"
-[wallet]
-uri = "//Alice"
-[subnet]
-source = "static"
-[availability]
-source = "none"
-[scoring]
-enabled = false
-spool_dir = "spool"
-"""
-
-# The gateway as `serve` runs it (serve_until_signalled), with one extra route that waits for a file,
-# so a signal can arrive while a request is in flight.
-SLOW_GATEWAY = textwrap.dedent("""
-    import sys, trio
-    from config.loading import load_settings
-    from engine.gateway import serve_until_signalled
-    from web.errors import json_response
-
-    def hook(app):
-        @app.get("/test/slow")
-        async def slow():
-            print("slow request entered", flush=True)
-            while not await trio.Path(sys.argv[2]).exists():
-                await trio.sleep(0.02)
-            return json_response({"finished": True})
-
-    trio.run(lambda: serve_until_signalled(
-        load_settings(sys.argv[1]), app_hook=hook,
-        on_ready=lambda gateway: print("listening on", gateway.url, flush=True)))
-""")
-
-
-@dataclass
-class Process:
-    popen: subprocess.Popen[str]
-    url: str
-
-    def read_line(self) -> str:
-        assert self.popen.stdout is not None
-        return self.popen.stdout.readline()
-
-
-def start_process(args: list[str], cwd: Path) -> Iterator[Process]:
-    popen = subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert popen.stdout is not None
-        line = popen.stdout.readline()  # blocks until the banner: the server is listening
-        assert "listening on " in line, line + (popen.stderr.read() if popen.stderr else "")
-        url = line.split("listening on ", 1)[1].split()[0]
-        yield Process(popen, url)
-    finally:
-        if popen.poll() is None:
-            popen.kill()
-        popen.wait(10)
-        for stream in (popen.stdout, popen.stderr):
-            if stream is not None:
-                stream.close()
-
 
 @pytest.fixture
 def config_file(tmp_path: Path) -> Path:
