@@ -42,6 +42,10 @@ class ServerSettings:
         5.0, "while more than half of max_connections are open, idle ones are closed after this long instead",
         min=0.1, max=3600.0,
     )
+    workers: int = setting(
+        1, "serving processes on the same port (SO_REUSEPORT); more than 1 needs auth.store = \"redis\" "
+        "(shared keys and limits), and each keeps its scoring spool in spool_dir/worker-N", min=1, max=64,
+    )
 
 
 @dataclass(frozen=True)
@@ -208,6 +212,7 @@ class Settings:
     scoring: ScoringSettings = table(ScoringSettings, "organic scoring: every answer goes to a validator")
     devnet: DevnetSettings = table(DevnetSettings, "the local simulated subnet")
     base_dir: str = field(default=".", metadata={"internal": True})
+    worker: int | None = field(default=None, metadata={"internal": True})  # this process's index, of several
 
     def resolve(self, path: str) -> str:
         """A path from the file, relative to the file's folder (or the working folder without one)."""

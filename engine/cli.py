@@ -39,14 +39,18 @@ def package_version() -> str:
         return "unknown"
 
 
-def settings_from(args: argparse.Namespace) -> Settings:
-    """The settings named by `--config`, else `./sn1-gateway.toml` if present, else the defaults."""
-    path = getattr(args, "config", None)
-    if path is None:
-        if not os.path.exists(DEFAULT_CONFIG):
-            return default_settings()
+def config_path(args: argparse.Namespace) -> str | None:
+    """The file named by `--config`, else `./sn1-gateway.toml` if present, else None (the defaults)."""
+    path: str | None = getattr(args, "config", None)
+    if path is None and os.path.exists(DEFAULT_CONFIG):
         path = DEFAULT_CONFIG
-    return load_settings(path)
+    return path
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """The settings of `config_path(args)`, or the defaults."""
+    path = config_path(args)
+    return default_settings() if path is None else load_settings(path)
 
 
 async def devnet_key(settings: Settings) -> str:
@@ -103,8 +107,17 @@ def raise_open_files_limit() -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     raise_open_files_limit()
     from engine.gateway import serve_until_signalled
+    from engine.workers import check_workers, run_workers, worker_settings
 
     settings = settings_from(args)
+    if not args.devnet:
+        check_workers(settings)
+    if args.worker is not None:
+        settings = worker_settings(settings, args.worker)
+    elif settings.server.workers > 1 and not args.devnet:
+        path = config_path(args)
+        assert path is not None  # more than one worker is a setting of a file (the defaults have one)
+        return trio.run(run_workers, settings, os.path.abspath(path))
     if args.devnet:
         from engine.gateway import serve_with_devnet
 
@@ -216,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", metavar="FILE", help=f"config file (default: ./{DEFAULT_CONFIG} if present)")
-    serve.add_argument("--devnet", action="store_true", help="run a local simulated subnet in the same process")
+    serve.add_argument("--devnet", action="store_true", help="run a local simulated subnet in the same process "
+                       "(always one worker)")
+    serve.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # one of server.workers
     serve.set_defaults(func=cmd_serve)
 
     init = sub.add_parser("init", help="write a commented default config file")

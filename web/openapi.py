@@ -558,6 +558,8 @@ def other_schemas() -> dict[str, Any]:
             "description": "Whether the gateway serves, each actor's state, and each component's figures "
                            "(`keys`, `subnet`, `availability`, `fanout`, `scoring`, ...).",
             "properties": {"ready": {"type": "boolean"}, "draining": {"type": "boolean"},
+                           "worker": {"type": ["integer", "null"],
+                                      "description": "Which of `server.workers` processes answered (null: one)."},
                            "actors": {"type": "object", "additionalProperties": ref("ActorState")}},
             "additionalProperties": figures,
         },

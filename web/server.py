@@ -26,6 +26,7 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.keep_alive_timeout = settings.server.keep_alive_timeout_s
+    config.workers = settings.server.workers  # more than one: the socket is bound with SO_REUSEPORT
     return config
 
 

@@ -41,6 +41,7 @@ class Services:
         return {
             "ready": self.actors.ready() and not self.draining,
             "draining": self.draining,
+            "worker": self.settings.worker,
             "actors": self.actors.report(),
             **self.actors.health(),
         }
