@@ -68,22 +68,27 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
-def configure(settings: LogSettings, *, verbose: bool = False, stream: IO[str] | None = None) -> logging.Handler:
+def configure(settings: LogSettings, *, verbose: bool = False, stream: IO[str] | None = None,
+              force: bool = False) -> logging.Handler | None:
     """Replace the handler a previous call installed with one for `settings` (`verbose`: debug, noisy
-    loggers included). Returns the handler (tests read its stream)."""
-    level = logging.DEBUG if verbose else LEVELS[settings.level]
+    loggers included); returns it. Like `logging.basicConfig`, this leaves alone a process whose
+    logging someone else set up (an embedder, a test runner) and returns None, unless `force`: such
+    handlers get request ids by adding `RequestIdFilter`."""
+    for name in NOISY:
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
+    root = logging.getLogger()
+    ours = [h for h in root.handlers if getattr(h, _HANDLER_MARK, False)]
+    if not force and len(ours) < len(root.handlers):
+        return None
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.addFilter(RequestIdFilter())
     handler.setFormatter(JsonFormatter() if settings.format == "json" else TextFormatter())
     setattr(handler, _HANDLER_MARK, True)
-    root = logging.getLogger()
-    for old in [h for h in root.handlers if getattr(h, _HANDLER_MARK, False)]:
+    for old in ours:
         root.removeHandler(old)
         old.close()
     root.addHandler(handler)
-    root.setLevel(level)
-    for name in NOISY:
-        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
+    root.setLevel(logging.DEBUG if verbose else LEVELS[settings.level])
     return handler
 
 
