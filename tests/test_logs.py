@@ -4,7 +4,6 @@ a prompt or an answer."""
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import logging
@@ -23,40 +22,14 @@ import trio
 
 from actors.keystore.records import display_prefix
 from config.loading import ConfigError, load_settings
-from config.settings import AuthSettings, FanoutSettings, LogSettings, ServerSettings, Settings
+from config.settings import LogSettings
 from devnet.miner import MinerTiming
-from devnet.network import Devnet
 from engine import logs
-from engine.gateway import Gateway, run
+from tests.observe_support import ADMIN_KEY, start
 
 ROOT = Path(__file__).resolve().parent.parent
-ADMIN_KEY = "admin-observe-distinctive-4711"
 CHAT = "/v1/chat/completions"
 HEX_ID = re.compile(r"[0-9a-f]{32}")
-
-
-@dataclasses.dataclass
-class Net:
-    devnet: Devnet
-    gateway: Gateway
-    client: httpx.AsyncClient
-    key: str
-
-
-async def start(nursery: trio.Nursery, tmp_path: Path, *, miners: int = 2, faults: tuple[str, ...] = (),
-                timing: MinerTiming | None = None) -> Net:
-    devnet: Devnet = await nursery.start(Devnet(miners=miners, faults=faults, timing=timing or MinerTiming(),
-                                                validator_poll_s=0.5).run)
-    settings = devnet.configure(dataclasses.replace(
-        Settings(), server=ServerSettings(port=0),
-        auth=AuthSettings(keys_file=str(tmp_path / "keys.toml"), admin_key=ADMIN_KEY),
-        fanout=FanoutSettings(miners=miners, first_token_timeout_s=5.0), base_dir=str(tmp_path)))
-    settings = dataclasses.replace(settings, availability=dataclasses.replace(settings.availability, source="none"))
-    gateway: Gateway = await nursery.start(lambda task_status: run(settings, source=devnet.source,
-                                                                     task_status=task_status))
-    key, _ = await gateway.services.keys.create(10_000)
-    client = httpx.AsyncClient(base_url=gateway.url, headers={"api-key": key}, timeout=30)
-    return Net(devnet, gateway, client, key)
 
 
 class Captured:

@@ -119,13 +119,16 @@
       let path = "";
       let area = "";
       let open = false;
-      for (const p of points) {
-        const value = p[s.key];
-        if (value === null || value === undefined) { open = false; continue; }
-        const px = x(p.t).toFixed(1), py = y(value).toFixed(1);
+      const known = (i) => i >= 0 && i < points.length && points[i][s.key] !== null && points[i][s.key] !== undefined;
+      points.forEach((p, i) => {
+        if (!known(i)) { open = false; return; }
+        const px = x(p.t).toFixed(1), py = y(p[s.key]).toFixed(1);
         path += (open ? " L" : " M") + px + " " + py;
         open = true;
-      }
+        if (!known(i - 1) && !known(i + 1)) {  // a lone point draws no line: a dot instead
+          svg.appendChild(svgElement("circle", { cx: px, cy: py, r: 3, class: "dot " + s.className }));
+        }
+      });
       if (s.area && points.length) {
         area = "M" + x(points[0].t).toFixed(1) + " " + y(0);
         for (const p of points) area += " L" + x(p.t).toFixed(1) + " " + y(p[s.key] || 0).toFixed(1);
