@@ -202,6 +202,15 @@ class DevnetSettings:
 
 
 @dataclass(frozen=True)
+class LogSettings:
+    level: Literal["debug", "info", "warning", "error"] = setting(
+        "info", "least severe record written: \"debug\", \"info\" (one access line per request), \"warning\" "
+        "or \"error\"; `sn1-gateway -v serve` means \"debug\"")
+    format: Literal["text", "json"] = setting(
+        "text", "\"text\" (one line per record, the request id in brackets) or \"json\" (one object per line)")
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = table(ServerSettings, "the HTTP server")
     auth: AuthSettings = table(AuthSettings, "API keys and the admin key")
@@ -211,6 +220,7 @@ class Settings:
     fanout: FanoutSettings = table(FanoutSettings, "how requests are spread over miners")
     scoring: ScoringSettings = table(ScoringSettings, "organic scoring: every answer goes to a validator")
     devnet: DevnetSettings = table(DevnetSettings, "the local simulated subnet")
+    log: LogSettings = table(LogSettings, "what the gateway logs, and how (to standard error)")
     base_dir: str = field(default=".", metadata={"internal": True})
     worker: int | None = field(default=None, metadata={"internal": True})  # this process's index, of several
 

@@ -18,8 +18,8 @@ import trio
 from actors.keystore import KeyStoreError
 from bench import command as bench_command
 from config.loading import ConfigError, default_settings, load_settings
-from config.settings import Settings
-from engine import keys_commands
+from config.settings import LogSettings, Settings
+from engine import keys_commands, logs
 from engine.supervisor import StartupError
 from web.server import settle_heap
 from wire.hotkey import HotkeyError
@@ -110,6 +110,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from engine.workers import check_workers, run_workers, worker_settings
 
     settings = settings_from(args)
+    logs.configure(settings.log, verbose=args.verbose)
     if not args.devnet:
         check_workers(settings)
     if args.worker is not None:
@@ -273,13 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if not args.verbose:  # one line per devnet server start and per availability poll is noise
-        logging.getLogger("sn1_gateway.devnet.http").setLevel(logging.WARNING)
-        logging.getLogger("httpx").setLevel(logging.WARNING)
+    logs.configure(LogSettings(), verbose=args.verbose)  # until `serve` has read its [log]
     func: Command = args.func
     try:
         return func(args)

@@ -29,7 +29,6 @@ import trio
 
 from actors.availability import AvailabilityActor
 from actors.fanout.breaker import MinerHealth
-from actors.fanout.pool import FanoutPool
 from actors.fanout.selection import Selector
 from actors.keystore import KeyStoreActor, open_keystore
 from actors.scoring.forwarder import ScoringForwarder
@@ -39,8 +38,10 @@ from devnet.network import Devnet
 from engine.supervisor import StartupError, Supervisor
 from web import inbound
 from web.app import create_app
+from web.asgi import observe_requests
 from web.server import serve
 from web.services import Services
+from web.telemetry import RequestFanoutPool
 from wire.epistula import Signer
 from wire.hotkey import load_hotkey
 from wire.metagraph import SubnetSnapshot
@@ -196,7 +197,7 @@ async def run(
         scoring = await supervisor.start(actors, ScoringForwarder(
             settings, http=http, signer=signer, subnet=subnet_cell,
         ))
-        fanout = await supervisor.start(actors, FanoutPool(
+        fanout = await supervisor.start(actors, RequestFanoutPool(  # each fan-out noted on its request
             http, signer, miner_health, submit=scoring.submit_nowait,
             max_serving=settings.fanout.max_inflight, max_jobs=settings.fanout.max_background,
             stall_s=settings.fanout.stall_timeout_s,
@@ -216,11 +217,12 @@ async def run(
         app = create_app(services)
         if app_hook is not None:
             app_hook(app)
+        served = observe_requests(app, services.telemetry)  # request ids, figures, access lines
         try:
             async with trio.open_nursery() as server:
                 try:
                     urls = await server.start(partial(
-                        serve, app, settings, connections, shutdown_trigger=plan.requested.wait,
+                        serve, served, settings, connections, shutdown_trigger=plan.requested.wait,
                         drain_deadline=lambda: plan.drain_deadline,
                     ))
                 except* OSError as group:  # hypercorn binds inside nested nurseries

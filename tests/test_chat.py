@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from tests.chat_stack import Stack, sse_events
+from tests.metrics_support import scrape
 from tests.scripted_miners import answer, chunk
 
 
@@ -166,12 +167,13 @@ async def test_metrics_report_actors_components_and_miners(stack: Stack) -> None
     await stack.gateway.services.fanout.wait_idle()
     response = await stack.client.get("/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
-    lines = dict(line.rsplit(" ", 1) for line in response.text.splitlines() if not line.startswith("#"))
-    assert lines["sn1_gateway_ready"] == "1"
-    assert lines['sn1_gateway_actor_running{actor="fanout"}'] == "1"
-    assert lines["sn1_gateway_fanout_total"] == "1"
-    assert lines['sn1_gateway_miner_successes{uid="1"}'] == "1"
-    assert lines['sn1_gateway_miner_failures{uid="2"}'] == "1"
+    metrics = scrape(response.text)
+    assert metrics.value("sn1_gateway_ready") == 1
+    assert metrics.value("sn1_gateway_actor_running", actor="fanout") == 1
+    assert metrics.value("sn1_gateway_fanout_jobs_total") == 1
+    assert metrics.value("sn1_gateway_miner_successes_total", uid="1") == 1
+    assert metrics.value("sn1_gateway_miner_failures_total", uid="2") == 1
+    assert metrics.value("sn1_gateway_miner_breaker_state", uid="2", state="closed") == 1
 
 
 async def test_mixture_does_not_wait_for_the_slowest_miner(stack: Stack) -> None:

@@ -12,6 +12,7 @@ import trio.testing
 from actors.keystore.throttle import MAX_ADDRESSES, FailedAuthThrottle, address_key
 from config.settings import Settings
 from tests.keys_support import ADMIN, running_gateway, settings_in
+from tests.metrics_support import scrape
 
 
 async def test_an_address_is_refused_after_its_failures_and_recovers_at_the_configured_rate(
@@ -97,7 +98,8 @@ async def test_repeated_401s_from_one_address_become_429_but_a_good_key_still_pa
         stats = (await client.get("/health/ready")).json()["keys"]["failed_auth"]
         assert (stats["failures"], stats["episodes"], stats["addresses"]) == (7, 1, 2)
         assert stats["refused"] == 6
-        assert "sn1_gateway_keys_failed_auth_refused 6" in (await client.get("/metrics")).text
+        metrics = scrape((await client.get("/metrics")).text)
+        assert metrics.value("sn1_gateway_keys_failed_auth_refused_total") == 6
 
 
 async def test_wrong_admin_keys_are_throttled_and_the_throttle_can_be_off(tmp_path: Path) -> None:

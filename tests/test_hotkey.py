@@ -19,6 +19,7 @@ from actors.subnet.actor import SubnetActor
 from config.settings import DevnetSettings, NeuronSettings, Settings, SubnetSettings, WalletSettings
 from devnet.network import DEFAULT_GATEWAY_URI
 from engine.gateway import Gateway, run, serve_with_devnet
+from tests.metrics_support import scrape
 from wire.hotkey import HotkeyError, HotkeyStanding, hotkey_standing, load_hotkey
 from wire.metagraph import Neuron, SubnetSnapshot
 from wire.snapshot import SnapshotCell
@@ -144,8 +145,8 @@ async def test_the_gateway_warns_at_start_and_on_readiness_without_turning_unrea
     assert (subnet["hotkey"], subnet["hotkey_registered"], subnet["hotkey_stake"]) == (ALICE, True, 500.0)
     (warning,) = subnet["warnings"]
     assert "holds 500 stake, under the 10,000" in warning
-    assert "sn1_gateway_subnet_hotkey_registered 1\n" in metrics
-    assert "sn1_gateway_subnet_hotkey_stake 500\n" in metrics
+    assert scrape(metrics).value("sn1_gateway_subnet_hotkey_registered") == 1
+    assert scrape(metrics).value("sn1_gateway_subnet_hotkey_stake") == 500
     logged = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert logged.count(warning) == 1
 

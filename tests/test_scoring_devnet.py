@@ -27,6 +27,7 @@ from devnet.network import DEFAULT_GATEWAY_URI, Devnet
 from devnet.validator import Validator
 from engine.gateway import Gateway, run
 from engine.supervisor import Supervisor
+from tests.metrics_support import scrape
 from tests.spool_faults import FailingFiles
 from wire import jsonio
 from wire.epistula import Signer
@@ -221,10 +222,6 @@ async def test_validator_down_across_a_gateway_restart_then_everything_arrives_o
     assert stats["spool"]["pending"] == 0 and stats["dropped"] == dict.fromkeys(stats["dropped"], 0)
 
 
-def metric_lines(text: str) -> dict[str, str]:
-    return dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
-
-
 async def test_a_validator_refusing_the_gateways_hotkey_is_reported_and_everything_flows_once_fixed(
         nursery: trio.Nursery, tmp_path: Path) -> None:
     with trio.fail_after(60):
@@ -247,14 +244,14 @@ async def test_a_validator_refusing_the_gateways_hotkey_is_reported_and_everythi
                 f"set API_HOTKEY={ours} in that validator's environment and restart it")
         async with httpx.AsyncClient(base_url=gateway.url, trust_env=False) as client:
             ready = (await client.get("/health/ready")).json()
-            metrics = metric_lines((await client.get("/metrics")).text)
+            metrics = scrape((await client.get("/metrics")).text)
         assert hint in ready["scoring"]["warnings"]
         state = ready["scoring"]["validators"][validator.hotkey]
         assert state["refused_signer"] is True and state["hint"] == hint
         assert ready["scoring"]["spool"]["pending"] + ready["scoring"]["overflow"] == 10, "kept, not lost"
-        assert metrics["sn1_gateway_scoring_validators_refusing_signer"] == "1"
-        assert metrics[f'sn1_gateway_scoring_validator_refused_signer{{hotkey="{validator.hotkey}"}}'] == "1"
-        assert metrics["sn1_gateway_scoring_warning_count"] == "1"
+        assert metrics.value("sn1_gateway_scoring_validators_refusing_signer") == 1
+        assert metrics.value("sn1_gateway_scoring_validator_refused_signer", hotkey=validator.hotkey) == 1
+        assert metrics.value("sn1_gateway_scoring_warnings") == 1
 
         await validator.set_fault("")  # the operator set API_HOTKEY to the gateway's hotkey
         await until(lambda: validator.scored_total == 10)

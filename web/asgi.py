@@ -1,13 +1,34 @@
-"""The ASGI wrapper every served app runs inside: a response's last write survives the cancellation
-that follows it, and a request's close callbacks run however the exchange ends."""
+"""The ASGI wrappers of the served app: a response's last write survives the cancellation that follows
+it, and a request's close callbacks run however the exchange ends (`shield_response_end`, around every
+served app); each request gets an id, its figures and one access line (`observe_requests`, around the
+gateway's)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import re
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import trio
 from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, ASGISendEvent, Scope
 from quart import request as quart_request
+from werkzeug.datastructures import Headers
+
+from actors.keystore.records import display_prefix
+from web.auth import api_key_of
+from web.telemetry import (
+    RequestRecord,
+    Telemetry,
+    current_request,
+    loggable_path,
+    open_request,
+    route_template,
+)
+
+if TYPE_CHECKING:
+    from quart_trio import QuartTrio
 
 CLOSE_CALLBACKS = "sn1_gateway.close_callbacks"  # ASGI scope key: see `shield_response_end`
 
@@ -55,3 +76,119 @@ def on_close(callback: Callable[[], object]) -> None:
     which every served app runs inside)."""
     callbacks: list[Callable[[], object]] = quart_request.scope[CLOSE_CALLBACKS]  # type: ignore[literal-required]
     callbacks.append(callback)
+
+
+# -- request ids, the access line and the request figures ---------------------------------------------
+
+REQUEST_ID_HEADER = b"x-request-id"
+MAX_REQUEST_ID = 64
+# What a client's X-Request-ID may hold to be kept: printable token characters, nothing that could
+# break a log line, a header or a JSON string.
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:~+/=-]{1,%d}" % MAX_REQUEST_ID)
+ACCESS_LOGGER = "sn1_gateway.access"
+
+
+def request_id_from(headers: Iterable[tuple[bytes, bytes]]) -> str:
+    """The client's X-Request-ID when it is a short printable token, else a new uuid (hex)."""
+    for name, value in headers:
+        if name.lower() == REQUEST_ID_HEADER:
+            value = value.strip()
+            if _REQUEST_ID.fullmatch(value):
+                return value.decode("ascii")
+            break
+    return uuid.uuid4().hex
+
+
+def key_prefix_from(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The display prefix (as the key store shows it) of the API key a request presents, if any."""
+    wanted = {}
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered in (b"api-key", b"authorization"):
+            wanted[lowered.decode("latin-1")] = value.decode("latin-1")
+    if not wanted:
+        return None
+    key = api_key_of(Headers(wanted))
+    return None if key is None else display_prefix(key)
+
+
+def access_fields(record: RequestRecord) -> dict[str, Any]:
+    """What the access line says, by name (the JSON log's fields)."""
+    return {
+        "method": record.method,
+        "path": loggable_path(record),
+        "status": record.status,
+        "duration_ms": round(record.duration_s * 1000, 1),
+        "key": record.key_prefix,
+        "miners": list(record.miners),
+        "winner": record.winner,
+        "ttft_ms": None if record.ttft_s is None else round(record.ttft_s * 1000, 1),
+    }
+
+
+def access_line(fields: Mapping[str, Any]) -> str:
+    """`POST /v1/chat/completions 200 35.2ms key=sn1-AbCd miners=0,3,4 winner=3 ttft=20.4ms`; a part
+    that does not apply is `-`."""
+    status = "-" if fields["status"] is None else fields["status"]
+    miners = ",".join(map(str, fields["miners"])) or "-"
+    ttft = "-" if fields["ttft_ms"] is None else f"{fields['ttft_ms']}ms"
+    return (f"{fields['method']} {fields['path']} {status} {fields['duration_ms']}ms key={fields['key'] or '-'} "
+            f"miners={miners} winner={'-' if fields['winner'] is None else fields['winner']} ttft={ttft}")
+
+
+def observe_requests(app: QuartTrio, telemetry: Telemetry, *,
+                     access_log: logging.Logger | None = None) -> ASGIFramework:
+    """`app`, with every HTTP request observed: a request id (the client's `X-Request-ID` when it is a
+    short printable token, else a new uuid) in the response's `X-Request-ID` (replacing any a route
+    set) and on every log record emitted while the request is handled; its figures counted in
+    `telemetry`; one access line at its end, on the `sn1_gateway.access` logger at INFO.
+
+    The matched route is noted by a `before_request` hook registered on `app`, so the access line and
+    the labels name a rule (`/modify-api-key/{api_key}`), never a path that holds a key.
+    """
+    log = access_log or logging.getLogger(ACCESS_LOGGER)
+
+    @app.before_request
+    async def note_route() -> None:
+        record = current_request()
+        if record is not None and quart_request.url_rule is not None:
+            record.route = route_template(quart_request.url_rule.rule)
+
+    async def observed(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        headers = scope["headers"]
+        record = RequestRecord(id=request_id_from(headers), method=scope["method"], path=scope["path"],
+                               started=trio.current_time())
+        id_header = (REQUEST_ID_HEADER, record.id.encode("ascii"))
+
+        async def send_observed(message: ASGISendEvent) -> None:
+            if message["type"] == "http.response.start":
+                record.status = message["status"]
+                kept = [(n, v) for n, v in message.get("headers", ()) if n.lower() != REQUEST_ID_HEADER]
+                message = {**message, "headers": [*kept, id_header]}
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                record.ended = trio.current_time()
+            await send(message)
+
+        close = open_request(record)
+        telemetry.started()
+        try:
+            await app(scope, receive, send_observed)
+        except Exception:
+            if record.status is None:
+                record.status = 500  # what the server answers for an app that raised
+            raise
+        finally:
+            if record.ended is None:
+                record.ended = trio.current_time()
+            record.settle()
+            telemetry.finished(record)
+            if log.isEnabledFor(logging.INFO):
+                record.key_prefix = key_prefix_from(headers)
+                fields = access_fields(record)
+                log.info("%s", access_line(fields), extra={"access": fields})
+            close()
+
+    return observed

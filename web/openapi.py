@@ -48,8 +48,6 @@ PENDING_ROUTES: tuple[tuple[str, str], ...] = (
     ("POST", "/v1/chat/completions/jobs"),
     ("GET", "/v1/chat/completions/jobs/{job_id}"),
     ("DELETE", "/v1/chat/completions/jobs/{job_id}"),
-    ("GET", "/status"),
-    ("GET", "/status/data"),
 )
 PENDING_NOTE = ("**Not served by this build yet**: this route is being added; it is described here in "
                 "advance and answers 404 until it lands.")
@@ -874,12 +872,20 @@ def monitoring_paths() -> dict[str, Any]:
             responses={"200": ok("Per miner.", ref("MinersStatus"))})},
         "/status": {"get": operation(
             "statusPage", "Monitoring", "Status page",
-            "An HTML page for operators showing the gateway's state; its figures come from `GET /status/data`.",
+            "A live HTML page for operators: miners (breaker, time to first token, failure rate, last error, "
+            "requests), requests per second and time-to-first-token p50/p99 over the last five minutes, the "
+            "scoring pipeline per validator, key usage by display prefix, actors and their restarts. No key "
+            "to load it: it asks for the admin key once, keeps it in the tab's session storage and reads "
+            "`GET /status/data` every few seconds (`?refresh=SECONDS`, 1 to 60). Served from the gateway "
+            "itself; it loads nothing from elsewhere.",
             security=PUBLIC,
             responses={"200": {"description": "The page.", "content": {"text/html": {"schema": {"type": "string"}}}}})},
         "/status/data": {"get": operation(
             "statusData", "Monitoring", "Status page data",
-            "What the status page shows, as JSON.", security=ADMIN,
+            "What the status page shows, as JSON: `miners` (one row per miner), `chart` (points of "
+            "`requests_per_s`, `errors_per_s`, `ttft_p50_s`, `ttft_p99_s`), `requests`, `scoring` (with "
+            "`validators` and the `API_HOTKEY` hint of one refusing the gateway), `keys` (`count` and the "
+            "most used by display prefix; never a key), `actors`. Needs the admin key.", security=ADMIN,
             responses={"200": ok("The gateway's state.", {"type": "object"}), **errors(401, 403, 429)})},
     }
 

@@ -16,6 +16,7 @@ from actors.fanout.selection import Selector
 from actors.keystore import FileKeyStore, KeyStore
 from actors.scoring.forwarder import ScoringForwarder
 from config.settings import Settings
+from web.telemetry import Telemetry
 from wire.epistula import Signer
 from wire.metagraph import SubnetSnapshot
 from wire.snapshot import SnapshotCell
@@ -35,6 +36,7 @@ class Services:
     scoring: ScoringForwarder  # finished fan-outs go to `scoring.submit_nowait`
     # API keys and limits; the default, an empty in-memory store, is for tests that build Services
     keys: KeyStore = field(default_factory=FileKeyStore)
+    telemetry: Telemetry = field(default_factory=Telemetry)  # what requests did (`web/asgi.py` records it)
     draining: bool = False
 
     def readiness(self) -> dict[str, Any]:
