@@ -237,6 +237,8 @@ async def run(
             # past the deadline what they said so far is scored. Either way every fan-out reaches the
             # forwarder before it stops, and the forwarder spools what it cannot deliver.
             plan.phase = "waiting for miners"
+            if interrupted := jobs.interrupt_all():
+                log.info("stopping: %d running jobs end as failed (interrupted)", interrupted)
             with trio.move_on_at(plan.drain_deadline):
                 await fanout.wait_idle()
             plan.phase = "handing answers to scoring"

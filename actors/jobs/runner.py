@@ -15,9 +15,10 @@ Chunks are written in batches (at most every `FLUSH_S`, or once `FLUSH_BYTES` wa
 work is idle), so a chunk of a stream is not a disk write. What becomes of a job when things go wrong:
 - DELETE of a running job (here, or sent to another gateway sharing the store) ends it `failed` with
   error `cancelled`; the run stops at once here, at its next write elsewhere (or at the next sweep).
-- The gateway stops: its running jobs are marked `failed` (`job_interrupted`) as the actor ends; a
-  gateway that could not say so (killed) has them marked at its next start, or, with a shared store,
-  by any other gateway once its beat has expired (`BEAT_TTL_S`).
+- The gateway stops: once its HTTP server has stopped, its running jobs end `failed`
+  (`job_interrupted`, `interrupt_all`), and whatever is still unfinished is marked so as the actor
+  ends; a gateway that could not say so (killed) has them marked at its next start, or, with a shared
+  store, by any other gateway once its beat has expired (`BEAT_TTL_S`).
 - Every `jobs.sweep_interval_s`: expired jobs are forgotten, and abandoned ones marked failed.
 """
 
@@ -82,6 +83,7 @@ class RunningJob:
     record: JobRecord
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     cancelled: bool = False  # by DELETE, here
+    interrupted: bool = False  # by the gateway stopping
     done: trio.Event = field(default_factory=trio.Event)
 
 
@@ -146,6 +148,7 @@ class JobsActor:
         self.runner_id = runner_id or uuid.uuid4().hex
         self._nursery: trio.Nursery | None = None
         self._beating = False  # the store has heard from this gateway: jobs may start
+        self._stopping = False
         self._running: dict[str, RunningJob] = {}
         self._per_key: dict[str, int] = {}
         self.runs_running = 0  # work that is not a job (streamed deep research)
@@ -186,6 +189,16 @@ class JobsActor:
                 except JobStoreUnavailable as exc:
                     log.warning("jobs: running jobs not marked failed at stop (the next start will): %s", exc)
 
+    def interrupt_all(self) -> int:
+        """The gateway is stopping: no job starts any more, and the running ones end now, `failed`
+        (`job_interrupted`), letting go of their fan-outs (still heard out for scoring). How many."""
+        self._stopping = True
+        running = [job for job in self._running.values() if not job.done.is_set()]
+        for job in running:
+            job.interrupted = True
+            job.scope.cancel()
+        return len(running)
+
     async def _fail_abandoned(self) -> int:
         found = await self.store.fail_abandoned(runner=self.runner_id, running=set(self._running),
                                                 now=self.wall_clock(), ttl_s=self.settings.ttl_s, error=INTERRUPTED)
@@ -224,8 +237,8 @@ class JobsActor:
     async def submit(self, owner: str, work: Work) -> JobRecord:
         """Create a job for `owner` (an API key's id) and start `work` for it; the job as created
         (pending). Raises JobsBusy past a limit, JobsUnavailable, JobStoreUnavailable."""
-        if self._nursery is None or not self._beating:
-            raise JobsUnavailable("the job runner is starting, or cannot reach its store")
+        if self._nursery is None or not self._beating or self._stopping:
+            raise JobsUnavailable("the job runner is starting or stopping, or cannot reach its store")
         settings = self.settings
         if len(self._running) >= settings.max_running:
             self.refused["running"] += 1
@@ -284,7 +297,12 @@ class JobsActor:
                     else:
                         status, error = JobStatus.COMPLETED, None
             if job.scope.cancelled_caught:
-                status, error = (JobStatus.FAILED, CANCELLED) if job.cancelled else (None, None)
+                if job.cancelled:
+                    status, error = JobStatus.FAILED, CANCELLED
+                elif job.interrupted:
+                    status, error = JobStatus.FAILED, INTERRUPTED
+                else:  # finished elsewhere
+                    status, error = None, None
         except JobStoreUnavailable as exc:
             status, error = JobStatus.FAILED, job_error(f"The job store failed: {exc}", "job_store_unavailable")
         except Exception as exc:  # a defect in the work costs its job, not the runner
