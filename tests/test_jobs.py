@@ -75,18 +75,24 @@ async def test_a_job_goes_pending_running_finished_and_its_last_word_is_final(st
     got = await store.get(job.id)
     assert got is not None and got.status is JobStatus.PENDING and got.result == () and got.owner == job.owner
     assert await store.count_owned(job.owner, time.time()) == 1
-    assert await store.append(job.id, ["early"], size=5, now=time.time()) is False, "not running yet"
+    assert await store.append(job.id, ["early"], first_seq=0, now=time.time()) is False, "not running yet"
     assert await store.start(job.id, runner="me", now=time.time())
     assert not await store.start(job.id, runner="me", now=time.time())
-    assert await store.append(job.id, ["a", "b"], size=2, now=time.time())
-    assert await store.finish(job, JobStatus.COMPLETED, error=None, chunks=["c"], size=1, now=time.time(), ttl_s=60)
+    assert await store.append(job.id, ["a", "b"], first_seq=0, now=time.time())
+    # a write tried again after its first try went through (it had timed out) adds nothing twice
+    assert await store.append(job.id, ["a", "b"], first_seq=0, now=time.time())
+    assert await store.append(job.id, ["b", "c"], first_seq=1, now=time.time())
     got = await store.get(job.id)
-    assert got is not None and got.status is JobStatus.COMPLETED and got.result == ("a", "b", "c")
-    assert got.error is None and got.result_bytes == 3
+    assert got is not None and got.result == ("a", "b", "c")
+    assert await store.finish(job, JobStatus.COMPLETED, error=None, chunks=["c", "d"], first_seq=2, now=time.time(),
+                              ttl_s=60)
+    got = await store.get(job.id)
+    assert got is not None and got.status is JobStatus.COMPLETED and got.result == ("a", "b", "c", "d")
+    assert got.error is None
     # a cancellation (or anything else) after the end changes nothing
-    assert not await store.finish(job, JobStatus.FAILED, error=CANCELLED, chunks=["x"], size=1, now=time.time(),
+    assert not await store.finish(job, JobStatus.FAILED, error=CANCELLED, chunks=["x"], first_seq=4, now=time.time(),
                                   ttl_s=60)
-    assert not await store.append(job.id, ["y"], size=1, now=time.time())
+    assert not await store.append(job.id, ["y"], first_seq=4, now=time.time())
     assert (await store.get(job.id)) == got
     assert await store.finished_among([job.id, "no-such-job"]) == {job.id, "no-such-job"}
     assert await store.delete(job) and await store.get(job.id) is None
@@ -98,9 +104,9 @@ async def test_a_cancellation_wins_over_the_runners_last_word(store: JobStore) -
     await store.create(job)
     await store.start(job.id, runner="me", now=time.time())
     assert await store.finished_among([job.id]) == set()
-    assert await store.finish(job, JobStatus.FAILED, error=CANCELLED, chunks=(), size=0, now=time.time(), ttl_s=60)
-    assert not await store.append(job.id, ["late"], size=4, now=time.time()), "the runner learns it is cancelled"
-    assert not await store.finish(job, JobStatus.COMPLETED, error=None, chunks=["late"], size=4, now=time.time(),
+    assert await store.finish(job, JobStatus.FAILED, error=CANCELLED, chunks=(), first_seq=0, now=time.time(), ttl_s=60)
+    assert not await store.append(job.id, ["late"], first_seq=0, now=time.time()), "the runner learns it is cancelled"
+    assert not await store.finish(job, JobStatus.COMPLETED, error=None, chunks=["late"], first_seq=0, now=time.time(),
                                   ttl_s=60)
     got = await store.get(job.id)
     assert got is not None and got.status is JobStatus.FAILED and got.error == CANCELLED and got.result == ()
@@ -140,7 +146,7 @@ async def test_the_sqlite_store_forgets_expired_jobs(tmp_path: Path) -> None:
     job = dataclasses.replace(record(), created_at=clock.now, updated_at=clock.now, expires_at=clock.now + 10)
     await store.create(job)
     await store.start(job.id, runner="me", now=clock.now)
-    await store.append(job.id, ["a"], size=1, now=clock.now)
+    await store.append(job.id, ["a"], first_seq=0, now=clock.now)
     assert await store.get(job.id) is not None
     clock.now += 10
     assert await store.get(job.id) is None, "expired: gone at once, before any sweep"
@@ -157,7 +163,7 @@ async def test_the_redis_store_lets_redis_forget_expired_jobs(redis_url: str) ->
         job = record(ttl_s=0.3)
         await store.create(job)
         await store.start(job.id, runner="me", now=time.time())
-        await store.finish(job, JobStatus.COMPLETED, error=None, chunks=["a"], size=1, now=time.time(), ttl_s=0.3)
+        await store.finish(job, JobStatus.COMPLETED, error=None, chunks=["a"], first_seq=0, now=time.time(), ttl_s=0.3)
         assert await store.get(job.id) is not None
         await trio.sleep(0.5)
         assert await store.get(job.id) is None

@@ -2,7 +2,8 @@
 
 A job belongs to the API key that created it, stored as the key's id (its sha256), never the key. Its
 result is a list of chunks (text, as the web layer renders them) in order; `seq_id` is a chunk's
-position. Times are wall-clock seconds (they outlive the process); `expires_at` is when the job is
+position. Writes name the position of their first chunk, so a write tried again (its first try timed
+out, and went through after all) adds nothing twice. Times are wall-clock seconds (they outlive the process); `expires_at` is when the job is
 forgotten.
 """
 
@@ -54,7 +55,6 @@ class JobRecord:
     error: Mapping[str, Any] | None = None
     runner: str = ""  # the gateway process running (or that ran) it
     result: tuple[str, ...] = ()
-    result_bytes: int = 0
 
     @property
     def finished(self) -> bool:
@@ -98,10 +98,10 @@ class JobStore(Protocol):
 
     async def start(self, job_id: str, *, runner: str, now: float) -> bool: ...
 
-    async def append(self, job_id: str, chunks: Sequence[str], *, size: int, now: float) -> bool: ...
+    async def append(self, job_id: str, chunks: Sequence[str], *, first_seq: int, now: float) -> bool: ...
 
     async def finish(self, job: JobRecord, status: JobStatus, *, error: Mapping[str, Any] | None,
-                     chunks: Sequence[str], size: int, now: float, ttl_s: float) -> bool:
+                     chunks: Sequence[str], first_seq: int, now: float, ttl_s: float) -> bool:
         """The job's last word (with its last chunks), if it is still unfinished."""
         ...
 

@@ -8,7 +8,7 @@ gateway) changes it only while it is unfinished, in one script: whichever comes 
 runner learns at its next write that it was cancelled. Calls are bounded by `timeout_s`.
 
 Layout, under `sn1gw:`: `job:{<id>}` a hash (owner, status, created_at, updated_at, expires_at,
-error, runner, result_bytes), `job:{<id>}:chunks` the result (a list), both expiring with the job;
+error, runner), `job:{<id>}:chunks` the result (a list), both expiring with the job;
 `jobs:unfinished` the set of ids pending or running; `jobs:owner:{<key id>}` a sorted set of a key's
 job ids by expiry (to bound how many a key keeps); `jobs:runner:<id>` a gateway's beat.
 """
@@ -37,8 +37,12 @@ T = TypeVar("T")
 
 NAMESPACE = "sn1gw"
 MAX_ERROR_CHARS = 4096
+# push(key, seq, at): ARGV[at..] are the chunks from position `seq` on; those the list holds already (a
+# write tried again) are skipped.
 PUSH = """
-local function push(key, first)
+local function push(key, seq, at)
+  local first = at + redis.call('LLEN', key) - tonumber(seq)
+  if first < at then first = at end
   for i = first, #ARGV, 1000 do
     redis.call('RPUSH', key, unpack(ARGV, i, math.min(i + 999, #ARGV)))
   end
@@ -47,7 +51,7 @@ end
 # KEYS: job, unfinished, owner. ARGV: id, owner, status, created_at, updated_at, expires_at, runner, ttl ms.
 _CREATE = """
 redis.call('HSET', KEYS[1], 'owner', ARGV[2], 'status', ARGV[3], 'created_at', ARGV[4], 'updated_at', ARGV[5],
-           'expires_at', ARGV[6], 'runner', ARGV[7], 'result_bytes', 0, 'error', '')
+           'expires_at', ARGV[6], 'runner', ARGV[7], 'error', '')
 redis.call('PEXPIRE', KEYS[1], ARGV[8])
 redis.call('SADD', KEYS[2], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[6], ARGV[1])
@@ -66,26 +70,22 @@ if redis.call('HGET', KEYS[1], 'status') ~= 'pending' then return 0 end
 redis.call('HSET', KEYS[1], 'status', 'running', 'runner', ARGV[1], 'updated_at', ARGV[2])
 return 1
 """
-# KEYS: job, chunks. ARGV: size, now, chunks...
+# KEYS: job, chunks. ARGV: first seq, now, chunks...
 _APPEND = PUSH + """
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
 if #ARGV > 2 then
-  push(KEYS[2], 3)
-  redis.call('HINCRBY', KEYS[1], 'result_bytes', ARGV[1])
+  push(KEYS[2], ARGV[1], 3)
   local ttl = redis.call('PTTL', KEYS[1])
   if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
 end
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[2])
 return 1
 """
-# KEYS: job, chunks, unfinished, owner. ARGV: id, status, error, now, expires_at, ttl ms, size, chunks...
+# KEYS: job, chunks, unfinished, owner. ARGV: id, status, error, now, expires_at, ttl ms, first seq, chunks...
 _FINISH = PUSH + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'pending' and status ~= 'running' then return 0 end
-if #ARGV > 7 then
-  push(KEYS[2], 8)
-  redis.call('HINCRBY', KEYS[1], 'result_bytes', ARGV[7])
-end
+if #ARGV > 7 then push(KEYS[2], ARGV[7], 8) end
 redis.call('HSET', KEYS[1], 'status', ARGV[2], 'error', ARGV[3], 'updated_at', ARGV[4], 'expires_at', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 redis.call('PEXPIRE', KEYS[2], ARGV[6])
@@ -247,8 +247,7 @@ class RedisJobStore:
             status = JobStatus.FAILED
         return JobRecord(job_id, fields["owner"], status, _number(fields.get("created_at")),
                          _number(fields.get("updated_at")), _number(fields.get("expires_at")),
-                         _error_of(fields.get("error")), fields.get("runner", ""), tuple(chunks),
-                         int(_number(fields.get("result_bytes"))))
+                         _error_of(fields.get("error")), fields.get("runner", ""), tuple(chunks))
 
     async def count_owned(self, owner: str, now: float) -> int:
         return int(await self._run(self._count, [self._owner(owner)], [repr(now)]))
@@ -256,16 +255,16 @@ class RedisJobStore:
     async def start(self, job_id: str, *, runner: str, now: float) -> bool:
         return bool(await self._run(self._start, [self._job(job_id)], [runner, repr(now)]))
 
-    async def append(self, job_id: str, chunks: Sequence[str], *, size: int, now: float) -> bool:
+    async def append(self, job_id: str, chunks: Sequence[str], *, first_seq: int, now: float) -> bool:
         return bool(await self._run(self._append, [self._job(job_id), self._chunks(job_id)],
-                                    [size, repr(now), *chunks]))
+                                    [first_seq, repr(now), *chunks]))
 
     async def finish(self, job: JobRecord, status: JobStatus, *, error: Mapping[str, Any] | None,
-                     chunks: Sequence[str], size: int, now: float, ttl_s: float) -> bool:
+                     chunks: Sequence[str], first_seq: int, now: float, ttl_s: float) -> bool:
         error_text = "" if error is None else json.dumps(dict(error))[:MAX_ERROR_CHARS]
         return bool(await self._run(
             self._finish, [self._job(job.id), self._chunks(job.id), self._unfinished, self._owner(job.owner)],
-            [job.id, status.value, error_text, repr(now), repr(now + ttl_s), max(1, int(ttl_s * 1000)), size,
+            [job.id, status.value, error_text, repr(now), repr(now + ttl_s), max(1, int(ttl_s * 1000)), first_seq,
              *chunks]))
 
     async def delete(self, job: JobRecord) -> bool:
@@ -293,7 +292,7 @@ class RedisJobStore:
                 if await self._call(lambda beat=beat: self.client.exists([beat])):  # type: ignore[misc]
                     continue  # another gateway runs it
             stub = JobRecord(job_id, owner, JobStatus(status), 0.0, 0.0, 0.0)
-            failed += await self.finish(stub, JobStatus.FAILED, error=error, chunks=(), size=0, now=now,
+            failed += await self.finish(stub, JobStatus.FAILED, error=error, chunks=(), first_seq=0, now=now,
                                         ttl_s=ttl_s)
         return failed
 

@@ -96,6 +96,7 @@ class JobOutput:
         self.pending: list[str] = []
         self.pending_bytes = 0
         self.total_bytes = 0
+        self.written = 0  # chunks the store holds: the position of the first pending one
         self._written_at = trio.current_time()
 
     async def append(self, chunk: str) -> None:
@@ -123,12 +124,13 @@ class JobOutput:
             return
         actor = self._actor
         try:
-            wanted = await actor.store.append(self._job.record.id, self.pending, size=self.pending_bytes,
+            wanted = await actor.store.append(self._job.record.id, self.pending, first_seq=self.written,
                                               now=actor.wall_clock())
         except JobStoreUnavailable as exc:  # kept, and tried again at the next flush
             actor.write_failures += 1
             log.warning("job %s: chunks not written yet: %s", self._job.record.id, exc)
             return
+        self.written += len(self.pending)
         self.pending, self.pending_bytes = [], 0
         if not wanted:  # cancelled, or finished, by another gateway
             self._job.scope.cancel()
@@ -322,7 +324,7 @@ class JobsActor:
         with trio.CancelScope(shield=True), trio.move_on_after(FINAL_WRITE_S) as scope:
             try:
                 await self.store.finish(job.record, status, error=error, chunks=output.pending,
-                                        size=output.pending_bytes, now=self.wall_clock(), ttl_s=self.settings.ttl_s)
+                                        first_seq=output.written, now=self.wall_clock(), ttl_s=self.settings.ttl_s)
             except JobStoreUnavailable as exc:
                 self.lost_writes += 1
                 log.warning("job %s: its end (%s) not written: %s", job.record.id, status.value, exc)
@@ -357,7 +359,7 @@ class JobsActor:
             running.scope.cancel()
             with trio.move_on_after(CANCEL_WAIT_S):
                 await running.done.wait()
-        elif await self.store.finish(job, JobStatus.FAILED, error=CANCELLED, chunks=(), size=0,
+        elif await self.store.finish(job, JobStatus.FAILED, error=CANCELLED, chunks=(), first_seq=0,
                                      now=self.wall_clock(), ttl_s=self.settings.ttl_s):
             self.cancelled += 1  # another gateway runs it: it stops at its next write, or its next sweep
         return await self.store.get(job_id) or job

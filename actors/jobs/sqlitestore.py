@@ -38,9 +38,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at REAL NOT NULL,
     expires_at REAL NOT NULL,
     error TEXT,
-    runner TEXT NOT NULL DEFAULT '',
-    result_bytes INTEGER NOT NULL DEFAULT 0,
-    chunks INTEGER NOT NULL DEFAULT 0
+    runner TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, expires_at);
 CREATE INDEX IF NOT EXISTS jobs_expires ON jobs (expires_at);
@@ -157,14 +155,14 @@ class SqliteJobStore:
         now = self.wall_clock()
 
         def fn(conn: sqlite3.Connection) -> JobRecord | None:
-            row = conn.execute("SELECT id, owner, status, created_at, updated_at, expires_at, error, runner, "
-                               "result_bytes FROM jobs WHERE id = ? AND expires_at > ?", (job_id, now)).fetchone()
+            row = conn.execute("SELECT id, owner, status, created_at, updated_at, expires_at, error, runner "
+                               "FROM jobs WHERE id = ? AND expires_at > ?", (job_id, now)).fetchone()
             if row is None:
                 return None
             chunks = tuple(c for (c,) in conn.execute("SELECT chunk FROM chunks WHERE job_id = ? ORDER BY seq",
                                                       (job_id,)))
             return JobRecord(row[0], row[1], _status(row[2]), row[3], row[4], row[5], _error_of(row[6]), row[7],
-                             chunks, row[8])
+                             chunks)
 
         return await self._call(fn)
 
@@ -185,32 +183,30 @@ class SqliteJobStore:
         return await self._call(fn)
 
     @staticmethod
-    def _append(conn: sqlite3.Connection, job_id: str, chunks: Sequence[str], size: int, now: float) -> None:
-        (seq,) = conn.execute("SELECT chunks FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        conn.executemany("INSERT INTO chunks (job_id, seq, chunk) VALUES (?, ?, ?)",
-                         [(job_id, seq + i, chunk) for i, chunk in enumerate(chunks)])
-        conn.execute("UPDATE jobs SET chunks = chunks + ?, result_bytes = result_bytes + ?, updated_at = ? "
-                     "WHERE id = ?", (len(chunks), size, now, job_id))
+    def _append(conn: sqlite3.Connection, job_id: str, chunks: Sequence[str], first_seq: int, now: float) -> None:
+        conn.executemany("INSERT OR IGNORE INTO chunks (job_id, seq, chunk) VALUES (?, ?, ?)",
+                         [(job_id, first_seq + i, chunk) for i, chunk in enumerate(chunks)])
+        conn.execute("UPDATE jobs SET updated_at = ? WHERE id = ?", (now, job_id))
 
-    async def append(self, job_id: str, chunks: Sequence[str], *, size: int, now: float) -> bool:
+    async def append(self, job_id: str, chunks: Sequence[str], *, first_seq: int, now: float) -> bool:
         def fn(conn: sqlite3.Connection) -> bool:
             row = conn.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None or row[0] != JobStatus.RUNNING.value:
                 return False
             if chunks:
-                self._append(conn, job_id, chunks, size, now)
+                self._append(conn, job_id, chunks, first_seq, now)
             return True
 
         return await self._call(fn)
 
     async def finish(self, job: JobRecord, status: JobStatus, *, error: Mapping[str, Any] | None,
-                     chunks: Sequence[str], size: int, now: float, ttl_s: float) -> bool:
+                     chunks: Sequence[str], first_seq: int, now: float, ttl_s: float) -> bool:
         def fn(conn: sqlite3.Connection) -> bool:
             row = conn.execute("SELECT status FROM jobs WHERE id = ?", (job.id,)).fetchone()
             if row is None or row[0] not in _UNFINISHED:
                 return False
             if chunks:
-                self._append(conn, job.id, chunks, size, now)
+                self._append(conn, job.id, chunks, first_seq, now)
             conn.execute("UPDATE jobs SET status = ?, error = ?, updated_at = ?, expires_at = ? WHERE id = ?",
                          (status.value, _error_text(error), now, now + ttl_s, job.id))
             return True
