@@ -6,7 +6,6 @@ the key is charged."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import time
 from collections.abc import AsyncIterator
@@ -302,9 +301,3 @@ async def test_a_failed_call_ends_the_run_with_its_status_when_nothing_was_sent(
             await client.chat.completions.create(model="Default", messages=[{"role": "user", "content": QUESTION}],
                                                  extra_body={"inference_mode": "Chain-of-Thought"})
     net.gateway.shutdown()
-
-
-def test_the_headings_helper_reads_what_the_orchestrator_writes() -> None:
-    assert heading_lines("## Step 3: Planning Tools\n\n## Final Answer\n\n### Sources\n") == [
-        "## Step 3: Planning Tools", "## Final Answer", "### Sources"]
-    assert json.loads(json.dumps(HEADINGS)) == HEADINGS
