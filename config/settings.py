@@ -191,6 +191,53 @@ class ScoringSettings:
 
 
 @dataclass(frozen=True)
+class ResearchSettings:
+    max_steps: int = setting(
+        10, "deep research (inference_mode \"Chain-of-Thought\" or test_time_inference): research steps (tools, "
+        "then thinking) before the final answer is written", min=1, max=100)
+    deadline_s: float = setting(
+        600.0, "deep research: the whole run's deadline, final answer included; past it the run ends with an "
+        "error", min=1.0, max=86_400.0)
+    json_retries: int = setting(
+        3, "deep research: a step whose answer is not the JSON asked for is asked again this many times, then "
+        "the run ends with an error", min=0, max=20)
+    max_tool_calls_per_step: int = setting(
+        2, "deep research: web searches a step may plan; further planned ones are dropped", min=0, max=10)
+    search_results: int = setting(
+        2, "deep research: pages per web search, the most a plan may ask for", min=1, max=20)
+    search_miners: int = setting(
+        10, "deep research: miners asked per web search (as GET /web_retrieval's n_miners)", min=1, max=64)
+    search_timeout_s: int = setting(
+        30, "deep research: seconds a web search waits for its miners", min=1, max=120)
+
+
+@dataclass(frozen=True)
+class JobsSettings:
+    file: str = setting(
+        "jobs.sqlite", "chat jobs, for auth.store = \"file\": an SQLite file (relative to this file); with "
+        "auth.store = \"redis\" jobs live in that Redis, shared by every gateway using it")
+    ttl_s: float = setting(
+        86_400.0, "a job is kept this long after it was created or, once finished, after it finished; then "
+        "it is gone (404)", min=1.0, max=365 * 86_400.0)
+    max_running: int = setting(
+        64, "jobs this gateway runs at once, all keys together; more get 503", min=1, max=10_000)
+    max_running_per_key: int = setting(
+        4, "jobs this gateway runs at once for one API key; more get 429", min=1, max=10_000)
+    max_stored_per_key: int = setting(
+        256, "jobs kept for one API key (running or finished, not yet expired); more get 429 until some "
+        "expire or are deleted", min=1, max=1_000_000)
+    max_result_bytes: int = setting(
+        16 * 1024 * 1024, "the most a job's result may hold (its chunks' JSON text); a job whose answer goes "
+        "over it fails, saying so", min=4096, max=1024 * 1024 * 1024)
+    sweep_interval_s: float = setting(
+        60.0, "how often expired jobs are removed and jobs no gateway runs any more are marked failed",
+        min=0.05, max=86_400.0)
+    store_timeout_s: float = setting(
+        5.0, "the longest one read or write of the job store may take; beyond it the store counts as "
+        "unavailable (503)", min=0.1, max=600.0)
+
+
+@dataclass(frozen=True)
 class DevnetSettings:
     miners: int = setting(5, "simulated miners started by `serve --devnet`", min=1, max=256)
     faults: tuple[str, ...] = setting(
@@ -219,6 +266,10 @@ class Settings:
     availability: AvailabilitySettings = table(AvailabilitySettings, "what each miner says it can do")
     fanout: FanoutSettings = table(FanoutSettings, "how requests are spread over miners")
     scoring: ScoringSettings = table(ScoringSettings, "organic scoring: every answer goes to a validator")
+    research: ResearchSettings = table(ResearchSettings, "deep research: a chat request answered by a run of "
+                                       "model calls and web searches")
+    jobs: JobsSettings = table(JobsSettings, "chat jobs: POST /v1/chat/completions/jobs, answered without "
+                               "holding the connection")
     devnet: DevnetSettings = table(DevnetSettings, "the local simulated subnet")
     log: LogSettings = table(LogSettings, "what the gateway logs, and how (to standard error)")
     base_dir: str = field(default=".", metadata={"internal": True})

@@ -63,7 +63,7 @@ async def devnet_key(settings: Settings) -> str:
 
 
 def devnet_state(settings: Settings, folder: str) -> Settings:
-    """`settings` with the state a gateway writes (keys, scoring spool) kept in `folder`.
+    """`settings` with the state a gateway writes (keys, scoring spool, jobs) kept in `folder`.
 
     `serve --devnet` runs this way: its trial key and its simulated organics must not land in the
     operator's key store or spool (a real validator would be sent devnet answers on the next start).
@@ -72,6 +72,7 @@ def devnet_state(settings: Settings, folder: str) -> Settings:
         settings,
         auth=dataclasses.replace(settings.auth, store="file", keys_file=os.path.join(folder, "keys.toml")),
         scoring=dataclasses.replace(settings.scoring, spool_dir=os.path.join(folder, "spool")),
+        jobs=dataclasses.replace(settings.jobs, file=os.path.join(folder, "jobs.sqlite")),
     )
 
 

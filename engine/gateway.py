@@ -30,6 +30,7 @@ import trio
 from actors.availability import AvailabilityActor
 from actors.fanout.breaker import MinerHealth
 from actors.fanout.selection import Selector
+from actors.jobs import JobsActor, JobStore, JobStoreError, open_job_store
 from actors.keystore import KeyStoreActor, open_keystore
 from actors.scoring.forwarder import ScoringForwarder
 from actors.subnet.actor import MetagraphSource, StaticSource, SubnetActor
@@ -173,6 +174,7 @@ async def run(
     async with (
         _set_on_exit(stopped, plan),  # exits last: wait_stopped() returns once every actor has persisted its state
         open_keystore(settings) as keys,  # a corrupt keys file or unreachable Redis stops us here
+        _open_jobs(settings) as job_store,  # so does an unusable jobs file
         _phase_on_exit(plan, "saving key usage"),
         make_http_client(settings, outbound) as http,
         trio.open_nursery() as actors,
@@ -202,6 +204,7 @@ async def run(
             max_serving=settings.fanout.max_inflight, max_jobs=settings.fanout.max_background,
             stall_s=settings.fanout.stall_timeout_s,
         ))
+        jobs = await supervisor.start(actors, JobsActor(job_store, settings.jobs))
         connections = inbound.Connections(settings.server.max_connections,
                                           busy_idle_s=settings.server.keep_alive_busy_s)
         registry = supervisor.registry
@@ -211,7 +214,7 @@ async def run(
         services = Services(
             settings=settings, actors=registry, subnet=subnet_cell, signer=signer, http=http,
             availability=availability.cell, miner_health=miner_health, selector=selector, fanout=fanout,
-            keys=keys, scoring=scoring,
+            keys=keys, scoring=scoring, jobs=jobs,
         )
 
         app = create_app(services)
@@ -237,6 +240,8 @@ async def run(
             # past the deadline what they said so far is scored. Either way every fan-out reaches the
             # forwarder before it stops, and the forwarder spools what it cannot deliver.
             plan.phase = "waiting for miners"
+            if interrupted := jobs.interrupt_all():
+                log.info("stopping: %d running jobs end as failed (interrupted)", interrupted)
             with trio.move_on_at(plan.drain_deadline):
                 await fanout.wait_idle()
             plan.phase = "handing answers to scoring"
@@ -251,6 +256,20 @@ async def run(
                 # The forwarder reads its flush budget when it flushes, i.e. right after this cancel.
                 scoring.flush_deadline_s = max(SCORING_FLUSH_MIN_S, plan.left_s())
             actors.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def _open_jobs(settings: Settings) -> AsyncIterator[JobStore]:
+    """The job store; one that cannot be used stops the start with a message for the operator."""
+    opened = False
+    try:
+        async with open_job_store(settings) as store:
+            opened = True
+            yield store
+    except JobStoreError as exc:
+        if opened:
+            raise
+        raise StartupError(str(exc)) from None
 
 
 @asynccontextmanager

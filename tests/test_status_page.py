@@ -108,7 +108,7 @@ async def test_the_data_shows_miners_requests_scoring_keys_and_actors(
     assert [k["prefix"] for k in keys["top"]] == [display_prefix(busy), display_prefix(idle)]
     assert keys["top"][0]["requests"] == 4 and keys["top"][1]["requests"] == 0
     actors = {a["name"]: a for a in data["actors"]}
-    assert set(actors) == {"keys", "subnet", "availability", "scoring", "fanout"}
+    assert set(actors) == {"keys", "subnet", "availability", "scoring", "fanout", "jobs"}
     assert all(a["status"] == "running" and a["restarts"] == 0 for a in actors.values())
 
 

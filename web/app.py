@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from quart_trio import QuartTrio
 
-from web import availability, chat, docs, health, keys, metrics, models, retrieval, status
+from web import availability, chat, docs, health, jobs, keys, metrics, models, retrieval, status
 from web.errors import install_error_handlers
 from web.services import Services
 
@@ -17,6 +17,7 @@ def create_app(services: Services) -> QuartTrio:
     app.register_blueprint(health.blueprint(services))
     app.register_blueprint(keys.blueprint(services))
     app.register_blueprint(chat.blueprint(services))
+    app.register_blueprint(jobs.blueprint(services))
     app.register_blueprint(models.blueprint(services))
     app.register_blueprint(status.blueprint(services))
     app.register_blueprint(retrieval.blueprint(services))

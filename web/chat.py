@@ -6,18 +6,33 @@ winner that breaks mid-stream with nobody to take over ends the stream with an e
 `[DONE]`. While a streaming client waits (for the first token, or a slow miner), an SSE comment goes out
 every `fanout.sse_keepalive_s`, so clients and proxies do not time out. Non-streaming: the first
 complete valid answer. Mixture of miners: a first round answered by several miners (never waiting past
-its deadline), then one healthy, high-incentive miner combines them.
+its deadline), then one healthy, high-incentive miner combines them. Deep research
+(`inference_mode: "Chain-of-Thought"` or `test_time_inference: true`): a run of model calls and web
+searches (`web.research`) whose Markdown progress and final answer are the streamed text.
+
+One pipeline serves streams and jobs: a producer yields the client's items in batches, one batch per
+wake-up (`Chunk` text with the miner's choice for logprobs, `Finish` with finish_reason and usage,
+`Fault`, or the keep-alive tick), and a consumer renders them: `stream_response` as SSE (one write per
+batch), `web.jobs` as a job's result chunks. Producers: `FanoutAnswer` (a fan-out's events, passed on
+as they come, with no task of its own) and `channel_batches` over a deep-research run's channel.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+import uuid
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any, TypeVar
 
 import trio
 from quart import Blueprint, Response
 
 from actors.fanout.events import Broken, Chunk, Complete, End, Event, Failed
 from actors.fanout.job import FanoutJob
+from actors.jobs import JobsUnavailable
 from web.asgi import on_close
 from web.asking import answered_model, resolve_model, start_job
 from web.auth import Grant, authorize, rate_limit_headers_on_errors
@@ -26,10 +41,42 @@ from web.chat_request import ChatRequest, parse_chat_request
 from web.completion_format import ChatStream, completion_body, usage_of
 from web.errors import ApiError, json_response
 from web.mixture import mixture_job
+from web.research import ResearchFailure, ResearchOutcome, run_research
+from web.research.tools import FanoutTools, research_limits
 from web.services import Services
 from wire.sse import DONE_EVENT, encode_event
 
+T = TypeVar("T")
+
 KEEPALIVE_COMMENT = b": keep-alive\n\n"
+RESEARCH_MODE = "Chain-of-Thought"
+RESEARCH_BATCHES = 16  # a run's batches waiting for its client; beyond that the run waits
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """The answer is whole: its finish_reason and usage."""
+
+    reason: str | None
+    usage: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """The answer ends with this error (a stream's last event; before anything was sent, its status)."""
+
+    error: ApiError
+
+
+class KeepAlive:
+    """Nothing to say yet: the consumer keeps its client (or its store) warm."""
+
+
+KEEPALIVE = KeepAlive()
+Item = Chunk | Finish | Fault | KeepAlive
+Batch = Sequence[Item]
+KEEPALIVE_BATCH: Batch = (KEEPALIVE,)
+_ENDED = object()
 
 
 def failed_error(event: Failed) -> ApiError:
@@ -48,107 +95,231 @@ def first_token_budget_s(services: Services, job: FanoutJob) -> float:
     return services.settings.fanout.first_token_timeout_s or job.timeout_s
 
 
-async def next_event(job: FanoutJob, timeout_s: float) -> Event | None:
-    """The job's next event within `timeout_s`, else None."""
+async def receive_within(receive: trio.MemoryReceiveChannel[T], timeout_s: float, ended: Any) -> T | Any:
+    """The channel's next message within `timeout_s`; None when none came (time for a keep-alive),
+    `ended` when the channel is closed."""
     with trio.move_on_after(timeout_s):
         try:
-            return await job.receive.receive()
-        except trio.EndOfChannel:
-            return Broken("the miners' answers ended without a result")
+            return await receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            return ended
     return None
+
+
+async def next_event(job: FanoutJob, timeout_s: float) -> Event | None:
+    """The job's next event within `timeout_s`, else None."""
+    event: Event | None = await receive_within(job.receive, timeout_s,
+                                               Broken("the miners' answers ended without a result"))
+    return event
 
 
 def record_usage(services: Services, grant: Grant, usage: dict[str, int]) -> None:
     services.keys.record_usage_nowait(grant.key_id, tokens=usage["completion_tokens"])
 
 
-async def stream_response(services: Services, grant: Grant, request: ChatRequest, job: FanoutJob) -> Response:
-    """A streamed answer. The 200 is committed only once there is something to say or, with nothing yet,
-    after one keep-alive period: a fast failure keeps its status (502, 504); later ones are error events."""
-    keepalive_s = services.settings.fanout.sse_keepalive_s
-    first_deadline = job.started + first_token_budget_s(services, job)
-    first = await next_event(job, min(keepalive_s, first_deadline - trio.current_time()))
-    if isinstance(first, Failed):
-        raise failed_error(first)
-    if first is None and trio.current_time() >= first_deadline:
-        job.release()
-        raise first_token_timeout(services, job)
-    if isinstance(first, Broken):
-        raise ApiError(502, "The miners' answers ended without a result.", code="miners_failed")
-    out = ChatStream(answered_model(request), logprobs=request.logprobs, top_logprobs=request.top_logprobs)
-    recorded = False
+# -- producers -------------------------------------------------------------------------------------------
 
-    def account(usage: dict[str, int]) -> None:
-        nonlocal recorded
-        if not recorded:
-            recorded = True
-            record_usage(services, grant, usage)
 
-    def account_relayed() -> None:
-        """The exchange ended before the answer did (the client left): what was relayed counts."""
-        account(usage_of(job.winner_answer, request.messages, budget=request.max_new_tokens, relayed=out.relayed))
+class FanoutAnswer:
+    """The client's items of one fan-out (mode "stream"), and the accounting of what was relayed.
 
-    on_close(account_relayed)
+    Events are passed on as they come: a batch holds every event that had queued up by the time the
+    consumer woke (a loaded gateway, a fast miner), so it goes out as one write. Until the first text,
+    the wait is bounded by the first-token budget; after it, by `keepalive_s` per tick."""
 
-    def render(current: Event) -> tuple[bytes, bool]:
-        """The client's bytes for one event, and whether the stream ends with it."""
-        if isinstance(current, Chunk):
-            return encode_event(out.chunk(current.text, current.choice)), False
-        if isinstance(current, End):
-            usage = usage_of(job.winner_answer, request.messages, budget=request.max_new_tokens)
-            parts = [encode_event(out.finish(current.finish_reason))]
-            if request.include_usage:
-                parts.append(encode_event(out.usage_chunk(usage)))
-            parts.append(DONE_EVENT)
-            account(usage)
-            return b"".join(parts), True
-        if isinstance(current, Broken):
-            error = ApiError(502, f"The miner's answer broke off: {current.error}", code="miner_stream_broken")
-        elif isinstance(current, Failed):
-            error = failed_error(current)
+    def __init__(self, services: Services, grant: Grant, request: ChatRequest, job: FanoutJob, *,
+                 keepalive_s: float) -> None:
+        self.services = services
+        self.grant = grant
+        self.request = request
+        self.job = job
+        self.keepalive_s = keepalive_s
+        self.first_deadline = job.started + first_token_budget_s(services, job)
+        self.relayed = 0  # content chunks handed to the consumer
+        self.recorded = False
+
+    def _account(self, usage: dict[str, int]) -> None:
+        if not self.recorded:
+            self.recorded = True
+            record_usage(self.services, self.grant, usage)
+
+    def account_relayed(self) -> None:
+        """The exchange ended before the answer did (the client left, an error): what was relayed counts."""
+        request = self.request
+        self._account(usage_of(self.job.winner_answer, request.messages, budget=request.max_new_tokens,
+                               relayed=self.relayed))
+
+    def _item(self, event: Event) -> tuple[Item, bool]:
+        """The client's item for one event, and whether the answer ends with it."""
+        if isinstance(event, Chunk):
+            self.relayed += 1
+            return event, False
+        if isinstance(event, End):
+            request = self.request
+            usage = usage_of(self.job.winner_answer, request.messages, budget=request.max_new_tokens)
+            self._account(usage)
+            return Finish(event.finish_reason, usage), True
+        if isinstance(event, Broken) and self.relayed:
+            error = ApiError(502, f"The miner's answer broke off: {event.error}", code="miner_stream_broken")
+        elif isinstance(event, Failed):
+            error = failed_error(event)
         else:
             error = ApiError(502, "The miners' answers ended without a result.", code="miners_failed")
-        account_relayed()
-        return encode_event(error.body()), True
+        self.account_relayed()
+        return Fault(error), True
 
-    async def events() -> AsyncIterator[bytes]:
-        """One write per wake-up: chunks that queued up meanwhile (a loaded gateway, a fast miner) go
-        out together, as one send, instead of one send and one pass through the server each."""
-        current: Event | None = first
+    async def batches(self) -> AsyncGenerator[Batch]:
+        job = self.job
         while True:
-            if current is None:
-                wait = keepalive_s
-                if out.relayed == 0:
-                    remaining = first_deadline - trio.current_time()
-                    if remaining <= 0:
-                        job.release()
-                        account_relayed()
-                        yield encode_event(first_token_timeout(services, job).body())
-                        return
-                    wait = min(wait, remaining)
-                current = await next_event(job, wait)
-                if current is None:
-                    yield KEEPALIVE_COMMENT
-                    continue
-            data, done = render(current)
-            parts = [data]
+            wait = self.keepalive_s
+            if self.relayed == 0:
+                remaining = self.first_deadline - trio.current_time()
+                if remaining <= 0:
+                    job.release()
+                    self.account_relayed()
+                    yield (Fault(first_token_timeout(self.services, job)),)
+                    return
+                wait = min(wait, remaining)
+            event = await next_event(job, wait)
+            if event is None:
+                if self.relayed == 0 and trio.current_time() >= self.first_deadline:
+                    continue  # out of time for the first token: ended above
+                yield KEEPALIVE_BATCH
+                continue
+            item, done = self._item(event)
+            batch = [item]
             while not done:
                 try:
-                    current = job.receive.receive_nowait()
+                    event = job.receive.receive_nowait()
                 except trio.WouldBlock:
                     break
-                except trio.EndOfChannel:
-                    current = Broken("the answer ended unexpectedly")
-                data, done = render(current)
-                parts.append(data)
-            yield b"".join(parts) if len(parts) > 1 else parts[0]
+                except (trio.EndOfChannel, trio.ClosedResourceError):
+                    event = Broken("the answer ended unexpectedly")
+                item, done = self._item(event)
+                batch.append(item)
+            yield batch
             if done:
                 return
-            current = None
 
-    headers = {**grant.headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-               "X-Request-Id": job.request_id}
-    response = Response(events(), content_type="text/event-stream", headers=headers)
+
+async def channel_batches(receive: trio.MemoryReceiveChannel[Batch], keepalive_s: float) -> AsyncGenerator[Batch]:
+    """The batches a producer running elsewhere sends (a deep-research run), joined per wake-up, with a
+    keep-alive tick after every `keepalive_s` of silence; ends after its Finish or Fault."""
+    while True:
+        got = await receive_within(receive, keepalive_s, _ENDED)
+        if got is None:
+            yield KEEPALIVE_BATCH
+            continue
+        if got is _ENDED:
+            yield (Fault(ApiError(502, "The answer ended unexpectedly.", code="internal_error")),)
+            return
+        batch = list(got)
+        while not isinstance(batch[-1], Finish | Fault):
+            try:
+                batch.extend(receive.receive_nowait())
+            except trio.WouldBlock:
+                break
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                batch.append(Fault(ApiError(502, "The answer ended unexpectedly.", code="internal_error")))
+        yield batch
+        if isinstance(batch[-1], Finish | Fault):
+            return
+
+
+def today() -> str:
+    return datetime.now(UTC).date().isoformat()
+
+
+def research_error(outcome: ResearchOutcome) -> ApiError:
+    message = f"Deep research failed: {outcome.message}."
+    if outcome.failure is ResearchFailure.DEADLINE:
+        return ApiError(504, message, code="research_deadline")
+    if outcome.failure is ResearchFailure.UNUSABLE_ANSWER:
+        return ApiError(502, message, code="research_unusable_answer")
+    return ApiError(502, message, code="research_call_failed")
+
+
+async def produce_research(services: Services, grant: Grant, request: ChatRequest,
+                           send: trio.MemorySendChannel[Batch]) -> None:
+    """Run deep research on the request's messages, sending its Markdown as it comes, then its Finish
+    (usage: every call's) or its Fault. The run is one request against the key; its calls' completion
+    tokens are added to the key's usage however the run ends (see `web.research.tools`)."""
+    tools = FanoutTools(services)
+    async with send:
+
+        async def emit(piece: str) -> None:
+            await send.send((Chunk(piece),))
+
+        try:
+            outcome = await run_research(request.messages, tools, emit, research_limits(services.settings.research),
+                                         today=today())
+        finally:
+            record_usage(services, grant, tools.usage)
+        await send.send((Finish("stop", dict(tools.usage)),) if outcome.completed else (Fault(research_error(outcome)),))
+
+
+def is_research(request: ChatRequest) -> bool:
+    body = request.miner_body
+    return body.get("inference_mode") == RESEARCH_MODE or body.get("test_time_inference") is True
+
+
+async def open_fanout(services: Services, request: ChatRequest, *, stream: bool) -> FanoutJob:
+    """The fan-out answering an ordinary chat request (mixture included), in mode "stream" or "complete"."""
+    if request.mixture:
+        return await mixture_job(services, request, stream=stream)
+    return start_job(services, request, request.miner_body, mode="stream" if stream else "complete")
+
+
+# -- consumers -------------------------------------------------------------------------------------------
+
+
+def finish_chunks(out: ChatStream, item: Finish, *, include_usage: bool) -> list[dict[str, Any]]:
+    chunks = [out.finish(item.reason)]
+    if include_usage:
+        chunks.append(out.usage_chunk(item.usage))
+    return chunks
+
+
+def render(out: ChatStream, item: Item, include_usage: bool) -> bytes:
+    """The client's bytes for one item."""
+    if isinstance(item, Chunk):
+        return encode_event(out.chunk(item.text, item.choice))
+    if isinstance(item, Finish):
+        return b"".join([*map(encode_event, finish_chunks(out, item, include_usage=include_usage)), DONE_EVENT])
+    if isinstance(item, Fault):
+        return encode_event(item.error.body())
+    return KEEPALIVE_COMMENT
+
+
+async def sse_body(out: ChatStream, first: Batch, rest: AsyncGenerator[Batch], include_usage: bool
+                   ) -> AsyncGenerator[bytes]:
+    """One write per batch."""
+    batch = first
+    while True:
+        if len(batch) == 1:
+            yield render(out, batch[0], include_usage)
+        else:
+            yield b"".join([render(out, item, include_usage) for item in batch])
+        if isinstance(batch[-1], Finish | Fault):
+            return
+        try:
+            batch = await rest.__anext__()
+        except StopAsyncIteration:
+            return
+
+
+async def stream_response(grant: Grant, request: ChatRequest, batches: AsyncGenerator[Batch],
+                          request_id: str) -> Response:
+    """A streamed answer. The 200 is committed only once there is something to say or, with nothing yet,
+    after one keep-alive period: a fast failure keeps its status (502, 504); later ones are error events."""
+    first = await batches.__anext__()
+    if len(first) == 1 and isinstance(first[0], Fault):
+        await batches.aclose()
+        raise first[0].error
+    out = ChatStream(answered_model(request), logprobs=request.logprobs, top_logprobs=request.top_logprobs)
+    headers = {**grant.headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": request_id}
+    response = Response(sse_body(out, first, batches, request.include_usage), content_type="text/event-stream",
+                        headers=headers)
     response.timeout = None  # streams may outlive Quart's default response timeout
     return response
 
@@ -169,6 +340,48 @@ async def complete_response(services: Services, grant: Grant, request: ChatReque
     return json_response(body, headers={**grant.headers, "X-Request-Id": job.request_id})
 
 
+def research_channel() -> tuple[trio.MemorySendChannel[Batch], trio.MemoryReceiveChannel[Batch]]:
+    return trio.open_memory_channel[Batch](RESEARCH_BATCHES)
+
+
+async def research_stream(services: Services, grant: Grant, request: ChatRequest) -> Response:
+    """Deep research, streamed. The run works in the job runner's nursery (it outlives this handler's
+    call); the client leaving cancels it, and with it the call it was making (no further miner call)."""
+    send, receive = research_channel()
+    if services.jobs is None:
+        raise ApiError(503, "Deep research is not available in this gateway.", code="research_unavailable")
+    try:
+        scope = services.jobs.start_run(partial(produce_research, services, grant, request, send))
+    except JobsUnavailable as exc:
+        raise ApiError(503, "Deep research cannot start now; retry shortly.", code="research_unavailable",
+                       headers={"Retry-After": "1"}) from exc
+    on_close(scope.cancel)
+    batches = channel_batches(receive, services.settings.fanout.sse_keepalive_s)
+    return await stream_response(grant, request, batches, uuid.uuid4().hex)
+
+
+async def research_complete(services: Services, grant: Grant, request: ChatRequest) -> Response:
+    """Deep research, answered at once when it is done: the final answer as one `chat.completion`."""
+    tools = FanoutTools(services)
+
+    async def emit(piece: str) -> None:
+        """Progress is for streams."""
+
+    try:
+        outcome = await run_research(request.messages, tools, emit, research_limits(services.settings.research),
+                                     today=today())
+    finally:
+        record_usage(services, grant, tools.usage)
+    if not outcome.completed:
+        raise research_error(outcome)
+    body = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": answered_model(request),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": outcome.answer},
+                         "finish_reason": "stop", "logprobs": None}],
+            "usage": dict(tools.usage)}
+    return json_response(body, headers=grant.headers)
+
+
 def blueprint(services: Services) -> Blueprint:
     bp = Blueprint("chat", __name__)
 
@@ -178,17 +391,20 @@ def blueprint(services: Services) -> Blueprint:
         grant = await authorize(services)
         with rate_limit_headers_on_errors(grant):
             request = parse_chat_request(await json_body(), default_model=services.settings.fanout.default_model)
+            if is_research(request):
+                if request.stream:
+                    return await research_stream(services, grant, request)
+                return await research_complete(services, grant, request)
             request = resolve_model(services, request)
-            if request.mixture:
-                job = await mixture_job(services, request)
-            else:
-                job = start_job(services, request, request.miner_body,
-                                mode="stream" if request.stream else "complete")
+            job = await open_fanout(services, request, stream=request.stream)
             # However the exchange ends (answered, failed, the client gone, even before a streamed
             # body was started), the handler lets go of the job; the miners go on only for scoring.
             on_close(job.release)
             if request.stream:
-                return await stream_response(services, grant, request, job)
+                answer = FanoutAnswer(services, grant, request, job,
+                                      keepalive_s=services.settings.fanout.sse_keepalive_s)
+                on_close(answer.account_relayed)
+                return await stream_response(grant, request, answer.batches(), job.request_id)
             return await complete_response(services, grant, request, job)
 
     return bp

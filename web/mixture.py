@@ -11,7 +11,6 @@ from __future__ import annotations
 import trio
 
 from actors.fanout.job import FanoutJob
-from web.asgi import on_close
 from web.asking import start_job
 from web.chat_request import ChatRequest
 from web.errors import ApiError
@@ -37,12 +36,14 @@ async def wait_first_round(job: FanoutJob, deadline_s: float) -> None:
             await job.finished.wait()
 
 
-async def mixture_job(services: Services, request: ChatRequest) -> FanoutJob:
-    """First round to several miners (see `wait_first_round`), then one miner combines the answers."""
+async def mixture_job(services: Services, request: ChatRequest, *, stream: bool) -> FanoutJob:
+    """First round to several miners (see `wait_first_round`), then one miner combines the answers; its
+    fan-out is in mode "stream" or "complete"."""
     first_round = start_job(services, request, request.miner_body, mode="all")
-    on_close(first_round.release)  # also when the client leaves during the first round
-    await wait_first_round(first_round, services.settings.fanout.mixture_deadline_s)
-    first_round.release()
+    try:
+        await wait_first_round(first_round, services.settings.fanout.mixture_deadline_s)
+    finally:
+        first_round.release()  # also when the client leaves during the first round
     answers = [a for a in first_round.answers if a.whole]
     if not answers:  # none whole in time: take what has arrived
         answers = [a for a in first_round.answers if a.chunks]
@@ -52,5 +53,5 @@ async def mixture_job(services: Services, request: ChatRequest) -> FanoutJob:
     final_body = dict(request.miner_body)
     final_body["messages"] = [*request.messages, mixture_message([a.text for a in answers])]
     asked = tuple(a.uid for a in first_round.answers)
-    return start_job(services, request, final_body, mode="stream" if request.stream else "complete",
+    return start_job(services, request, final_body, mode="stream" if stream else "complete",
                      final=True, exclude=asked)

@@ -20,6 +20,7 @@ from werkzeug.routing import Rule
 from actors.availability import KNOWN_MODELS, KNOWN_TASKS
 from actors.keystore.records import RATE_LIMIT_MAX
 from web.availability import MAX_UIDS
+from web.chat import RESEARCH_MODE
 from web.chat_request import (
     DEFAULT_MODEL_ALIAS,
     MAX_SEED,
@@ -45,9 +46,6 @@ IGNORED_METHODS = frozenset({"HEAD", "OPTIONS"})  # answered by the framework fo
 # Routes another branch is adding: (method, OpenAPI path). Described below; marked `x-pending` in the
 # served document while the app does not serve them. Remove an entry once its route has landed.
 PENDING_ROUTES: tuple[tuple[str, str], ...] = (
-    ("POST", "/v1/chat/completions/jobs"),
-    ("GET", "/v1/chat/completions/jobs/{job_id}"),
-    ("DELETE", "/v1/chat/completions/jobs/{job_id}"),
 )
 PENDING_NOTE = ("**Not served by this build yet**: this route is being added; it is described here in "
                 "advance and answers 404 until it lands.")
@@ -289,13 +287,15 @@ def chat_schemas() -> dict[str, Any]:
             "type": ["string", "null"],
             "examples": [REASONING_MODE, "Mixture-of-Agents", "Chain-of-Thought"],
             "description": f"`{REASONING_MODE}`: task `MultiStepReasoningTask`; "
-                           f"{', '.join(f'`{m}`' for m in mixture_modes)}: mixture of miners. Any other value "
-                           "is passed on to miners with an ordinary chat.",
+                           f"{', '.join(f'`{m}`' for m in mixture_modes)}: mixture of miners; "
+                           f"`{RESEARCH_MODE}`: deep research. Any other value is passed on to miners with an "
+                           "ordinary chat.",
         },
         "timeout": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 3600,
                     "description": "Seconds; clamped to 60-300 for miners, as upstream."},
         "json_format": {"type": ["boolean", "null"], "description": "Passed on to miners (no effect upstream)."},
-        "test_time_inference": {"type": ["boolean", "null"], "description": "Passed on to miners."},
+        "test_time_inference": {"type": ["boolean", "null"],
+                                "description": f"`true`: deep research, as `inference_mode: \"{RESEARCH_MODE}\"`."},
         "extra_body": {"type": ["object", "null"],
                        "description": "A literal `extra_body` object: its fields count as top-level fields."},
     }
@@ -432,9 +432,12 @@ def chat_schemas() -> dict[str, Any]:
 
 
 def job_schemas() -> dict[str, Any]:
-    status = {"type": "string", "enum": ["pending", "running", "completed", "failed"]}
-    stamps = {"created_at": {"type": "string", "format": "date-time"},
-              "updated_at": {"type": "string", "format": "date-time"}}
+    status = {"type": "string", "enum": ["pending", "running", "completed", "failed"],
+              "description": "`pending` until the gateway starts it, `running`, then `completed` or `failed`."}
+    stamps = {"created_at": {"type": "string", "format": "date-time", "description": "ISO 8601, UTC."},
+              "updated_at": {"type": "string", "format": "date-time",
+                             "description": "ISO 8601, UTC: the job's last change (a status, or result chunks "
+                                            "written)."}}
     return {
         "ChatJob": {
             "type": "object",
@@ -450,13 +453,25 @@ def job_schemas() -> dict[str, Any]:
                 **stamps,
                 "result": {
                     "type": "array",
-                    "description": "The answer's streamed deltas so far, in order.",
+                    "description": "What the answer has streamed so far, in order (written in batches, at most "
+                                   "about half a second behind the answer).",
                     "items": {"type": "object", "required": ["seq_id", "chunk"],
-                              "properties": {"seq_id": {"type": "integer", "minimum": 0},
-                                             "chunk": {"type": "string",
-                                                       "description": "The JSON text of the deltas, as upstream."}}},
+                              "properties": {
+                                  "seq_id": {"type": "integer", "minimum": 0,
+                                             "description": "The item's position, from 0."},
+                                  "chunk": {"type": "string", "description": (
+                                      "As upstream, a JSON string holding an array; here its elements are the "
+                                      "`chat.completion.chunk` objects (schema `ChatCompletionChunk`) that came "
+                                      "together, exactly as the `data:` lines of the same request streamed, so "
+                                      "that one parser reads both: the text is in `choices[0].delta.content`, "
+                                      "the finish_reason and the logprobs (when asked) are kept, and the last "
+                                      "chunk of a completed job carries `usage`.")}}},
                 },
-                "error": {"type": ["string", "object", "null"], "description": "Why a failed job failed."},
+                "error": {"oneOf": [ref("ErrorDetail"), {"type": "null"}],
+                          "description": "Why a failed job failed, as a failed request's `error` object: "
+                                         "`cancelled` (DELETE), `job_interrupted` (the gateway stopped while it "
+                                         "ran), `job_result_too_large`, or what the request itself would have "
+                                         "answered (`miners_failed`, `miner_timeout`, `research_deadline`, ...)."},
             },
         },
     }
@@ -714,7 +729,16 @@ CHAT_DESCRIPTION = (
     "answer so far is exactly what was sent takes over. Not streaming: the first complete valid answer. "
     "Mixture (`mixture`, `sampling_parameters.mixture` or a mixture `inference_mode`): several miners "
     "answer, then one more combines their answers. Every miner's answer is forwarded to a validator for "
-    "scoring. Errors after authorisation still count against the key and carry its `X-RateLimit-*` headers."
+    "scoring. Errors after authorisation still count against the key and carry its `X-RateLimit-*` headers.\n\n"
+    f"Deep research (`inference_mode: \"{RESEARCH_MODE}\"` or `test_time_inference: true`): a run of model "
+    "calls and web searches, each an ordinary fan-out to miners (and scored as one), within "
+    "`research.deadline_s` and `research.max_steps`. Streamed, the text is Markdown progress headings "
+    "(`## Research Plan`, `## Step 1: Planning Tools`, ...) then `## Final Answer` with the direct answer, the "
+    "explanation, the sources with their URLs and the limitations, then `[DONE]`; keep-alive comments go out "
+    "while a step works, and the client leaving stops the run. Not streamed: the final answer as one "
+    "`chat.completion`. A run that fails ends with `research_deadline` (504), `research_unusable_answer` (a "
+    "step's JSON still unusable after `research.json_retries` more tries) or `research_call_failed` (502). "
+    "The run is one request against the key; the completion tokens of all its calls are its usage."
 )
 
 
@@ -733,28 +757,36 @@ def chat_paths() -> dict[str, Any]:
             responses={"200": ok("The models.", ref("ModelList"), counted=True), **errors(401, 429, 503)})},
         "/v1/chat/completions/jobs": {"post": operation(
             "createChatCompletionJob", "GPT Endpoints", "Start a chat completion job",
-            "The same body as `POST /v1/chat/completions`; the answer is made in the gateway, without "
-            "holding the connection, and read with `GET /v1/chat/completions/jobs/{job_id}`. A job belongs to "
-            "the key that made it.", security=CLIENT,
+            "The same body as `POST /v1/chat/completions` (any chat request, deep research and mixture "
+            "included; `stream` is ignored), checked at once (a bad one is a 400); the answer is made in the "
+            "gateway, as a stream, without holding the connection, and read with "
+            "`GET /v1/chat/completions/jobs/{job_id}`. A job belongs to the key that made it; it is kept "
+            "`jobs.ttl_s` (24 h) after it was created or, once finished, after it finished. At most "
+            "`jobs.max_running_per_key` jobs of a key run at once in a gateway and `jobs.max_stored_per_key` "
+            "are kept (429 beyond, `too_many_running_jobs`, `too_many_jobs`), and `jobs.max_running` in all "
+            "(503, `jobs_busy`), each with `Retry-After`. With `auth.store = \"redis\"` every gateway on that "
+            "Redis serves every job.", security=CLIENT,
             body={"required": True, "content": json_content(ref("ChatCompletionRequest"))},
             responses={
                 "202": {"description": "Accepted; the job is pending.", "headers": RATE_LIMIT_HEADERS,
                         "content": json_content(ref("ChatJob"), {
                             "job_id": "0b9f3c1e-8f0e-4a57-9d55-6b3b1f7c2a10", "status": "pending",
-                            "created_at": "2025-01-01T00:00:00Z", "updated_at": "2025-01-01T00:00:00Z"})},
+                            "created_at": "2025-01-01T00:00:00.000Z", "updated_at": "2025-01-01T00:00:00.000Z"})},
                 **errors(400, 401, 413, 429, 503)})},
         "/v1/chat/completions/jobs/{job_id}": {
             "get": operation(
                 "getChatCompletionJob", "GPT Endpoints", "A chat completion job",
-                "The job's status and what its answer has streamed so far.", security=CLIENT,
+                "The job's status and what its answer has streamed so far. Another key's job, like an unknown or "
+                "expired one, is a 404 (`job_not_found`).", security=CLIENT,
                 parameters=[job_id],
-                responses={"200": ok("The job.", ref("ChatJobResult"), counted=True), **errors(401, 404, 429)}),
+                responses={"200": ok("The job.", ref("ChatJobResult"), counted=True), **errors(401, 404, 429, 503)}),
             "delete": operation(
-                "deleteChatCompletionJob", "GPT Endpoints", "Cancel and remove a chat completion job",
-                "Stops the job if it is still running and forgets it.", security=CLIENT, parameters=[job_id],
-                responses={"200": ok("Removed.", ref("ChatJobResult"), counted=True),
-                           "204": {"description": "Removed.", "headers": RATE_LIMIT_HEADERS},
-                           **errors(401, 404, 429)}),
+                "deleteChatCompletionJob", "GPT Endpoints", "Cancel or remove a chat completion job",
+                "A pending or running job is stopped (also when another gateway on the same Redis runs it) and "
+                "kept, `failed` with error code `cancelled`, until it expires; a finished job is removed (then "
+                "404). Answers the job as it then is (or was).", security=CLIENT, parameters=[job_id],
+                responses={"200": ok("Cancelled, or removed.", ref("ChatJobResult"), counted=True),
+                           **errors(401, 404, 429, 503)}),
         },
     }
 

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 import trio
 from quart import Blueprint, Response, request
 
+from actors.fanout.job import FanoutJob
 from web.auth import Grant, authorize, rate_limit_headers_on_errors
 from web.body import int_arg, json_body
 from web.errors import ApiError, fanout_errors, json_response
@@ -177,6 +178,22 @@ async def retrieve_for(services: Services, grant: Grant, params: Mapping[str, An
     max_time = int_arg("max_response_time", _field(params, "max_response_time"),
                        default=DEFAULT_RESPONSE_TIME_S, low=1, high=MAX_RESPONSE_TIME_S)
     uids = parse_uids(uid_values)
+    merged, job = await search(services, query, n_miners=n_miners, n_results=n_results, max_time=max_time,
+                               uids=uids)
+    if not merged.results:
+        # A miner the fan-out saw fail is listed with that cause (its partial text cannot parse anyway).
+        reasons = {**merged.failures, **job.errors()}
+        raise ApiError(502, "No miner returned usable search results.", code="miners_failed",
+                       details={str(a.uid): reasons[a.uid] for a in job.answers if a.uid in reasons} or None)
+    return json_response({"results": merged.results},
+                         headers={**grant.headers, "X-Request-Id": job.request_id})
+
+
+async def search(services: Services, query: str, *, n_miners: int, n_results: int, max_time: int,
+                 uids: list[int] | None = None) -> tuple[Merged, FanoutJob]:
+    """One web retrieval fan-out (also deep research's web_search): `n_miners` miners (or `uids`) asked for
+    `n_results` each, heard for `max_time` seconds, their answers merged. Selection and overload are
+    ApiErrors (400, 503)."""
     body = {
         "seed": random.randint(0, 2**32 - 1),
         "sampling_parameters": {"temperature": 0.7, "top_p": 0.95, "max_new_tokens": 256, "do_sample": True},
@@ -196,14 +213,7 @@ async def retrieve_for(services: Services, grant: Grant, params: Mapping[str, An
             await job.finished.wait()
     finally:
         job.release()
-    merged = merge_results(job.answers, n_results)
-    if not merged.results:
-        # A miner the fan-out saw fail is listed with that cause (its partial text cannot parse anyway).
-        reasons = {**merged.failures, **job.errors()}
-        raise ApiError(502, "No miner returned usable search results.", code="miners_failed",
-                       details={str(a.uid): reasons[a.uid] for a in job.answers if a.uid in reasons} or None)
-    return json_response({"results": merged.results},
-                         headers={**grant.headers, "X-Request-Id": job.request_id})
+    return merge_results(job.answers, n_results), job
 
 
 def blueprint(services: Services) -> Blueprint:

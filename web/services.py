@@ -13,6 +13,7 @@ from actors.availability import AvailabilitySnapshot
 from actors.fanout.breaker import MinerHealth
 from actors.fanout.pool import FanoutPool
 from actors.fanout.selection import Selector
+from actors.jobs import JobsActor
 from actors.keystore import FileKeyStore, KeyStore
 from actors.scoring.forwarder import ScoringForwarder
 from config.settings import Settings
@@ -37,6 +38,7 @@ class Services:
     # API keys and limits; the default, an empty in-memory store, is for tests that build Services
     keys: KeyStore = field(default_factory=FileKeyStore)
     telemetry: Telemetry = field(default_factory=Telemetry)  # what requests did (`web/asgi.py` records it)
+    jobs: JobsActor | None = None  # chat jobs, and work that outlives its request (streamed deep research)
     draining: bool = False
 
     def readiness(self) -> dict[str, Any]:
