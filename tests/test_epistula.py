@@ -315,6 +315,8 @@ def test_routed_fields_become_headers_and_nothing_else() -> None:
         {"task": "naïve"},  # not ASCII: httpx could not send it, so it is dropped rather than mangled
         {"task": "✓"},
         {"task": None},
+        {"task": " "},  # blank: no header at all (h11 refuses a value that is only whitespace)
+        {"task": ""},
         {"task": ["InferenceTask"]},
         {"task": {"name": "InferenceTask"}},
         # a client's own fields never become headers

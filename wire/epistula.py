@@ -189,7 +189,10 @@ def header_value(value: Any) -> str | None:
     else:
         return None
     # Printable ASCII only: httpx encodes header values as ASCII, so anything else would fail the send.
-    if _UNSAFE.search(text) or len(text) > MAX_HEADER_VALUE or not text.isascii():
+    # Leading or trailing blanks are not part of a header value (a receiver strips them, h11 refuses
+    # them): such a value is sent stripped, and an empty one not at all.
+    text = text.strip(" \t")
+    if not text or _UNSAFE.search(text) or len(text) > MAX_HEADER_VALUE or not text.isascii():
         return None
     return text
 
