@@ -32,6 +32,7 @@ from actors.fanout.breaker import MinerHealth
 from actors.fanout.selection import Selector
 from actors.jobs import JobsActor, JobStore, JobStoreError, open_job_store
 from actors.keystore import KeyStoreActor, open_keystore
+from actors.peers import WorkerPeers
 from actors.scoring.forwarder import ScoringForwarder
 from actors.subnet.actor import MetagraphSource, StaticSource, SubnetActor
 from config.settings import Settings
@@ -40,6 +41,7 @@ from engine.supervisor import StartupError, Supervisor
 from web import inbound
 from web.app import create_app
 from web.asgi import observe_requests
+from web.peer_report import worker_report
 from web.server import serve
 from web.services import Services
 from web.telemetry import RequestFanoutPool
@@ -216,6 +218,10 @@ async def run(
             availability=availability.cell, miner_health=miner_health, selector=selector, fanout=fanout,
             keys=keys, scoring=scoring, jobs=jobs,
         )
+        if settings.worker is not None and settings.server.workers > 1:  # one of several: report for all
+            services.peers = await supervisor.start(actors, WorkerPeers(
+                settings.auth.redis_url, group=f"{settings.server.host}:{settings.server.port}",
+                index=settings.worker, count=settings.server.workers, snapshot=worker_report(services)))
 
         app = create_app(services)
         if app_hook is not None:

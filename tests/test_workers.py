@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.redis_server import RedisServer, free_port
 
@@ -24,6 +25,7 @@ drain_timeout_s = 1
 [auth]
 store = "{store}"
 redis_url = "{redis_url}"
+admin_key = "admin-secret"
 [wallet]
 uri = "//Alice"
 [subnet]
@@ -103,6 +105,22 @@ def test_workers_share_one_port_each_with_its_own_spool_and_stop_cleanly(
     wait_ready(url)
     assert workers_seen(url) == {0, 1}
     assert {p.name for p in (tmp_path / "spool").iterdir()} == {"worker-0", "worker-1"}
+    # Whichever worker a client reaches, /metrics and /status show them all.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        metrics = httpx.get(f"{url}/metrics", timeout=5, headers={"Connection": "close"}).text
+        status = httpx.get(f"{url}/status/data", timeout=5,
+                           headers={"Connection": "close", "admin-key": "admin-secret"}).json()
+        if [(w["index"], w["ready"]) for w in status.get("workers", [])] == [(0, True), (1, True)]:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError("the workers' reports were not merged")
+    families = {f.name: f for f in text_string_to_metric_families(metrics)}
+    ready = {s.labels["worker"]: s.value for s in families["sn1_gateway_ready"].samples}
+    assert ready == {"0": 1.0, "1": 1.0}
+    assert {a["worker"] for a in status["actors"]} == {0, 1}
+    assert status["requests"]["total"] >= 1
     process.send_signal(signal.SIGTERM)
     assert process.wait(20) == 0
 

@@ -36,6 +36,7 @@ from quart import Blueprint, Response
 
 from web.services import Services
 from web.telemetry import Telemetry
+from web.whole import merge_metrics
 
 PREFIX = "sn1_gateway"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # what `generate_latest` writes
@@ -193,6 +194,12 @@ PARTS: dict[str, tuple[Spec, ...]] = {
         counter("lost_writes", "jobs_lost_writes", "result chunks the store could not keep"),
         counter("defects", "jobs_defects", "jobs that ended on an unexpected error"),
         counter("store.failures", "jobs_store_failures", "calls to the jobs store that failed"),
+    ),
+    "workers": (
+        gauge("index", "worker_index", "this worker's index, of server.workers"),
+        gauge("count", "workers", "serving processes (server.workers)"),
+        counter("published", "worker_reports_published", "reports this worker published for the others"),
+        counter("failures", "worker_report_failures", "reports that could not be published or read"),
     ),
     "connections": (
         gauge("open", "connections_open", "client connections open"),
@@ -388,6 +395,12 @@ def blueprint(services: Services) -> Blueprint:
 
     @bp.get("/metrics")
     async def metrics() -> Response:
-        return Response(render(registry), content_type=CONTENT_TYPE)
+        own = render(registry)
+        peers = services.peers
+        if peers is None:
+            return Response(own, content_type=CONTENT_TYPE)
+        reports = [(peers.index, own.decode()), *((r["index"], r["metrics"]) for r in await peers.others()
+                                                   if isinstance(r.get("metrics"), str))]
+        return Response(merge_metrics(reports), content_type=CONTENT_TYPE)
 
     return bp

@@ -15,6 +15,7 @@ from actors.fanout.pool import FanoutPool
 from actors.fanout.selection import Selector
 from actors.jobs import JobsActor
 from actors.keystore import FileKeyStore, KeyStore
+from actors.peers import WorkerPeers
 from actors.scoring.forwarder import ScoringForwarder
 from config.settings import Settings
 from web.telemetry import Telemetry
@@ -39,6 +40,7 @@ class Services:
     keys: KeyStore = field(default_factory=FileKeyStore)
     telemetry: Telemetry = field(default_factory=Telemetry)  # what requests did (`web/asgi.py` records it)
     jobs: JobsActor | None = None  # chat jobs, and work that outlives its request (streamed deep research)
+    peers: WorkerPeers | None = None  # the other workers, when `server.workers` > 1
     draining: bool = False
 
     def readiness(self) -> dict[str, Any]:

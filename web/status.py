@@ -27,6 +27,7 @@ from web.auth import admin_required
 from web.errors import json_response
 from web.openapi import package_version
 from web.services import Services
+from web.whole import merge_status
 
 PAGE_FILES = ("status.html", "status.css", "status.js")
 KEYS_REFRESH_S = 5.0  # the key summary is read again at most this often (Redis: a round trip per key)
@@ -204,7 +205,10 @@ def blueprint(services: Services) -> Blueprint:
     @bp.get("/status/data")
     async def status_figures() -> Response:
         admin_required(services)
-        return json_response(await status_data(services, keys), headers={"Cache-Control": "no-store"})
+        data = await status_data(services, keys)
+        if services.peers is not None:
+            data = merge_status(data, services.peers.index, await services.peers.others())
+        return json_response(data, headers={"Cache-Control": "no-store"})
 
     @bp.get("/status/miners")
     async def miners_status() -> Response:

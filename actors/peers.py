@@ -1,0 +1,108 @@
+"""WorkerPeers: with `server.workers > 1`, each worker's report is in Redis, so any worker answers for all.
+
+A client reaches whichever worker the kernel hands its connection to, so `/metrics` and `/status` must
+show the whole gateway. Every `interval_s` each worker writes what it would report alone (a snapshot
+built by the web layer: its metrics text and its status figures) under its own key, kept `ttl_s`; a
+worker answering for the gateway reads the others' with one MGET. A worker that stopped publishing
+drops out once its key expires. Redis is what the workers already share (`auth.store = "redis"`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+log = logging.getLogger("sn1_gateway.workers")
+
+KEY_PREFIX = "sn1-gateway:worker"
+MAX_SNAPSHOT_BYTES = 8 * 1024 * 1024  # one worker's report; more is its failure, not read
+Snapshot = Callable[[], Awaitable[dict[str, Any]]]
+
+
+class WorkerPeers:
+    name = "workers"
+
+    def __init__(self, redis_url: str, *, group: str, index: int, count: int, snapshot: Snapshot,
+                 interval_s: float = 2.0, ttl_s: float = 10.0, timeout_s: float = 3.0) -> None:
+        """`group` tells this gateway's workers from another gateway's on the same Redis (host:port)."""
+        self.redis_url = redis_url
+        self.group = group
+        self.index = index
+        self.count = count
+        self.snapshot = snapshot
+        self.interval_s = interval_s
+        self.ttl_s = ttl_s
+        self.timeout_s = timeout_s
+        self._client: Any = None
+        self.published = 0
+        self.failures = 0
+        self.last_error: str | None = None
+
+    def key(self, index: int) -> str:
+        return f"{KEY_PREFIX}:{self.group}:{index}"
+
+    async def run(self, *, task_status: trio.TaskStatus[WorkerPeers] = trio.TASK_STATUS_IGNORED) -> None:
+        import coredis
+
+        async with coredis.Redis.from_url(self.redis_url, decode_responses=False) as client:
+            self._client = client
+            try:
+                task_status.started(self)
+                while True:  # the first report once this worker has started serving
+                    await trio.sleep(self.interval_s)
+                    await self._publish()
+            finally:
+                self._client = None
+
+    async def _publish(self) -> None:
+        from coredis.exceptions import RedisError
+
+        try:
+            report = await self.snapshot()
+            body = json.dumps({"index": self.index, "pid": os.getpid(), "time": time.time(), **report},
+                              separators=(",", ":"))
+            with trio.fail_after(self.timeout_s):
+                await self._client.set(self.key(self.index), body, px=int(self.ttl_s * 1000))
+        except (RedisError, OSError, trio.TooSlowError) as exc:
+            self.failures += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.warning("worker %d: cannot publish its report to Redis (%s)", self.index, self.last_error)
+            return
+        self.published += 1
+        self.last_error = None
+
+    async def others(self) -> list[dict[str, Any]]:
+        """The other workers' latest reports (those that published within `ttl_s`), by index."""
+        from coredis.exceptions import RedisError
+
+        if self._client is None:
+            return []
+        indexes = [i for i in range(self.count) if i != self.index]
+        try:
+            with trio.fail_after(self.timeout_s):
+                values = await self._client.mget([self.key(i) for i in indexes])
+        except (RedisError, OSError, trio.TooSlowError) as exc:
+            self.failures += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            return []
+        reports = []
+        for index, value in zip(indexes, values, strict=True):
+            if value is None or len(value) > MAX_SNAPSHOT_BYTES:
+                continue
+            try:
+                report = json.loads(value)
+            except ValueError:
+                continue
+            if isinstance(report, dict) and report.get("index") == index:
+                reports.append(report)
+        return reports
+
+    def health(self) -> dict[str, Any]:
+        return {"index": self.index, "count": self.count, "published": self.published,
+                "failures": self.failures, "last_error": self.last_error}
