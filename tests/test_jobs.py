@@ -372,7 +372,7 @@ async def test_delete_cancels_a_running_job_and_removes_a_finished_one(nursery: 
 async def test_running_jobs_are_bounded_per_key_and_in_all(nursery: trio.Nursery, tmp_path: Path) -> None:
     jobs = JobsSettings(max_running=2, max_running_per_key=1)
     async with open_stack(nursery, tmp_path, jobs=jobs) as stack:
-        all_answer(stack.miners, ["slow"], first_delay=1.0)
+        all_answer(stack.miners, ["slow"], first_delay=3.0)  # still running while the others are asked
         assert (await stack.create()).status_code == 202
         refused = await stack.create()
         assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_running_jobs"
@@ -382,7 +382,7 @@ async def test_running_jobs_are_bounded_per_key_and_in_all(nursery: trio.Nursery
         assert (await stack.create(key=second)).status_code == 202
         busy = await stack.create(key=third)
         assert busy.status_code == 503 and busy.json()["error"]["code"] == "jobs_busy" and busy.headers["Retry-After"]
-        with trio.fail_after(5):
+        with trio.fail_after(15):
             while stack.runner.health()["running"]:  # noqa: ASYNC110 - the slow answers end
                 await trio.sleep(0.05)
         assert (await stack.create(key=third)).status_code == 202
