@@ -55,6 +55,7 @@ MINER_ANSWER_MAX_BYTES = 64 * 1024  # a miner's own answer: two maps of at most 
 MAX_NAMES = 64  # names in one map (tasks, or models) of one miner's answer
 MAX_NAME_CHARS = 128
 ANSWER_DEPTH = 4  # the validator's answer nests 3 deep ({uid: {map: {name: bool}}}), a miner's 2
+CONTAINERS_PER_ANSWER = 8  # one miner's answer holds 3 objects; the validator's, 3 per uid asked and itself
 
 
 class AvailabilityUnavailable(Exception):
@@ -205,7 +206,8 @@ class AvailabilityActor:
                     else "no validator to ask (none configured, none in the metagraph)")
             uids = [n.uid for n in subnet.neurons]
             path = "/miner_availabilities/miner_availabilities"
-            answer = await self._post(target, path, uids, self.settings.availability.validator_max_bytes)
+            answer = await self._post(target, path, uids, self.settings.availability.validator_max_bytes,
+                                      max_containers=CONTAINERS_PER_ANSWER * (len(uids) + 1))
             if not isinstance(answer, dict):
                 raise BadAnswer("the validator's answer is not a JSON object")
         except BadAnswer as exc:
@@ -267,7 +269,7 @@ class AvailabilityActor:
             answer = await self._post((neuron.axon, neuron.hotkey), "/availability", {
                 "task_availabilities": dict.fromkeys(KNOWN_TASKS, True),
                 "llm_model_availabilities": dict.fromkeys(KNOWN_MODELS, True),
-            }, MINER_ANSWER_MAX_BYTES)
+            }, MINER_ANSWER_MAX_BYTES, max_containers=CONTAINERS_PER_ANSWER)
             answers[neuron.uid] = MinerAvailability.parse(answer, self.wall_clock())
         except AvailabilityUnavailable as exc:
             errors.append(f"uid {neuron.uid}: {exc}")
@@ -280,10 +282,12 @@ class AvailabilityActor:
 
     # -- common ------------------------------------------------------------------------------------
 
-    async def _post(self, target: tuple[str, str], path: str, payload: Any, max_bytes: int) -> Any:
+    async def _post(self, target: tuple[str, str], path: str, payload: Any, max_bytes: int,
+                    max_containers: int) -> Any:
         """The parsed JSON answer, read whole within the poll's timeout and `max_bytes`. No answer is
-        `AvailabilityUnavailable`; an answer not taken (too large, encoded, not JSON, too deep) is
-        `BadAnswer`."""
+        `AvailabilityUnavailable`; an answer not taken (too large, encoded, not JSON, too deep, more
+        objects and arrays than `max_containers`) is `BadAnswer`. The containers are counted before
+        parsing: millions of empty objects fit in a few MB and would cost hundreds of MB parsed."""
         axon, hotkey = target
         body = jsonio.dumps(payload)
         headers = {"Content-Type": "application/json", **self.signer.headers(body, hotkey)}
@@ -300,6 +304,10 @@ class AvailabilityActor:
             raise BadAnswer(f"{axon}{path}: {exc}") from exc
         except httpx.HTTPError as exc:
             raise AvailabilityUnavailable(f"{axon}{path}: {type(exc).__name__} {exc}".strip()) from exc
+        containers = raw.count(b"{") + raw.count(b"[")
+        if containers > max_containers:
+            raise BadAnswer(f"{axon}{path} answered {containers} objects and arrays, more than the "
+                            f"{max_containers} its shape holds")
         try:
             return jsonio.loads_bounded(raw, max_depth=ANSWER_DEPTH)
         except ValueError as exc:

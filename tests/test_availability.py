@@ -102,7 +102,7 @@ HOSTILE: dict[str, tuple[Answer, str]] = {  # how it answers, what the gateway s
     "huge body, length given": (endless(b"HTTP/1.1 200 OK\r\nContent-Length: 1073741824\r\n\r\n"), "over"),
     "huge body, chunked": (endless(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1000000\r\n"), "over"),
     "huge body, until the close": (endless(b"HTTP/1.1 200 OK\r\n\r\n"), "over"),
-    "deep nesting": (body(b"200 OK", b"[" * 60_000), "invalid JSON"),  # under a miner's byte cap
+    "deep nesting": (body(b"200 OK", b"[" * 60_000), "objects and arrays"),  # under a miner's byte cap; refused before parsing
     "nesting just too deep": (json_body({"task_availabilities": {"a": [[[True]]]}, "llm_model_availabilities": {}}),
                               "invalid JSON"),
     "non-object JSON": (json_body([GOOD]), "not a JSON object"),

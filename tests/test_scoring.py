@@ -614,18 +614,32 @@ async def test_an_answer_over_the_cap_is_the_validators_failure_and_the_payload_
     assert validators.request_ids() == [0]
 
 
-async def test_a_payload_over_max_payload_bytes_is_dropped_and_counted(
+async def test_a_payload_over_max_payload_bytes_goes_with_its_largest_answer_cut_short(
         nursery: trio.Nursery, make: MakeForwarder, validators: Validators) -> None:
     forwarder: ScoringForwarder = await nursery.start(make(max_payload_bytes=4096).run)
-    huge = organic(1)
-    huge.answers[0].chunks.append("x" * 5000)
-    for result in (organic(0), huge, organic(2)):
+    big = organic(1)
+    large = big.answers[0]
+    for k in range(40):  # one miner said much; the others little
+        text = f"x{k}-" + "x" * 100
+        large.chunks.append(text)
+        large.timings.append(0.5)
+        large.raw_chunks.append(jsonio.dumps({"choices": [{"index": 0, "delta": {"content": text}}]}))
+    huge_body = organic(2)
+    huge_body.body["messages"][0]["content"] = "q" * 5000  # the request itself is over: nothing to cut
+    for result in (organic(0), big, huge_body):
         forwarder.submit_nowait(result)
     await until(lambda: len(validators.delivered) == 2)
     await trio.sleep(0.05)
-    assert sorted(validators.request_ids()) == [0, 2]
+    assert sorted(validators.request_ids()) == [0, 1]
+    (sent,) = [payload for _, payload in validators.delivered if payload["body"]["seed"] == 1]
+    assert len(json.dumps(sent)) <= 4096
+    uid = str(large.uid)
+    assert 0 < len(sent["chunks"][uid]) < len(large.chunks) + 0  # cut short, still aligned
+    assert len(sent["chunks"][uid]) == len(sent["timings"][uid]) == len(sent["chunk_dicts_raw"][uid])
+    others = [a for a in big.answers if a is not large]
+    assert all(sent["chunks"][str(a.uid)] == a.chunks for a in others)  # the others whole
     stats = forwarder.health()
-    assert stats["dropped"]["too_large"] == 1 and stats["spooled"] == 0
+    assert stats["trimmed"] == 1 and stats["dropped"]["too_large"] == 1 and stats["spooled"] == 0
 
 
 async def test_payloads_older_than_max_age_leave_the_spool_counted(

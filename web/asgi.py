@@ -45,10 +45,14 @@ def shield_response_end(app: ASGIFramework, limit_s: float) -> ASGIFramework:
 
     Handlers append plain callables to `scope[CLOSE_CALLBACKS]`; they run once the app is done with
     the request, also when the client left before a streamed body was ever started (its generator's
-    own `finally` then never runs).
+    own `finally` then never runs). A WebSocket upgrade is refused here: no route serves one.
     """
 
     async def app_with_shielded_end(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        if scope["type"] == "websocket":  # no route speaks WebSocket: refused before the app (a 403)
+            await receive()
+            await send({"type": "websocket.close", "code": 1008, "reason": ""})
+            return
         if scope["type"] != "http":
             await app(scope, receive, send)
             return

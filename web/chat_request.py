@@ -192,7 +192,8 @@ def _tools(value: Any) -> list[dict[str, Any]] | None:
 def _timeout(value: Any) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or not 0 < value <= 3600:
+    if (isinstance(value, bool) or not isinstance(value, int | float)
+            or (isinstance(value, float) and not math.isfinite(value)) or not 0 < value <= 3600):
         raise bad("timeout", "'timeout' must be a number of seconds between 0 and 3600 (60 to 300 are used).")
     return value
 

@@ -126,6 +126,8 @@ PARTS: dict[str, tuple[Spec, ...]] = {
         counter("bad_answers", "availability_bad_answers", "availability answers that could not be used"),
     ),
     "scoring": (
+        counter("gateway_errors", "scoring_gateway_errors", "deliveries the gateway itself could not make (open files)"),
+        counter("trimmed", "scoring_trimmed", "payloads over scoring.max_payload_bytes sent with their largest answers cut short"),
         gauge("enabled", "scoring_enabled", "1 when answers are forwarded for scoring"),
         gauge("warning_count", "scoring_warnings", "warnings an operator should act on (/health/ready says them)"),
         counter("submitted", "scoring_submitted", "finished fan-outs handed to the scoring forwarder"),

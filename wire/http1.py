@@ -486,6 +486,7 @@ class Connection:
         self.sent_at = 0.0
         self.requests = 0
         self.answered = False  # whether the current request has had a byte of answer
+        self.received = 0  # bytes received for the current request, head and framing included
         self.parser = ResponseParser(limits)
         self._on_close = on_close
 
@@ -523,6 +524,7 @@ class Connection:
     async def send(self, head: bytes, body: bytes, timeout_s: float | None) -> None:
         self.reusable = False
         self.answered = False
+        self.received = 0
         self.requests += 1
         try:
             with within(timeout_s):
@@ -537,11 +539,13 @@ class Connection:
     async def _receive(self, timeout_s: float | None) -> bytes:
         try:
             with within(timeout_s):
-                return await self.stream.receive_some(RECEIVE_BYTES)
+                data = await self.stream.receive_some(RECEIVE_BYTES)
         except trio.TooSlowError:
             raise httpx.ReadTimeout(f"nothing received within {timeout_s}s") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise httpx.ReadError(f"connection broke while reading: {exc}") from exc
+        self.received += len(data)
+        return data
 
     async def receive_head(self, method: bytes, timeout_s: float | None) -> ResponseHead:
         """The final response head (informational 1xx ones are skipped, at most `Limits.informational`)."""

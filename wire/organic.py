@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,6 +92,21 @@ class OrganicResult:
             parts += [b',"' if i else b'"', str(answer.uid).encode(), b'":[', b",".join(answer.raw_chunks), b"]"]
         parts.append(b"}}")
         return b"".join(parts)
+
+    def trimmed(self, max_bytes: int) -> tuple[OrganicResult, bytes] | None:
+        """This result encoded within `max_bytes`, the largest answers cut short (at a chunk, their lists
+        still aligned) until it fits, so that a miner that sent much does not cost the others their
+        scoring; None when even that cannot fit."""
+        answers = [dataclasses.replace(a, chunks=list(a.chunks), timings=list(a.timings),
+                                       raw_chunks=list(a.raw_chunks)) for a in self.answers]
+        result = dataclasses.replace(self, answers=tuple(answers))
+        while len(payload := result.encode()) > max_bytes:
+            largest = max(answers, key=lambda a: sum(map(len, a.raw_chunks)))
+            if not largest.raw_chunks:
+                return None
+            keep = len(largest.raw_chunks) // 2
+            del largest.chunks[keep:], largest.timings[keep:], largest.raw_chunks[keep:]
+        return result, payload
 
     def scoring_payload(self) -> dict[str, Any]:
         """The same payload as objects (for reading it, in tests and tools)."""

@@ -74,6 +74,12 @@ class StreamedResponse(Protocol):
     @property
     def status_code(self) -> int: ...
 
+    @property
+    def wire_bytes(self) -> int:
+        """The bytes the peer has sent of this answer so far, framing included: what its bounds count
+        (one byte of data a chunk, with 4 KiB of chunk extensions, is 4 KiB read)."""
+        ...
+
     def aiter_bytes(self) -> AsyncIterator[bytes]: ...
 
     async def aread(self, max_bytes: int = MAX_ANSWER_BYTES) -> bytes: ...
@@ -105,17 +111,19 @@ class PlainResponse:
     """An httpx response from another transport (tests, `https://`), read as a pooled one is: the
     raw stream (httpx's `aiter_bytes` would decode gzip and deflate), bounded by `max_bytes`."""
 
-    __slots__ = ("_response", "status_code")
+    __slots__ = ("_response", "status_code", "wire_bytes")
 
     def __init__(self, response: httpx.Response) -> None:
         self._response = response
         self.status_code = response.status_code
+        self.wire_bytes = 0  # what the transport passed on (it hides any framing)
 
     async def aiter_bytes(self) -> AsyncGenerator[bytes, None]:
         stream = self._response.stream
         if not isinstance(stream, httpx.AsyncByteStream):
             raise TypeError("an async transport answered with a sync stream")
         async for part in stream:
+            self.wire_bytes += len(part)
             yield part
 
     async def aread(self, max_bytes: int = MAX_ANSWER_BYTES) -> bytes:
@@ -365,6 +373,10 @@ class PooledResponse(httpx.AsyncByteStream):
         self.status_code = head.status
         self._read_timeout_s = read_timeout_s
         self._closed = False
+
+    @property
+    def wire_bytes(self) -> int:
+        return self._connection.received
 
     def aiter_bytes(self) -> AsyncGenerator[bytes, None]:
         return self._connection.body(self.head, self._read_timeout_s)

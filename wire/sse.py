@@ -24,10 +24,11 @@ class SseData:
     Bounded: a line, or the data of one event, longer than `max_event_bytes` raises `SseTooLarge` as
     soon as it is seen (a line that never ends is not held until it does)."""
 
-    __slots__ = ("_data", "_limit", "_pending", "_pending_bytes")
+    __slots__ = ("_data", "_data_bytes", "_limit", "_pending", "_pending_bytes")
 
     def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
         self._data: list[bytes] = []  # the data lines of the event not ended yet
+        self._data_bytes = 0  # their length once joined (the newlines between them included)
         self._pending: list[bytes] = []  # the pieces of a line not ended yet: joined once, when it ends
         self._pending_bytes = 0
         self._limit = max_event_bytes
@@ -44,14 +45,34 @@ class SseData:
         lines, rest = _split_lines(piece)
         self._pending = [rest] if rest else []
         self._pending_bytes = len(rest)
-        return _events(lines, self._data, self._limit)
+        return self._events(lines)
 
     def end(self) -> list[bytes]:
         """The end of the body ends the last event."""
         lines, _ = _split_lines(b"".join(self._pending) + b"\n\n")
         self._pending = []
         self._pending_bytes = 0
-        return _events(lines, self._data, self._limit)
+        return self._events(lines)
+
+    def _events(self, lines: list[bytes]) -> list[bytes]:
+        """The events these lines end. An event's size is kept as its lines come (each line once),
+        empty `data:` lines included: they add a newline each."""
+        events = []
+        data, limit = self._data, self._limit
+        for line in lines:
+            if len(line) > limit:
+                raise SseTooLarge(f"an event stream line over {limit} bytes")
+            if line.startswith(b"data:"):
+                value = line[6:] if line.startswith(b"data: ") else line[5:]
+                self._data_bytes += len(value) + (1 if data else 0)
+                if self._data_bytes > limit:
+                    raise SseTooLarge(f"an event over {limit} bytes")
+                data.append(value)
+            elif not line and data:
+                events.append(data[0] if len(data) == 1 else b"\n".join(data))
+                data.clear()
+                self._data_bytes = 0
+        return events
 
 
 def _split_lines(buffer: bytes) -> tuple[list[bytes], bytes]:
@@ -63,21 +84,6 @@ def _split_lines(buffer: bytes) -> tuple[list[bytes], bytes]:
         buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
     *lines, rest = buffer.split(b"\n")
     return lines, rest + b"\r" if held else rest
-
-
-def _events(lines: list[bytes], data: list[bytes], limit: int) -> list[bytes]:
-    events = []
-    for line in lines:
-        if len(line) > limit:
-            raise SseTooLarge(f"an event stream line over {limit} bytes")
-        if line.startswith(b"data:"):
-            data.append(line[6:] if line.startswith(b"data: ") else line[5:])
-            if len(data) > 1 and sum(map(len, data)) > limit:
-                raise SseTooLarge(f"an event over {limit} bytes")
-        elif not line and data:
-            events.append(data[0] if len(data) == 1 else b"\n".join(data))
-            data.clear()
-    return events
 
 
 def encode_event(payload: Any) -> bytes:

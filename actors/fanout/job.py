@@ -34,6 +34,7 @@ class FanoutJob:
     mode: Mode
     timeout_s: float
     bounds: AnswerBounds
+    max_bytes_held: int = 1 << 62  # what its miners' answers may hold together
     started: float = field(default_factory=trio.current_time)
     answers: list[MinerAnswer] = field(default_factory=list)
     winner: int | None = None
@@ -51,6 +52,8 @@ class FanoutJob:
     race: StreamRace | None = field(init=False, default=None)  # mode "stream": the winner, stalls and takeovers
     settled: list[bool] = field(default_factory=list)  # per miner: its answer is over
     pending: int = 0  # primary miners (not scoring-only) still answering
+    bytes_held: int = 0  # what the miners have sent, together (`AnswerBounds.request_bytes` bounds it)
+    over_budget: set[int] = field(default_factory=set)  # miners cut because the request held too much
     _on_release: Callable[[], None] | None = None
     _send: trio.MemorySendChannel[Event] = field(init=False)
     receive: trio.MemoryReceiveChannel[Event] = field(init=False)

@@ -35,7 +35,7 @@ from wire.chunks import content_of, usage_counts
 from wire.epistula import Signer, routing_headers
 from wire.http1 import GatewayLimitError
 from wire.metagraph import Neuron
-from wire.organic import OrganicResult
+from wire.organic import MinerAnswer, OrganicResult
 from wire.pool import ParsedUrls, post_streaming
 from wire.sse import DONE, SseData, SseTooLarge
 
@@ -56,6 +56,19 @@ class ClientCaused(MinerFailure):
 
 class OverBounds(MinerFailure):
     """The miner's answer went over its bounds (`AnswerBounds`): its connection is closed."""
+
+
+class TimeBudgetSpent(MinerFailure):
+    """The request's time budget ended while the miner was still sending text: its answer is cut, but
+    a long answer at an honest pace is not held against the miner."""
+
+
+STILL_STREAMING_S = 5.0  # a miner that sent text this recently when its time ran out was still answering
+
+
+def still_streaming(answer: MinerAnswer, now_s: float) -> bool:
+    """Whether the miner sent text within `STILL_STREAMING_S` of `now_s` (seconds from the request's start)."""
+    return bool(answer.timings) and now_s - answer.timings[-1] <= STILL_STREAMING_S
 
 
 class FanoutPool:
@@ -87,7 +100,7 @@ class FanoutPool:
         self.jobs_total = 0
         self.jobs_refused = 0
         self.results_unscored = 0  # results with nowhere to go (no scoring forwarder)
-        self.miner_failures: dict[str, int] = {"failed": 0, "client_caused": 0, "over_bounds": 0}
+        self.miner_failures: dict[str, int] = {"failed": 0, "client_caused": 0, "over_bounds": 0, "cut_at_budget": 0}
         self.gateway_errors = 0  # asks that failed on the gateway's side (not held against the miner)
         self._idle = trio.Event()
         self._idle.set()
@@ -113,10 +126,11 @@ class FanoutPool:
         `moves_breakers=False` (a request naming its miners) leaves every breaker as it is.
         """
         nursery = self._admit()
+        bounds = AnswerBounds.for_request(task, body)
         job = FanoutJob(
             request_id=request_id or uuid.uuid4().hex, task=task, body=body,
             miners=[*miners, *scoring_only], mode=mode, timeout_s=timeout_s or request_timeout_s(body),
-            bounds=AnswerBounds.for_request(task, body), stall_s=self.stall_s,
+            bounds=bounds, max_bytes_held=bounds.request_bytes(len(miners) + len(scoring_only)), stall_s=self.stall_s,
             moves_breakers=moves_breakers, scoring_only=len(scoring_only), _on_release=self._released,
         )
         if moves_breakers:
@@ -209,6 +223,9 @@ class FanoutPool:
             with trio.move_on_after(job.timeout_s) as scope:
                 await self._stream(job, i, body_bytes, headers)
             if scope.cancelled_caught:
+                if still_streaming(answer, trio.current_time() - job.started):
+                    # An honest miner writing a long answer at its own pace: cut, not failed.
+                    raise TimeBudgetSpent(f"still answering at the end of the {job.timeout_s:g}s budget")
                 raise MinerFailure(f"no complete answer within {job.timeout_s:g}s")
             if not answer.completed and answer.finish_reason is None:
                 raise MinerFailure("stream ended without a finish_reason or [DONE]")
@@ -218,6 +235,9 @@ class FanoutPool:
         except ClientCaused as exc:
             answer.error = str(exc)
             self.miner_failures["client_caused"] += 1
+        except TimeBudgetSpent as exc:
+            answer.error = str(exc)
+            self.miner_failures["cut_at_budget"] += 1
         except MinerFailure as exc:
             answer.error, outcome = str(exc), "failed"
             self.miner_failures["over_bounds" if isinstance(exc, OverBounds) else "failed"] += 1
@@ -243,7 +263,7 @@ class FanoutPool:
 
     async def _stream(self, job: FanoutJob, i: int, body_bytes: bytes, headers: dict[str, str]) -> None:
         url = self._urls(f"http://{job.miners[i].axon}/v1/chat/completions")
-        answer, bounds = job.answers[i], job.bounds
+        bounds = job.bounds
         async with post_streaming(self.http, url, body_bytes, headers, bounded=True) as response:  # job.timeout_s
             status = response.status_code
             if status != 200:
@@ -252,9 +272,7 @@ class FanoutPool:
             parser = SseData(bounds.max_event_bytes)
             try:
                 async for piece in body:
-                    answer.received_bytes += len(piece)
-                    if answer.received_bytes > bounds.max_bytes:
-                        raise OverBounds(f"answer over {bounds.max_bytes} bytes")
+                    self._count(job, i, response.wire_bytes)
                     events = parser.feed(piece)
                     if events and await self._take(job, i, events):
                         break
@@ -266,10 +284,28 @@ class FanoutPool:
             # Read on to the end of the body (it follows [DONE] at once), or the connection cannot go
             # back to the pool and the next request to this miner pays for a new one.
             with trio.move_on_after(DRAIN_AFTER_DONE_S):
-                async for piece in body:
-                    answer.received_bytes += len(piece)
-                    if answer.received_bytes > bounds.max_bytes:
+                async for _ in body:
+                    if response.wire_bytes > bounds.max_bytes:
                         break
+
+    def _count(self, job: FanoutJob, i: int, wire_bytes: int) -> None:
+        """What miner i has sent so far, against its bound and the request's: when the request's
+        answers hold too much together, the largest one still coming gives way (most likely the
+        miner making it so), never the first to have a byte over."""
+        answer, bounds = job.answers[i], job.bounds
+        job.bytes_held += wire_bytes - answer.received_bytes
+        answer.received_bytes = wire_bytes
+        if wire_bytes > bounds.max_bytes:
+            raise OverBounds(f"answer over {bounds.max_bytes} bytes")
+        if i in job.over_budget:
+            raise OverBounds(f"the request's answers over {job.max_bytes_held} bytes together; this one the largest")
+        if job.bytes_held > job.max_bytes_held:
+            coming = [j for j in range(len(job.answers)) if not job.settled[j] and j not in job.over_budget]
+            largest = max(coming, key=lambda j: job.answers[j].received_bytes)
+            job.over_budget.add(largest)
+            if largest == i:
+                raise OverBounds(f"the request's answers over {job.max_bytes_held} bytes together; "
+                                 "this one the largest")
 
     async def _take(self, job: FanoutJob, i: int, events: list[bytes]) -> bool:
         """The events one read brought (so they arrived at one time); True once [DONE] has come."""

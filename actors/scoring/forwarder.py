@@ -54,6 +54,7 @@ from actors.scoring.spool import Position, Spool, SpoolBatch, SpoolError, SpoolF
 from actors.scoring.validators import LogEvery, Validator, ValidatorPicker
 from config.settings import Settings
 from wire.epistula import Signer
+from wire.http1 import GatewayLimitError
 from wire.metagraph import SubnetSnapshot
 from wire.organic import OrganicResult
 from wire.pool import ParsedUrls, post_streaming
@@ -69,6 +70,7 @@ SPOOL_RETRY_MAX_S = 30.0  # ... up to this
 ANSWER_LIMIT_BYTES = 64 * 1024  # a validator's answer to /scoring is `null`; more than this is its failure
 VALIDATORS_PER_SEND = 3  # a payload one validator could not take is offered to up to this many in all
 LATER_STATUSES = frozenset({408, 429})  # 4xx that ask to come back later rather than refuse the payload
+GATEWAY_RETRY_S = 1.0  # after the gateway's own failure to send (see `_post`)
 
 
 class RunSync(Protocol):
@@ -133,6 +135,7 @@ class Stored:
     error: SpoolError | None = None
     unencodable: int = 0
     too_large: int = 0
+    trimmed: int = 0
     expired: int = 0
 
 
@@ -188,6 +191,8 @@ class ScoringForwarder:
         self._problem_logged: str | None = None
         # Counters.
         self.submitted = 0
+        self.trimmed = 0  # payloads over max_payload_bytes sent with their largest answers cut short
+        self.gateway_errors = 0  # deliveries the gateway itself could not make (out of open files)
         self.delivered = 0
         self.replayed = 0  # of `delivered`, those that came from the spool
         self.attempts_failed = 0
@@ -262,6 +267,8 @@ class ScoringForwarder:
             "warnings": warnings,
             "warning_count": len(warnings),
             "submitted": self.submitted,
+            "trimmed": self.trimmed,
+            "gateway_errors": self.gateway_errors,
             "queued": channel.current_buffer_used,
             "queue_size": channel.max_buffer_size,
             "overflow": len(self._overflow),
@@ -410,10 +417,17 @@ class ScoringForwarder:
                 log.error("scoring: request %s cannot be encoded (%s); dropped", result.request_id, exc)
                 return None
             if len(pending.payload) > self.settings.max_payload_bytes:
-                stored.too_large += 1
-                log.error("scoring: the payload of request %s is %d bytes, over scoring.max_payload_bytes "
-                          "(%d); dropped", result.request_id, len(pending.payload), self.settings.max_payload_bytes)
-                return None
+                fitted = result.trimmed(self.settings.max_payload_bytes)
+                if fitted is None:
+                    stored.too_large += 1
+                    log.error("scoring: the payload of request %s is %d bytes, over scoring.max_payload_bytes "
+                              "(%d); dropped", result.request_id, len(pending.payload),
+                              self.settings.max_payload_bytes)
+                    return None
+                stored.trimmed += 1
+                log.warning("scoring: the payload of request %s was %d bytes, over scoring.max_payload_bytes; "
+                            "its largest answers were cut short to fit", result.request_id, len(pending.payload))
+                pending = Pending(fitted[1], created_at)
         if pending.created_at < now - self.settings.max_age_s:
             stored.expired += 1
             return None
@@ -436,6 +450,7 @@ class ScoringForwarder:
     def _count_stored(self, stored: Stored) -> None:
         self.dropped["unencodable"] += stored.unencodable
         self.dropped["too_large"] += stored.too_large
+        self.trimmed += stored.trimmed
         self.dropped["expired"] += stored.expired
 
     # -- live delivery -------------------------------------------------------------------------
@@ -512,6 +527,15 @@ class ScoringForwarder:
                     answer = await response.aread(max_bytes=ANSWER_LIMIT_BYTES)
         except trio.TooSlowError:
             reason = f"no answer within {self.settings.timeout_s:g}s"
+        except GatewayLimitError as exc:
+            # The gateway's own resources ran out (open files): nothing the validator did. No back-off
+            # for it; a pause before this task tries again, so that a lasting shortage cannot spin.
+            self.gateway_errors += 1
+            self.picker.release(validator)
+            if self.log_every.due("gateway", trio.current_time()):
+                log.error("scoring: cannot reach validator %s at %s: %s", validator.hotkey, validator.axon, exc)
+            await trio.sleep(GATEWAY_RETRY_S)
+            return Outcome.RETRY
         except httpx.HTTPError as exc:
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         now = trio.current_time()
