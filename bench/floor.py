@@ -64,7 +64,8 @@ async def serve_floor(host: str, port: int, tokens: int) -> None:
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
         connections = inbound.Connections(settings.server.max_connections,
-                                          busy_idle_s=settings.server.keep_alive_busy_s)
+                                          busy_idle_s=settings.server.keep_alive_busy_s,
+                                          head_timeout_s=settings.server.request_head_timeout_s)
         urls = await nursery.start(partial(serve, app, settings, connections, shutdown_trigger=shutdown.wait,
                                            drain_deadline=lambda: trio.current_time()))
         settle_heap()

@@ -42,6 +42,10 @@ class ServerSettings:
         5.0, "while more than half of max_connections are open, idle ones are closed after this long instead",
         min=0.1, max=3600.0,
     )
+    request_head_timeout_s: float = setting(
+        10.0, "a request head still arriving after this long is refused and its connection closed (a client "
+        "trickling bytes would hold its connection slot for ever)", min=0.5, max=600.0,
+    )
     workers: int = setting(
         1, "serving processes on the same port (SO_REUSEPORT); more than 1 needs auth.store = \"redis\" "
         "(shared keys and limits), and each keeps its scoring spool in spool_dir/worker-N", min=1, max=64,

@@ -208,7 +208,8 @@ async def run(
         ))
         jobs = await supervisor.start(actors, JobsActor(job_store, settings.jobs))
         connections = inbound.Connections(settings.server.max_connections,
-                                          busy_idle_s=settings.server.keep_alive_busy_s)
+                                          busy_idle_s=settings.server.keep_alive_busy_s,
+                                          head_timeout_s=settings.server.request_head_timeout_s)
         registry = supervisor.registry
         registry.add(connections)
         if isinstance(outbound, KeepAliveTransport):

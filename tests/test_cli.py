@@ -126,7 +126,7 @@ def test_the_console_script_reports_config_errors_with_status_2(tmp_path: Path) 
     assert done.returncode == 2
     assert done.stderr == f"error: {path}: server.hots: unknown key (did you mean 'host'? expected one of: " \
                           "host, port, max_body_bytes, drain_timeout_s, max_connections, keep_alive_timeout_s, " \
-                          "keep_alive_busy_s, workers)\n"
+                          "keep_alive_busy_s, request_head_timeout_s, workers)\n"
     assert done.stdout == ""
 
 

@@ -305,3 +305,22 @@ async def test_a_hostile_devnet_miner_costs_only_its_own_answer(tmp_path: Path, 
     await net.client.aclose()
     net.gateway.shutdown()
     nursery.cancel_scope.cancel()
+
+
+async def test_a_miner_cannot_bill_more_tokens_than_it_wrote(stack: Stack) -> None:
+    stack.miners.scripts[9001] = [*vllm_answer(["Hi"], usage=False, done=False),
+                                  (0.0, "data: " + json.dumps({"choices": [], "usage": {
+                                      "prompt_tokens": 5, "completion_tokens": 900}}) + "\n\n"), (0.0, DONE)]
+    body = (await stack.chat(uids=[1], max_tokens=1000)).json()
+    assert body["usage"]["completion_tokens"] == 2  # two bytes of text: at most two tokens
+
+
+def test_when_no_miner_was_reached_for_the_gateways_own_reasons_it_is_a_503() -> None:
+    from actors.fanout.events import Failed
+    from web.chat import failed_error
+
+    own = failed_error(Failed({1: "gateway error: cannot connect: the gateway is out of EMFILE",
+                               2: "gateway error: RuntimeError"}))
+    assert own.status == 503 and own.code == "gateway_overloaded" and own.headers["Retry-After"] == "1"
+    theirs = failed_error(Failed({1: "gateway error: RuntimeError", 2: "HTTP 500"}))
+    assert theirs.status == 502 and theirs.code == "miners_failed"

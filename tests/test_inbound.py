@@ -172,3 +172,29 @@ async def test_a_request_in_flight_is_not_idle_under_load(serve: Any) -> None:
         await trio.sleep(0.6)  # silent for longer than keep_alive_busy_s, but answering
         release.set()
         assert (await busy.read_response()).endswith(b'{"finished":true}')
+
+
+async def test_a_request_head_trickling_in_is_cut_and_its_slot_freed(serve: Any) -> None:
+    """Slowloris: a byte every now and then keeps a connection active but never asks anything. Its head
+    must arrive within server.request_head_timeout_s, or the connection is closed and the slot freed."""
+    with trio.fail_after(20):
+        gateway, connect = await serve(max_connections=1, request_head_timeout_s=1.0)
+        slow = await connect()
+        started = trio.current_time()
+        closed = False
+        for byte in REQUEST[:-2]:  # never the blank line that ends the head
+            try:
+                await slow.stream.send_all(bytes([byte]))
+            except trio.BrokenResourceError:
+                closed = True
+                break
+            with trio.move_on_after(0.3):
+                closed = await slow.closed_by_server()
+            if closed:
+                break
+        assert closed and trio.current_time() - started < 3.0
+        assert gateway.services.readiness()["connections"]["closed_slow_head"] == 1
+        honest = await connect()  # the one slot is free again
+        assert (await honest.ask()).startswith(b"HTTP/1.1 200")
+        await trio.sleep(1.5)  # an idle keep-alive connection, without a head on its way, is not cut
+        assert (await honest.ask()).startswith(b"HTTP/1.1 200")

@@ -458,3 +458,20 @@ def test_a_signal_during_start_up_stops_it_at_once(config_file: Path) -> None:
         if popen.poll() is None:
             popen.kill()
         popen.communicate(timeout=10)
+
+
+async def test_an_answer_sent_before_the_body_was_read_says_the_connection_closes(shell: Shell) -> None:
+    port = int(shell.gateway.url.rsplit(":", 1)[1])
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    body = b'{"messages": [{"role": "user", "content": "' + b"x" * 200_000 + b'"}]}'
+    await stream.send_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: g\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n" % len(body))  # no key; the body not sent yet
+    answer = b""
+    with trio.fail_after(10):
+        while b"\r\n\r\n" not in answer:
+            answer += await stream.receive_some()
+    await stream.aclose()
+    head = answer.split(b"\r\n\r\n", 1)[0].lower()
+    assert head.startswith(b"http/1.1 401") and b"\r\nconnection: close" in head
+    ok = await shell.client.get("/health")  # a request whose whole body was read keeps its connection
+    assert ok.status_code == 200 and ok.headers.get("connection", "").lower() != "close"

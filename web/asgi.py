@@ -12,7 +12,14 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import trio
-from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, ASGISendEvent, Scope
+from hypercorn.typing import (
+    ASGIFramework,
+    ASGIReceiveCallable,
+    ASGIReceiveEvent,
+    ASGISendCallable,
+    ASGISendEvent,
+    Scope,
+)
 from quart import request as quart_request
 from werkzeug.datastructures import Headers
 
@@ -57,7 +64,19 @@ def shield_response_end(app: ASGIFramework, limit_s: float) -> ASGIFramework:
             await app(scope, receive, send)
             return
 
+        body_pending = [has_body(scope)]
+
+        async def receive_tracked() -> ASGIReceiveEvent:
+            message = await receive()
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                body_pending[0] = False
+            return message
+
         async def send_end_shielded(message: ASGISendEvent) -> None:
+            if message["type"] == "http.response.start" and body_pending[0]:
+                # Answered before the request's body was read (a 401, 413, 429): the connection
+                # cannot carry another request, and the client is told so instead of finding out.
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 with trio.CancelScope(shield=True, deadline=trio.current_time() + limit_s):
                     await send(message)
@@ -67,12 +86,22 @@ def shield_response_end(app: ASGIFramework, limit_s: float) -> ASGIFramework:
         callbacks: list[Callable[[], object]] = []
         scope[CLOSE_CALLBACKS] = callbacks  # type: ignore[literal-required]
         try:
-            await app(scope, receive, send_end_shielded)
+            await app(scope, receive_tracked, send_end_shielded)
         finally:
             for callback in callbacks:
                 callback()
 
     return app_with_shielded_end
+
+
+def has_body(scope: Scope) -> bool:
+    """Whether the request announces a body (a Content-Length above 0, or chunked)."""
+    headers: Iterable[tuple[bytes, bytes]] = scope.get("headers", ())  # type: ignore[assignment]
+    for name, value in headers:
+        lower = name.lower()
+        if lower == b"transfer-encoding" or (lower == b"content-length" and value.strip() not in (b"", b"0")):
+            return True
+    return False
 
 
 def on_close(callback: Callable[[], object]) -> None:

@@ -81,6 +81,10 @@ _ENDED = object()
 
 def failed_error(event: Failed) -> ApiError:
     reasons = {str(uid): error for uid, error in event.errors.items()}
+    if reasons and all(error.startswith("gateway error") for error in reasons.values()):
+        # Not one miner was reached, for the gateway's own reasons (out of open files, say).
+        return ApiError(503, "The gateway could not reach any miner just now (its own resources ran out); "
+                        "retry shortly.", code="gateway_overloaded", headers={"Retry-After": "1"}, details=reasons)
     return ApiError(502, f"All {len(reasons)} miners failed before answering.", code="miners_failed",
                     details=reasons)
 

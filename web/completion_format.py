@@ -144,7 +144,9 @@ def usage_of(answer: MinerAnswer | None, messages: list[dict[str, Any]], *, budg
         completion = relayed or 0
     else:
         count = reported.get("completion_tokens")
-        completion = min(count, budget) if count is not None else min(len(answer.chunks), budget)
+        # A token is a byte of text or more: a miner cannot bill more tokens than it wrote bytes.
+        completion = (min(count, budget, len(answer.text.encode())) if count is not None
+                      else min(len(answer.chunks), budget))
     prompt = reported.get("prompt_tokens")
     if prompt is None or prompt > prompt_chars(messages) + 4 * len(messages) + 16:  # a token is a character or more
         prompt = estimated_prompt_tokens(messages)

@@ -61,6 +61,7 @@ class Connection(trio.abc.HalfCloseableStream):
         self.context = WorkerContext(None)
         self.requests = 0
         self.last_active = trio.current_time()
+        self.head_started_at: float | None = None  # bytes of a request head arrived, its request not begun
         self._released = False
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -73,6 +74,8 @@ class Connection(trio.abc.HalfCloseableStream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         data = await self._stream.receive_some(max_bytes)
         self.last_active = trio.current_time()
+        if data and self.requests == 0 and self.head_started_at is None:
+            self.head_started_at = self.last_active
         if not data:  # the client has gone (or half-closed: Hypercorn takes that as gone too)
             await self.context.terminated.set()
             if self.requests == 0:
@@ -101,9 +104,10 @@ class Connections:
 
     name = "connections"  # as it reports on /health/ready
 
-    def __init__(self, cap: int, *, busy_idle_s: float) -> None:
+    def __init__(self, cap: int, *, busy_idle_s: float, head_timeout_s: float = 10.0) -> None:
         self.cap = cap
         self.busy_idle_s = busy_idle_s
+        self.head_timeout_s = head_timeout_s
         self._free = trio.Semaphore(cap)
         self._busy = trio.Event()  # set when more than half the slots are taken
         self.open: dict[int, Connection] = {}
@@ -111,6 +115,7 @@ class Connections:
         self.accepted = 0
         self.waited = 0  # accepts that had to wait for a slot
         self.closed_idle_busy = 0  # idle connections closed early under load
+        self.closed_slow_head = 0  # connections whose request head did not arrive within head_timeout_s
 
     @property
     def in_use(self) -> int:
@@ -160,6 +165,7 @@ class Connections:
                 await app(scope, receive, send)
                 return
             connection.requests += 1
+            connection.head_started_at = None
             try:
                 await app(scope, receive, send)
             finally:
@@ -183,6 +189,21 @@ class Connections:
                 await trio.sleep(tick)
             self._busy = trio.Event()
 
+    async def close_slow_heads(self) -> None:
+        """Close connections whose request head has been arriving for longer than `head_timeout_s`: a
+        client sending a byte every few seconds (slowloris) keeps a connection active but never asks
+        anything, and would hold its slot for ever."""
+        tick = min(1.0, self.head_timeout_s / 4)
+        while True:
+            await trio.sleep(tick)
+            cutoff = trio.current_time() - self.head_timeout_s
+            slow = [c for c in self.open.values()
+                    if c.requests == 0 and c.head_started_at is not None and c.head_started_at <= cutoff]
+            for connection in slow:
+                self.closed_slow_head += 1
+                await connection.end()
+                await trio.aclose_forcefully(connection)
+
     async def end_all(self) -> None:
         for connection in list(self.open.values()):
             await connection.end()
@@ -195,6 +216,7 @@ class Connections:
             "accepted": self.accepted,
             "waited_for_a_slot": self.waited,
             "closed_idle_under_load": self.closed_idle_busy,
+            "closed_slow_head": self.closed_slow_head,
         }
 
 
@@ -243,6 +265,7 @@ async def serve(
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
         lifespan_nursery.start_soon(connections.close_idle_when_busy)
+        lifespan_nursery.start_soon(connections.close_slow_heads)
 
         async with trio.open_nursery() as server_nursery:
             listeners: list[SlotListener] = []

@@ -211,6 +211,8 @@ PARTS: dict[str, tuple[Spec, ...]] = {
         counter("waited_for_a_slot", "connections_waited_for_a_slot", "connections that waited for a free slot"),
         counter("closed_idle_under_load", "connections_closed_idle_under_load",
                 "idle connections closed early while busy"),
+        counter("closed_slow_head", "connections_closed_slow_head",
+                "connections closed because their request head did not arrive within server.request_head_timeout_s"),
     ),
     "outbound": (
         gauge("open", "outbound_connections_open", "outbound connections open (idle and in use)"),

@@ -27,6 +27,9 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     config.errorlog = logging.getLogger("hypercorn.error")
     config.keep_alive_timeout = settings.server.keep_alive_timeout_s
     config.workers = settings.server.workers  # more than one: the socket is bound with SO_REUSEPORT
+    # HTTP/2 (prior knowledge, or an h2c upgrade) is served by Hypercorn as it is: one request at a time
+    # on it, as on an HTTP/1.1 connection, so that `server.max_connections` bounds requests too.
+    config.h2_max_concurrent_streams = 1
     return config
 
 
