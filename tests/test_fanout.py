@@ -254,3 +254,19 @@ async def test_half_open_trials_are_taken_once_and_given_back_only_by_their_hold
     trial.cancel_scope.cancel()
     await finished(trial)
     assert health.allows(1), "cut short undecided, the trial is given back"
+
+
+async def test_a_client_reading_slowly_neither_delays_the_winners_timings_nor_looks_like_a_stall(
+        pool: FanoutPool, miners: Miners, results: list[OrganicResult], autojump_clock: Any) -> None:
+    words = [f"w{i} " for i in range(100)]  # more than a small buffer would hold
+    miners.scripts[9001] = answer(words, first_delay=0.0, step=0.01)
+    miners.scripts[9002] = answer(words, first_delay=0.5, step=0.01)  # could take over, if asked to
+    body = {**BODY, "sampling_parameters": {"max_new_tokens": 200}}
+    job = pool.start(body, [miners.neuron(1), miners.neuron(2)], mode="stream", task="InferenceTask")
+    await trio.sleep(5.0)  # the client reads nothing for longer than stall_timeout_s
+    events = await collect(job)
+    assert text_of(events) == "".join(words) and isinstance(events[-1], End)
+    assert job.race is not None and job.race.takeovers == 0
+    await finished(job)
+    winner = next(a for a in results[0].answers if a.uid == 1)
+    assert winner.timings[-1] < 2.0  # read at the miner's pace: 100 tokens 10 ms apart

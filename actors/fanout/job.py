@@ -17,7 +17,10 @@ from wire.metagraph import Neuron
 from wire.organic import MinerAnswer, OrganicResult
 
 Mode = Literal["stream", "complete", "all"]
-JOB_EVENTS = 64  # winner events buffered towards the handler; beyond that the winner's stream waits
+# Events buffered towards the handler: all the winner may send (its answer's own bound), so that a client
+# reading slowly never holds up the reading of the miner (whose timings are scored) nor looks like a
+# stalled winner; what the buffer may hold is bounded by the answer's bounds already.
+EXTRA_EVENTS = 8  # a takeover's rest, the end
 
 
 @dataclass
@@ -59,7 +62,7 @@ class FanoutJob:
     receive: trio.MemoryReceiveChannel[Event] = field(init=False)
 
     def __post_init__(self) -> None:
-        self._send, self.receive = trio.open_memory_channel[Event](JOB_EVENTS)
+        self._send, self.receive = trio.open_memory_channel[Event](self.bounds.max_events + EXTRA_EVENTS)
         primaries = len(self.miners) - self.scoring_only
         self.answers = [MinerAnswer(uid=n.uid, hotkey=n.hotkey, scoring_only=i >= primaries)
                         for i, n in enumerate(self.miners)]
