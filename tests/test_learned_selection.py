@@ -154,7 +154,7 @@ def test_selection_settings_are_read_and_checked() -> None:
     assert parse_settings("").fanout.selection == "learned"
     settings = parse_settings('[fanout]\nselection = "uniform"\nexplore_share = 0.1\n')
     assert settings.fanout.selection == "uniform" and settings.fanout.explore_share == 0.1
-    with pytest.raises(ConfigError, match="fanout.selection"):
+    with pytest.raises(ConfigError, match=r"fanout\.selection"):
         parse_settings('[fanout]\nselection = "best"\n')
-    with pytest.raises(ConfigError, match="fanout.explore_share"):
+    with pytest.raises(ConfigError, match=r"fanout\.explore_share"):
         parse_settings("[fanout]\nexplore_share = 1.5\n")
