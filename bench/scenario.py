@@ -294,14 +294,25 @@ def summarise(requests: list[ClientRequest], oracle: dict[int, float | None]) ->
 
 
 def fairness(record: RunRecord, profiles: list[MinerProfile], options: ScenarioOptions) -> dict[str, Any]:
-    """Each miner's share of organics, and the longest it went without one (serving miners: those that
-    listen), from the start of the run to its end."""
+    """Each miner's share of organics (the requests it was asked: what the miners received, and what
+    the validator was sent, which also names miners that refused the connection), and the longest it
+    went without one (serving miners: those that listen), timed by when the client sent the request,
+    from the start of the run to its end."""
     end = options.duration_s
-    times: dict[int, list[float]] = {p.uid: [] for p in profiles}
+    sent_at = {r.seed: r.at_s for r in record.requests}
+    asked: dict[int, set[int]] = {}
+    for seed, plans in record.plans.items():
+        asked.setdefault(seed, set()).update(p.uid for p in plans)
     for organic in record.organics:
-        for uid in organic.uids:
+        asked.setdefault(organic.seed, set()).update(organic.uids)
+    times: dict[int, list[float]] = {p.uid: [] for p in profiles}
+    for seed, uids in asked.items():
+        at = sent_at.get(seed)
+        if at is None:
+            continue
+        for uid in uids:
             if uid in times:
-                times[uid].append(organic.at_s)
+                times[uid].append(at)
     total = sum(len(v) for v in times.values())
     miners: list[dict[str, Any]] = []
     for profile in profiles:
@@ -315,7 +326,7 @@ def fairness(record: RunRecord, profiles: list[MinerProfile], options: ScenarioO
                        "longest_gap_s": round(gap, 1)})
     serving = [m for m in miners if m["fault"] != "refuse"]
     shares = sorted(m["share"] or 0.0 for m in serving)
-    return {"organics": len(record.organics), "miners": miners,
+    return {"organics": sum(len(v) for v in times.values()), "payloads": len(record.organics), "miners": miners,
             "max_gap_s_serving": max((m["longest_gap_s"] for m in serving), default=None),
             "min_share_serving": shares[0] if shares else None,
             "max_share": max((m["share"] or 0.0 for m in miners), default=None),
