@@ -51,7 +51,9 @@ from bench.load import (
 from bench.processes import (
     Child,
     ChildFailed,
+    byte_compile,
     cli,
+    compiled_env,
     core_plan,
     pin,
     raise_fd_limit,
@@ -199,7 +201,7 @@ class Run:
     gateway_cpus: frozenset[int] | None = None
     other_cpus: frozenset[int] | None = None
     startups: list[float] = field(default_factory=list)  # seconds from `serve` to the first /health 200
-    checks: list[dict[str, Any]] = field(default_factory=list)  # the consistency check of each gateway phase
+    child_env: dict[str, str] | None = None  # gateways start byte-compiled, as an installed package does
     load_cpu_s: float = 0.0
     load_wall_s: float = 0.0
     gateways: list[dict[str, Any]] = field(default_factory=list)
@@ -226,7 +228,7 @@ class Run:
                                     cwd=self.workdir)
         api_key = key_out.strip().splitlines()[0]
         child = await start_child(self.nursery, name, cli("serve", "--config", str(path)), cwd=self.workdir,
-                                  ready=gateway_ready, cpus=self.gateway_cpus)
+                                  ready=gateway_ready, cpus=self.gateway_cpus, env=self.child_env)
         startup = await wait_health(child.ready, child.spawned_at)
         self.startups.append(startup)
         self.log(f"{name} up at {child.ready} (pid {child.pid}; serve to first /health 200: {startup:.2f}s)")
@@ -351,7 +353,7 @@ class Run:
         options = self.options
         child = await start_child(self.nursery, "floor", [sys.executable, "-m", "bench.floor", "--tokens",
                                                           str(options.answer_tokens)],
-                                  cwd=self.workdir, ready=gateway_ready, cpus=self.gateway_cpus)
+                                  cwd=self.workdir, ready=gateway_ready, cpus=self.gateway_cpus, env=self.child_env)
         self.log(f"stack floor (bare Quart-Trio on Hypercorn) up at {child.ready} (pid {child.pid})")
         try:
             endpoint = Endpoint.parse(child.ready, CHAT_PATH)
@@ -413,6 +415,8 @@ class Run:
             self.log(f"gateway on core {sorted(self.gateway_cpus or ())}, devnet and load on "
                      f"{sorted(self.other_cpus)}")
         fd_limit = raise_fd_limit(FD_WANTED)
+        self.child_env = compiled_env(self.workdir / "pycache")
+        await byte_compile(self.child_env, self.workdir)
         most = max(options.open_streams, default=0)
         if fd_limit < most * 2 + 256:
             self.log(f"warning: open-files limit {fd_limit} is low for {most} streams")

@@ -33,7 +33,17 @@ import trio
 
 from bench import report
 from bench.load import Connection, Endpoint, ProtocolError, request_bytes
-from bench.processes import Child, ChildFailed, cli, core_plan, pin, run_command, start_child
+from bench.processes import (
+    Child,
+    ChildFailed,
+    byte_compile,
+    cli,
+    compiled_env,
+    core_plan,
+    pin,
+    run_command,
+    start_child,
+)
 from devnet import text
 from devnet.lean import LeanDevnet, PlannedRequest
 from devnet.population import MinerProfile, population
@@ -136,6 +146,7 @@ class Scenario:
         self.record: RunRecord | None = None
         self.devnet = LeanDevnet(profiles=self.profiles, on_plan=self._planned, on_scored=self._scored)
         self.gateway_cpus, self.other_cpus = core_plan(os.cpu_count() or 1)
+        self.child_env = compiled_env(workdir / "pycache")
 
     def log(self, message: str) -> None:
         print(f"[bench subnet] {message}", flush=True)
@@ -175,7 +186,7 @@ class Scenario:
         out = await run_command(cli("keys", "create", "--rate-limit", str(RATE_LIMIT), "--config", str(path)),
                                 cwd=self.workdir)
         child = await start_child(self.nursery, f"gateway-{selection}", cli("serve", "--config", str(path)),
-                                  cwd=self.workdir, ready=gateway_ready, cpus=self.gateway_cpus)
+                                  cwd=self.workdir, ready=gateway_ready, cpus=self.gateway_cpus, env=self.child_env)
         startup = await wait_health(child.ready, child.spawned_at)
         return child, out.strip().splitlines()[0], startup
 
@@ -240,6 +251,7 @@ class Scenario:
         load_start = [round(x, 2) for x in os.getloadavg()]
         if self.other_cpus is not None:
             pin(0, self.other_cpus)
+        await byte_compile(self.child_env, self.workdir)
         await self.nursery.start(self.devnet.run)
         faulty = sum(1 for p in self.profiles if p.fault)
         self.log(f"devnet: {len(self.profiles)} lean miners ({faulty} with faults, "
