@@ -99,8 +99,9 @@ def test_a_recovered_miner_comes_back_once_weights_are_recomputed() -> None:
     assert after[3] > 450  # in nearly every request now
 
 
-def test_a_request_reads_no_health_between_reweighs() -> None:
-    sel, health, clock = make(300)
+@pytest.mark.parametrize("selection", ["learned", "uniform"])
+def test_a_request_reads_no_health_between_reweighs(selection: str) -> None:
+    sel, health, clock = make(300, selection=selection)
     calls = Counter[str]()
     figures = health.figures
 
@@ -109,11 +110,21 @@ def test_a_request_reads_no_health_between_reweighs() -> None:
         return figures(uid)
 
     health.figures = counted  # type: ignore[method-assign]
+    allows = health.allows
+    asked: list[int] = []
+
+    def allows_counted(uid: int) -> bool:
+        asked.append(uid)
+        return allows(uid)
+
+    health.allows = allows_counted  # type: ignore[method-assign]
     sel.pick(TASK, None, 5)
     assert calls["figures"] == 300  # the weighing: once per pooled miner
+    asked.clear()
     for _ in range(1000):
         sel.pick(TASK, None, 5)
     assert calls["figures"] == 300  # no request read health again, nor sorted the pool
+    assert len(asked) < 1000 * 8  # only the drawn miners' breakers are checked, not the pool's 300
     clock.now += REWEIGH_S
     sel.pick(TASK, None, 5)
     assert calls["figures"] == 600

@@ -5,13 +5,15 @@ the task (and the model, when one is named). Indexes of eligible miners per (tas
 incentive first, are built once per new pair of snapshots.
 
 Two ways to draw from the top `top_pool` of them (`fanout.selection`):
-- "uniform", as upstream: every miner of the pool equally likely.
+- "uniform", as upstream: every miner of the pool equally likely (`top_pool` counts miners whose breaker
+  lets them be asked).
 - "learned": weighted by each miner's recent health (`MinerHealth`: EWMAs of time to first token and
   of failures), so that the first answer, which is what the client waits for, tends to come sooner and
   from a miner that finishes. A share `explore_share` of the draws stays uniform: every serving miner
   keeps a floor of organic traffic (scoring covers the whole subnet, and a miner that was slow and has
-  recovered is seen to be fast again). The weights are recomputed at most once a second per pool
-  (`Weighing`, O(pool)); a request then draws k miners in O(k log pool), with no sort.
+  recovered is seen to be fast again).
+The pool and its weights are recomputed at most once a second (`Weighing`, O(pool)); a request then
+draws k miners in O(k log pool), with no sort and no pass over the pool (either choice).
 """
 
 from __future__ import annotations
@@ -204,31 +206,20 @@ class Selector:
         if not eligible:
             raise self._none_error(index, task, model)
         skip = set(exclude)
-        if self.selection == "learned":
-            return self._pick_learned(task, eligible, k, skip)
-        allows = self.health.allows
-        pool: list[Neuron] = []
-        for neuron in eligible:
-            if neuron.uid not in skip and allows(neuron.uid):
-                pool.append(neuron)
-                if len(pool) >= self.top_pool:
-                    break
-        if not pool:
-            raise SelectionError(503, f"All {len(eligible)} miners eligible for {task} are failing right now; "
-                                 "retry shortly.", code="miners_unhealthy")
-        return self.rng.sample(pool, min(k, len(pool)))
+        return self._draw(task, eligible, k, skip, self.explore_share if self.selection == "learned" else 1.0)
 
-    def _pick_learned(self, task: str, eligible: tuple[Neuron, ...], k: int, skip: set[int]) -> list[Neuron]:
-        """k distinct miners drawn by weight. A draw that repeats a miner, hits `skip` or a breaker that
-        opened since the weighing is drawn again; after a bounded number of tries (a pool dominated by a
-        few miners, or mostly excluded) the rest is filled uniformly from what is left."""
+    def _draw(self, task: str, eligible: tuple[Neuron, ...], k: int, skip: set[int], share: float) -> list[Neuron]:
+        """k distinct miners, a `share` of the draws uniform and the rest by weight (uniform choice is
+        share 1). A draw that repeats a miner, hits `skip` or a breaker that opened since the weighing
+        is drawn again; after a bounded number of tries (a pool dominated by a few miners, or mostly
+        excluded) the rest is filled uniformly from what is left."""
         weighing = self.weighing(eligible)
         if not weighing.pool:  # every breaker was open a moment ago: one may be half-open by now
             weighing = self.weighing(eligible, fresh=True)
         if not weighing.pool:
             raise SelectionError(503, f"All {len(eligible)} miners eligible for {task} are failing right now; "
                                  "retry shortly.", code="miners_unhealthy")
-        allows, rng, share = self.health.allows, self.rng, self.explore_share
+        allows, rng = self.health.allows, self.rng
         chosen: dict[int, Neuron] = {}
         for _ in range(4 * k + 8):
             if len(chosen) >= k:
