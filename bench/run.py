@@ -162,7 +162,7 @@ def gateway_ready(text: str) -> str | None:
 
 
 def gateway_config(devnet: Devnet, *, uids: set[int], fanout: int, scoring: bool, workdir: Path, name: str,
-                   streams: int = 0, fanout_extra: dict[str, Any] | None = None) -> str:
+                   streams: int = 0) -> str:
     """A gateway config for the devnet: the miners `uids` (and the validator), fan-out `fanout`; a spool of
     its own (one gateway never replays another's organics while it is measured). `streams`: room for
     that many client requests open at once."""
@@ -175,8 +175,7 @@ def gateway_config(devnet: Devnet, *, uids: set[int], fanout: int, scoring: bool
         "subnet": {"source": "static", "netuid": devnet.config["subnet"].get("netuid", 1), "neurons": neurons},
         "availability": {"source": "none"},
         "fanout": {"miners": fanout, "max_inflight": room, "max_background": room,
-                   "max_connections": max(8192, 2 * streams + 1024), "first_token_timeout_s": 60.0,
-                   **(fanout_extra or {})},
+                   "max_connections": max(8192, 2 * streams + 1024), "first_token_timeout_s": 60.0},
         "scoring": {"enabled": scoring, **{k: v for k, v in devnet.config.get("scoring", {}).items()
                                            if k in ("validator", "validator_hotkey")},
                     "spool_dir": str(workdir / f"spool-{name}")},
