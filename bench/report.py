@@ -127,7 +127,9 @@ def consistency(m: Measured) -> dict[str, Any]:
                      + (f", scoring after the load took {m.scoring_drain_s:.1f}s" if m.scoring_drain_s else ""))
     pace = saturation(m)["saturated"]
     if load.concurrency >= 16 and pace != "gateway":
-        notes.append(f"the gateway was not saturated ({measured:.2f} of a core): {pace} set the pace")
+        why = (f"{pace} set the pace" if pace != "none" else "no process of the run was saturated either "
+               "(other load on the machine, or too few connections)")
+        notes.append(f"the gateway was not saturated ({measured:.2f} of a core): {why}")
     return {"product_cores": rounded(product), "measured_cores": rounded(measured), "agree": agree,
             "notes": notes}
 

@@ -57,7 +57,7 @@ PROMPT = "Tell me about the subnet."
 TARGET_SUCCESS = 0.995
 TARGET_ORACLE_RATIO = 1.15  # client p50 within 15% of the best-of-asked oracle
 TARGET_GAIN_OVER_UNIFORM = 0.30  # client p50 at least 30% better than uniform choice
-TARGET_MAX_GAP_S = 180.0  # no serving miner without organics for longer
+TARGET_MAX_GAP_S = 120.0  # no serving miner without organics for longer (a run is 3 minutes)
 
 
 @dataclass(frozen=True)
