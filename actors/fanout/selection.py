@@ -128,17 +128,6 @@ class Weighing:
         i = bisect.bisect_right(self.cumulative, rng.random() * total)
         return self.pool[min(i, len(self.pool) - 1)]
 
-    def shares(self, explore_share: float) -> dict[int, float]:
-        """Each miner's chance of being a single draw (what `/status` and the tests read)."""
-        n = len(self.pool)
-        total = self.cumulative[-1] if self.cumulative else 0.0
-        out, previous = {}, 0.0
-        for neuron, running in zip(self.pool, self.cumulative, strict=True):
-            weighted = (running - previous) / total if total > 0 else 1.0 / n
-            out[neuron.uid] = explore_share / n + (1.0 - explore_share) * weighted
-            previous = running
-        return out
-
 
 class Selector:
     def __init__(
