@@ -69,6 +69,7 @@ class Exchange:
     done: bool = False  # the SSE stream ended with [DONE]
     body_bytes: int = 0
     close: bool = False  # the server will close the connection
+    body: bytes | None = None  # the whole body, when asked for (`keep_body`)
 
 
 class SseScanner:
@@ -141,9 +142,11 @@ class Connection:
         return out
 
     async def exchange(self, request: bytes, *, scan: bool,
-                       on_first_token: Callable[[], None] | None = None) -> Exchange:
-        """Send one request, read the answer to its end; with `scan`, count SSE tokens as they come."""
+                       on_first_token: Callable[[], None] | None = None, keep_body: bool = False) -> Exchange:
+        """Send one request, read the answer to its end; with `scan`, count SSE tokens as they come;
+        with `keep_body`, keep the body (small answers only: it is held whole)."""
         result = Exchange()
+        kept: list[bytes] | None = [] if keep_body else None
         scanner = SseScanner(result, on_first_token) if scan else None
         await self.stream.send_all(request)
         head = await self._take_until(b"\r\n\r\n")
@@ -172,6 +175,8 @@ class Connection:
                     break
                 data = await self._take(size + 2)
                 result.body_bytes += size
+                if kept is not None:
+                    kept.append(data[:size])
                 if scanner is not None:
                     scanner.feed(data[:size])
         elif length is not None:
@@ -183,10 +188,14 @@ class Connection:
                 del self._buffer[: len(piece)]
                 remaining -= len(piece)
                 result.body_bytes += len(piece)
+                if kept is not None:
+                    kept.append(piece)
                 if scanner is not None:
                     scanner.feed(piece)
         else:
             raise ProtocolError("an answer without Content-Length or chunked framing")
+        if kept is not None:
+            result.body = b"".join(kept)
         return result
 
 
@@ -203,6 +212,7 @@ class LoadResult:
     statuses: dict[int, int] = field(default_factory=dict)
     wall_s: float = 0.0
     cpu_s: float = 0.0  # the load generator's own CPU (user + system) during the phase
+    started_at: float = 0.0  # time.perf_counter() when the measured interval began
 
     @property
     def completed(self) -> int:
@@ -320,7 +330,7 @@ async def run_load(
         if on_start is not None:
             on_start()
         cpu0 = cpu_seconds()
-        started = time.perf_counter()
+        started = result.started_at = time.perf_counter()
         deadline = started + duration_s
         ready.set()
     result.wall_s = time.perf_counter() - started

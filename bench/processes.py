@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,8 @@ class Child(Generic[T]):
     process: trio.Process
     ready: T
     log_path: Path
+    spawned_at: float = 0.0  # time.perf_counter() when it was started
+    cpus: frozenset[int] | None = None  # the cores it is pinned to (None: any)
 
     @property
     def pid(self) -> int:
@@ -79,21 +82,27 @@ async def start_child(
     cwd: Path,
     ready: Callable[[str], T | None],
     timeout_s: float = 30.0,
+    cpus: frozenset[int] | None = None,
+    env: dict[str, str] | None = None,
 ) -> Child[T]:
     """Start `argv`; `ready` is given the stdout read so far until it returns a value.
 
     stderr goes to `<cwd>/<name>.log`; stdout keeps being drained in `nursery` so the child never
-    blocks on a full pipe.
+    blocks on a full pipe. `cpus`: the cores it may run on (set at once, before it has imported
+    anything; its threads inherit them). `env`: its whole environment (default: ours, unbuffered).
     """
     log_path = cwd / f"{name}.log"
     log_file = _open_log(log_path)
+    spawned_at = time.perf_counter()
     try:
         process = await trio.lowlevel.open_process(
             list(argv), stdout=subprocess.PIPE, stderr=log_file, cwd=cwd,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env=env if env is not None else {**os.environ, "PYTHONUNBUFFERED": "1"},
         )
     finally:
         log_file.close()  # the child holds its own copy
+    if cpus is not None:
+        pin(process.pid, cpus)
     assert process.stdout is not None
     output = bytearray()
     found: T | None = None
@@ -120,7 +129,62 @@ async def start_child(
             pass
 
     nursery.start_soon(drain)
-    return Child(name, process, found, log_path)
+    return Child(name, process, found, log_path, spawned_at, cpus)
+
+
+PACKAGES = ("config", "wire", "actors", "web", "engine", "devnet", "bench")
+
+
+def compiled_env(cache_dir: Path) -> dict[str, str]:
+    """Our environment for a child that should start as an installed package does: its modules
+    byte-compiled once into `cache_dir` (not into the source tree), even where the environment says
+    not to write bytecode (then every start would compile the project's sources again)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    return {**env, "PYTHONUNBUFFERED": "1", "PYTHONPYCACHEPREFIX": str(cache_dir)}
+
+
+def package_paths() -> list[str]:
+    """The folders of the project's packages (beside this one)."""
+    root = Path(__file__).resolve().parent.parent
+    return [str(root / name) for name in PACKAGES if (root / name).is_dir()]
+
+
+WARM_IMPORTS = "import engine.cli, engine.gateway, actors.keystore.actor, bench.floor"
+
+
+async def byte_compile(env: dict[str, str], cwd: Path) -> None:
+    """Byte-compile, into `env`'s cache prefix, the project's packages and every module a gateway
+    imports when it starts (the prefix holds third-party modules' bytecode too, so a first start would
+    otherwise compile them all from source)."""
+    paths = package_paths()
+    with trio.fail_after(180):
+        await trio.run_process([sys.executable, "-m", "compileall", "-q", "-j", "0", *paths], cwd=cwd, env=env,
+                               capture_stdout=True, capture_stderr=True)
+        await trio.run_process([sys.executable, "-c", WARM_IMPORTS], cwd=cwd, env=env, capture_stdout=True,
+                               capture_stderr=True)
+
+
+def pin(pid: int, cpus: frozenset[int]) -> None:
+    """Run `pid` (0: this process) only on `cpus`, and its threads with it."""
+    os.sched_setaffinity(pid, cpus)
+    try:
+        tasks = os.listdir(f"/proc/{pid or os.getpid()}/task")
+    except OSError:
+        return
+    for task in tasks:
+        try:
+            os.sched_setaffinity(int(task), cpus)
+        except OSError:  # a thread that ended meanwhile
+            continue
+
+
+def core_plan(cores: int) -> tuple[frozenset[int] | None, frozenset[int] | None]:
+    """(the gateway's cores, everyone else's): with two cores or more the gateway gets one of its own
+    and the devnet, the validator and the load generator share the others; on one core, no pinning."""
+    available = sorted(os.sched_getaffinity(0))
+    if len(available) < 2 or cores < 2:
+        return None, None
+    return frozenset(available[:1]), frozenset(available[1:])
 
 
 def _open_log(path: Path) -> BinaryIO:

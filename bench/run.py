@@ -1,11 +1,13 @@
-"""`sn1-gateway bench`: a devnet and a gateway in their own processes, load from this one.
+"""`sn1-gateway bench`: a lean devnet and a gateway in their own processes, load from this one.
 
-The devnet (`sn1-gateway devnet`) runs miners in "bench" mode (a fixed-length answer at once) plus one
-"slow_tokens" miner for the open-streams phase; each gateway (`sn1-gateway serve --config`) gets a
-generated config and an API key made with `sn1-gateway keys create`. For every fan-out and concurrency
-the same load goes through the gateway and straight to one miner (Epistula-signed as the gateway
-signs), back to back, so each figure has a no-gateway limit measured in the same run. Gateway CPU and
-RSS come from /proc; the load generator's own CPU from getrusage.
+The devnet (`python -m devnet.lean`: raw-socket miners and validator, never the bottleneck) runs
+miners in "bench" mode (a fixed-length answer at once) plus one "slow_tokens" miner for the
+open-streams phase; each gateway (`sn1-gateway serve --config`) gets a generated config and an API key
+made with `sn1-gateway keys create`. With two cores or more the gateway (and the stack floor after it)
+runs alone on one core and everything else on the others, so its figures are per gateway core. For
+every fan-out and concurrency the same load goes through the gateway and straight to one miner
+(Epistula-signed as the gateway signs), back to back, so each figure has a no-gateway limit measured
+in the same run. CPU and RSS come from /proc; the load generator's own CPU from getrusage.
 """
 
 from __future__ import annotations
@@ -35,8 +37,30 @@ from bittensor_core import Keypair
 
 from actors.fanout.bounds import request_timeout_s
 from bench import report
-from bench.load import Endpoint, HeldStreams, LoadResult, cpu_seconds, hold_streams, request_bytes, run_load
-from bench.processes import Child, ChildFailed, cli, raise_fd_limit, run_command, sample, start_child
+from bench.load import (
+    Connection,
+    Endpoint,
+    HeldStreams,
+    LoadResult,
+    ProtocolError,
+    cpu_seconds,
+    hold_streams,
+    request_bytes,
+    run_load,
+)
+from bench.processes import (
+    Child,
+    ChildFailed,
+    byte_compile,
+    cli,
+    compiled_env,
+    core_plan,
+    pin,
+    raise_fd_limit,
+    run_command,
+    sample,
+    start_child,
+)
 from bench.report import Measured, ProcessSample
 from config.settings import FanoutSettings
 from web.chat_request import parse_chat_request
@@ -59,7 +83,7 @@ class BenchOptions:
     concurrencies: tuple[int, ...] = (1, 16, 64)
     fanouts: tuple[int, ...] = (1, 5)
     stream_concurrency: int = 64
-    open_streams: int = 1000
+    open_streams: tuple[int, ...] = (1000, 5000)  # streams held open at once, one figure each
     answer_tokens: int = 16  # the bench miners' fixed answer length
     scoring: bool = True
     target_gateway: str | None = None
@@ -75,7 +99,7 @@ class BenchOptions:
     @classmethod
     def quick_run(cls, **kw: Any) -> BenchOptions:
         defaults: dict[str, Any] = dict(quick=True, duration_s=0.5, max_requests=25, concurrencies=(1, 4),
-                                        stream_concurrency=4, open_streams=20)
+                                        stream_concurrency=4, open_streams=(20, 50))
         return cls(**{**defaults, **kw})
 
 
@@ -137,17 +161,21 @@ def gateway_ready(text: str) -> str | None:
     return found.group(1) if found else None
 
 
-def gateway_config(devnet: Devnet, *, uids: set[int], fanout: int, scoring: bool, workdir: Path, name: str) -> str:
+def gateway_config(devnet: Devnet, *, uids: set[int], fanout: int, scoring: bool, workdir: Path, name: str,
+                   streams: int = 0) -> str:
     """A gateway config for the devnet: the miners `uids` (and the validator), fan-out `fanout`; a spool of
-    its own (one gateway never replays another's organics while it is measured)."""
+    its own (one gateway never replays another's organics while it is measured). `streams`: room for
+    that many client requests open at once."""
     neurons = [n for n in devnet.miners() if n["uid"] in uids] + devnet.validators()
+    room = max(4096, 2 * streams)
     config = {
-        "server": {"host": "127.0.0.1", "port": 0},
+        "server": {"host": "127.0.0.1", "port": 0, "max_connections": max(2048, streams + 256)},
         "auth": {"store": "file", "keys_file": str(workdir / "keys.toml"), "admin_key": ""},
         "wallet": {"uri": devnet.config.get("wallet", {}).get("uri", DEVNET_GATEWAY_URI)},
         "subnet": {"source": "static", "netuid": devnet.config["subnet"].get("netuid", 1), "neurons": neurons},
         "availability": {"source": "none"},
-        "fanout": {"miners": fanout, "max_inflight": 4096, "first_token_timeout_s": 60.0},
+        "fanout": {"miners": fanout, "max_inflight": room, "max_background": room,
+                   "max_connections": max(8192, 2 * streams + 1024), "first_token_timeout_s": 60.0},
         "scoring": {"enabled": scoring, **{k: v for k, v in devnet.config.get("scoring", {}).items()
                                            if k in ("validator", "validator_hotkey")},
                     "spool_dir": str(workdir / f"spool-{name}")},
@@ -167,9 +195,12 @@ class Run:
     streaming: list[dict[str, Any]] = field(default_factory=list)
     completion_phases: dict[int, list[Measured]] = field(default_factory=dict)
     peak_rss_mb: float = 0.0
-    held: HeldStreams | None = None
-    held_rss_before_mb: float | None = None
+    held: list[tuple[HeldStreams, float]] = field(default_factory=list)  # with the RSS before opening them
     held_fanout: int = 1
+    gateway_cpus: frozenset[int] | None = None
+    other_cpus: frozenset[int] | None = None
+    startups: list[float] = field(default_factory=list)  # seconds from `serve` to the first /health 200
+    child_env: dict[str, str] | None = None  # gateways start byte-compiled, as an installed package does
     load_cpu_s: float = 0.0
     load_wall_s: float = 0.0
     gateways: list[dict[str, Any]] = field(default_factory=list)
@@ -182,11 +213,11 @@ class Run:
 
     # -- processes ------------------------------------------------------------------------------------
 
-    async def start_devnet(self, faults: list[str]) -> Child[Devnet]:
-        argv = cli("devnet", "--miners", str(len(faults)), "--faults", ",".join(faults))
+    async def start_devnet(self, modes: list[str]) -> Child[Devnet]:
+        argv = [sys.executable, "-m", "devnet.lean", "--modes", ",".join(modes)]
         child = await start_child(self.nursery, "devnet", argv, cwd=self.workdir,
-                                  ready=devnet_ready(len(faults) + 1))
-        self.log(f"devnet up: {len(faults)} miners (pid {child.pid})")
+                                  ready=devnet_ready(len(modes) + 1), cpus=self.other_cpus)
+        self.log(f"lean devnet up: {len(modes)} miners and the validator (pid {child.pid})")
         return child
 
     async def start_gateway(self, name: str, config_text: str) -> tuple[Child[str], str]:
@@ -196,8 +227,10 @@ class Run:
                                     cwd=self.workdir)
         api_key = key_out.strip().splitlines()[0]
         child = await start_child(self.nursery, name, cli("serve", "--config", str(path)), cwd=self.workdir,
-                                  ready=gateway_ready)
-        self.log(f"{name} up at {child.ready} (pid {child.pid})")
+                                  ready=gateway_ready, cpus=self.gateway_cpus, env=self.child_env)
+        startup = await wait_health(child.ready, child.spawned_at)
+        self.startups.append(startup)
+        self.log(f"{name} up at {child.ready} (pid {child.pid}; serve to first /health 200: {startup:.2f}s)")
         return child, api_key
 
     async def stop_gateway(self, child: Child[str]) -> None:
@@ -233,9 +266,21 @@ class Run:
 
         wall0, cpu0 = time.perf_counter(), cpu_seconds()
         options = self.options
-        result = await run_load(endpoint, make_request, concurrency=concurrency, max_requests=options.max_requests,
-                                duration_s=options.duration_s, stream=stream, on_start=probe(before),
-                                on_stop=probe(after))
+        samples: list[tuple[float, float]] = []  # (perf_counter, gateway CPU s) while the load runs
+
+        async def sample_gateway() -> None:
+            assert gateway_pid is not None
+            while True:
+                samples.append((time.perf_counter(), sample(gateway_pid).cpu_s))
+                await trio.sleep(STEADY_SAMPLE_S)
+
+        async with trio.open_nursery() as sampling:
+            if gateway_pid is not None:
+                sampling.start_soon(sample_gateway)
+            result = await run_load(endpoint, make_request, concurrency=concurrency,
+                                    max_requests=options.max_requests, duration_s=options.duration_s,
+                                    stream=stream, on_start=probe(before), on_stop=probe(after))
+            sampling.cancel_scope.cancel()
         self.load_wall_s += time.perf_counter() - wall0
         self.load_cpu_s += cpu_seconds() - cpu0
         backlog: int | None = None
@@ -244,14 +289,19 @@ class Run:
             drained = time.perf_counter()
             backlog = await wait_scoring_drained(scoring_url, SCORING_DRAIN_S)
             drain_s = time.perf_counter() - drained
-            # the gateway's CPU meanwhile is its scoring of this phase; the miners process (which also
+        load_end = after.get("gateway")
+        if scoring_url is not None:
+            # the gateway's CPU meanwhile is its scoring of this phase; the devnet process (which also
             # runs the validator) keeps its figure from the end of the load, as the direct phase does
             after["gateway"] = sample(gateway_pid) if gateway_pid is not None else None
         if gateway_peak:
             self.note_peak(gateway_pid)
         return Measured(result, gateway_cpu_s=_delta(before["gateway"], after["gateway"]),
                         miners_cpu_s=_delta(before["miners"], after["miners"]), scoring_drain_s=drain_s,
-                        scoring_backlog=backlog)
+                        scoring_backlog=backlog, gateway_cpu_load_s=_delta(before["gateway"], load_end),
+                        gateway_cores=len(self.gateway_cpus) if self.gateway_cpus else None,
+                        other_cores=len(self.other_cpus) if self.other_cpus else None,
+                        gateway_steady_cores=steady_use(samples, result.started_at, result.wall_s))
 
     async def fanout_phases(self, fanout: int, gateway: Endpoint, api_key: str, gateway_pid: int | None,
                             miner: MinerTarget, label: str) -> None:
@@ -302,7 +352,7 @@ class Run:
         options = self.options
         child = await start_child(self.nursery, "floor", [sys.executable, "-m", "bench.floor", "--tokens",
                                                           str(options.answer_tokens)],
-                                  cwd=self.workdir, ready=gateway_ready)
+                                  cwd=self.workdir, ready=gateway_ready, cpus=self.gateway_cpus, env=self.child_env)
         self.log(f"stack floor (bare Quart-Trio on Hypercorn) up at {child.ready} (pid {child.pid})")
         try:
             endpoint = Endpoint.parse(child.ready, CHAT_PATH)
@@ -319,10 +369,13 @@ class Run:
             await child.stop()
 
     async def open_streams_phase(self, devnet: Devnet, slow_uid: int) -> None:
+        """Each count of `open_streams` in turn, on one gateway (fanout 1, the slow miner): its RSS is
+        read while all of them are open at once."""
         options = self.options
         name = "gateway-open-streams"
+        most = max(options.open_streams)
         config = gateway_config(devnet, uids={slow_uid}, fanout=1, scoring=options.scoring, workdir=self.workdir,
-                                name=name)
+                                name=name, streams=most)
         child, api_key = await self.start_gateway(name, config)
         try:
             endpoint = Endpoint.parse(child.ready, CHAT_PATH)
@@ -331,18 +384,20 @@ class Run:
                                 {"api-key": api_key})
             # one stream first, so the measured baseline has the gateway's first-use costs behind it
             await hold_streams(endpoint, lambda: raw, streams=1, sample=lambda: 0.0, open_timeout_s=10)
-            self.held_rss_before_mb = child.sample().rss_mb
-            self.log(f"opening {options.open_streams} streams (fanout 1, slow miner uid {slow_uid})")
-            wall0, cpu0 = time.perf_counter(), cpu_seconds()
-            self.held = await hold_streams(endpoint, lambda: raw, streams=options.open_streams,
-                                           sample=lambda: child.sample().rss_mb,
-                                           open_timeout_s=30 if not options.quick else 10)
-            self.load_wall_s += time.perf_counter() - wall0
-            self.load_cpu_s += cpu_seconds() - cpu0
-            held = self.held
-            self.log(f"{held.opened}/{held.wanted} streams open after {held.open_s:.1f}s: gateway RSS "
-                     f"{held.sample:.1f} MB (before {self.held_rss_before_mb:.1f} MB); "
-                     f"{held.finished} finished, {held.errors} errors")
+            for count in options.open_streams:
+                before = child.sample().rss_mb
+                self.log(f"opening {count} streams (fanout 1, slow miner uid {slow_uid})")
+                wall0, cpu0 = time.perf_counter(), cpu_seconds()
+                held = await hold_streams(endpoint, lambda: raw, streams=count,
+                                          sample=lambda: child.sample().rss_mb,
+                                          open_timeout_s=60 if not options.quick else 10)
+                self.load_wall_s += time.perf_counter() - wall0
+                self.load_cpu_s += cpu_seconds() - cpu0
+                self.held.append((held, before))
+                self.log(f"{held.opened}/{held.wanted} streams open after {held.open_s:.1f}s: gateway RSS "
+                         f"{held.sample:.1f} MB (before {before:.1f} MB); "
+                         f"{held.finished} finished, {held.errors} errors")
+                await wait_scoring_drained(child.ready, SCORING_DRAIN_S)
         finally:
             await self.stop_gateway(child)
 
@@ -353,9 +408,17 @@ class Run:
         started = time.time()
         self.calibration = calibration()
         self.load_at_start = [round(x, 2) for x in os.getloadavg()]
+        self.gateway_cpus, self.other_cpus = core_plan(os.cpu_count() or 1)
+        if self.other_cpus is not None:
+            pin(0, self.other_cpus)  # the load generator, and the devnet it starts, stay off the gateway's core
+            self.log(f"gateway on core {sorted(self.gateway_cpus or ())}, devnet and load on "
+                     f"{sorted(self.other_cpus)}")
         fd_limit = raise_fd_limit(FD_WANTED)
-        if fd_limit < options.open_streams * 2 + 256:
-            self.log(f"warning: open-files limit {fd_limit} is low for {options.open_streams} streams")
+        self.child_env = compiled_env(self.workdir / "pycache")
+        await byte_compile(self.child_env, self.workdir)
+        most = max(options.open_streams, default=0)
+        if fd_limit < most * 2 + 256:
+            self.log(f"warning: open-files limit {fd_limit} is low for {most} streams")
         try:
             return await self._run(started, fd_limit)
         finally:
@@ -398,7 +461,7 @@ class Run:
                                                  child.pid, miner, f"fanout {fanout}")
                 finally:
                     await self.stop_gateway(child)
-            if options.open_streams > 0:
+            if any(options.open_streams):
                 await self.open_streams_phase(devnet, slow_uid)
         try:
             await self.floor_phases()
@@ -447,7 +510,7 @@ class Run:
             "config": {
                 "quick": options.quick, "duration_s": options.duration_s, "max_requests": options.max_requests,
                 "concurrencies": list(options.concurrencies), "fanouts": list(options.fanouts),
-                "stream_concurrency": options.stream_concurrency, "open_streams": options.open_streams,
+                "stream_concurrency": options.stream_concurrency, "open_streams": list(options.open_streams),
                 "answer_tokens": options.answer_tokens, "scoring": options.scoring, "availability": "none",
                 "target_gateway": options.target_gateway, "target_miner": options.target_miner,
                 "miners": "devnet 'bench' mode (fixed-length answer at once), one process for all miners",
@@ -458,8 +521,9 @@ class Run:
             "gateway_process": {
                 "cpu_ms_per_completion": cpu_per,
                 "peak_rss_mb": report.rounded(self.peak_rss_mb or None, 1),
-                "open_streams": report.open_streams_entry(self.held, fanout=self.held_fanout,
-                                                          rss_before_mb=self.held_rss_before_mb),
+                "open_streams": [report.open_streams_entry(held, fanout=self.held_fanout, rss_before_mb=before)
+                                 for held, before in self.held],
+                "startup_s": [round(x, 3) for x in self.startups],
                 "runs": self.gateways,
             },
             "stack_floor": report.floor_document(self.floor),
@@ -500,6 +564,27 @@ async def wait_scoring_drained(gateway_url: str, limit_s: float) -> int | None:
                     break
                 await trio.sleep(SCORING_POLL_S)
     return left
+
+
+HEALTH_POLL_S = 0.005
+
+
+async def wait_health(url: str, spawned_at: float, limit_s: float = 30.0) -> float:
+    """Seconds from `spawned_at` (perf_counter, when `serve` was started) to the first 200 of `GET /health`."""
+    endpoint = Endpoint.parse(url, "/health")
+    request = (f"GET /health HTTP/1.1\r\nHost: {endpoint.host}:{endpoint.port}\r\n\r\n").encode()
+    with trio.fail_after(limit_s):
+        while True:
+            try:
+                conn = await Connection.open(endpoint)
+                try:
+                    if (await conn.exchange(request, scan=False)).status == 200:
+                        return time.perf_counter() - spawned_at
+                finally:
+                    await conn.aclose()
+            except (OSError, ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            await trio.sleep(HEALTH_POLL_S)
 
 
 SCORING_FIGURES = ("submitted", "delivered", "spooled", "queued", "overflow", "writing", "in_flight",
@@ -550,6 +635,18 @@ def calibration() -> dict[str, float]:
         json.loads(json.dumps(document))
     json_us = (time.perf_counter() - started) / rounds * 1e6
     return {"sr25519_sign_us": round(sign_us, 1), "json_roundtrip_us": round(json_us, 1)}
+
+
+STEADY_SAMPLE_S = 0.1
+
+
+def steady_use(samples: list[tuple[float, float]], started: float, wall_s: float) -> float | None:
+    """CPU use in cores between the first and the last sample inside the middle half of the load
+    (`started`, `wall_s`: its perf_counter start and length); None when fewer than two fall there."""
+    inside = [s for s in samples if started + wall_s / 4 <= s[0] <= started + 3 * wall_s / 4]
+    if len(inside) < 2 or inside[-1][0] <= inside[0][0]:
+        return None
+    return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
 
 
 def _delta(before: ProcessSample | None, after: ProcessSample | None) -> float | None:

@@ -120,6 +120,13 @@ class AvailabilitySettings:
 class FanoutSettings:
     miners: int = setting(5, "miners asked per request", min=1, max=64)
     top_pool: int = setting(300, "sample from this many eligible miners, best incentive first", min=1)
+    selection: Literal["learned", "uniform"] = setting(
+        "learned", "how miners are drawn from the pool: \"learned\" (weighted by each miner's recent time to "
+        "first token and failures, with explore_share of draws uniform) or \"uniform\" (as upstream)")
+    explore_share: float = setting(
+        0.2, "with selection = \"learned\": the share of draws made uniformly over the pool, so every serving "
+        "miner keeps a floor of organic traffic and a recovered miner is seen to be healthy again",
+        min=0.0, max=1.0)
     extra_scoring_miners: int = setting(
         0, "more miners per request, drawn at random from the whole subnet, whose answers only go to "
         "scoring (upstream v2.19 asks 50): each costs one more miner stream and a larger scoring payload",

@@ -197,6 +197,7 @@ async def run(
         selector = Selector(
             subnet_cell, availability.cell, miner_health,
             validator_stake_limit=settings.fanout.validator_stake_limit, top_pool=settings.fanout.top_pool,
+            selection=settings.fanout.selection, explore_share=settings.fanout.explore_share,
         )
         scoring = await supervisor.start(actors, ScoringForwarder(
             settings, http=http, signer=signer, subnet=subnet_cell,

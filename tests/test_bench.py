@@ -41,7 +41,7 @@ async def test_quick_bench_writes_complete_results(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     doc = json.loads(out.read_text())
 
-    assert doc["schema"] == "sn1-gateway-bench/1"
+    assert doc["schema"] == "sn1-gateway-bench/2"
     assert doc["machine"]["cores"] >= 1
     assert doc["versions"]["trio"] and doc["versions"]["sn1-gateway"]
     assert doc["config"]["quick"] is True
@@ -60,6 +60,13 @@ async def test_quick_bench_writes_complete_results(tmp_path: Path) -> None:
         assert e["gateway_cpu_ms_per_completion"] is not None, where
         # the phase ended once the gateway had forwarded all its organics (their CPU is the phase's)
         assert e["scoring_backlog_left"] == 0 and e["scoring_drain_s"] >= 0, where
+        # who set the pace, and the run's own check of its CPU figures
+        pace = e["saturation"]["gateway"]
+        assert pace["saturated"] and set(pace["shares"]) == {"gateway", "devnet", "load_generator"}, where
+        assert all(isinstance(v, float) and 0 <= v < 4 for v in pace["shares"].values()), where
+        check = e["consistency"]
+        assert check["product_cores"] > 0 and check["measured_cores"] >= 0 and isinstance(check["agree"], bool), where
+        assert isinstance(check["notes"], list), where
 
     assert {e["fanout"] for e in doc["streaming"]} == set(doc["config"]["fanouts"])
     for e in doc["streaming"]:
@@ -75,10 +82,12 @@ async def test_quick_bench_writes_complete_results(tmp_path: Path) -> None:
     assert set(process["cpu_ms_per_completion"]) == {str(f) for f in doc["config"]["fanouts"]}
     assert all(v > 0 for v in process["cpu_ms_per_completion"].values())
     assert process["peak_rss_mb"] > 10
-    held = process["open_streams"]
-    assert held["wanted"] == doc["config"]["open_streams"] > 0
-    assert held["opened"] == held["finished"] == held["wanted"] and held["errors"] == 0
-    assert held["rss_mb"] > 10
+    assert [h["wanted"] for h in process["open_streams"]] == doc["config"]["open_streams"] == [20, 50]
+    for held in process["open_streams"]:
+        assert held["opened"] == held["finished"] == held["wanted"] and held["errors"] == 0, held
+        assert held["rss_mb"] > 10, held
+    # serve to the first /health 200, for each gateway: two fan-outs and the open-streams one
+    assert len(process["startup_s"]) == 3 and all(0 < x < 30 for x in process["startup_s"])
     assert all(run["exit_code"] == 0 for run in process["runs"])  # each gateway stopped cleanly on SIGTERM
     for run in process["runs"]:  # every organic went to the devnet validator, none dropped
         scoring = run["scoring"]
@@ -92,12 +101,18 @@ async def test_quick_bench_writes_complete_results(tmp_path: Path) -> None:
         assert p["errors"] == 0 and p["requests"] > 0 and p["cpu_ms_per_request"] > 0, p
         assert 0 < p["p50_ms"] <= p["p99_ms"], p
     assert floor["cpu_ms_per_request"] > 0 and floor["p50_ms_at_c1"] > 0
-    assert [t["stack_floor"] for t in doc["targets"][:3]] == [floor["p50_ms_at_c1"], floor["cpu_ms_per_request"],
-                                                              floor["cpu_ms_per_request"]]
+    peak = max(p["rps"] for p in floor["phases"])
+    assert [t["stack_floor"] for t in doc["targets"][:2]] == [peak, peak]
+    for t, fanout in zip(doc["targets"][:2], (1, 5), strict=True):  # the share is of the floor's peak
+        best = max(e["rps"]["gateway"] for e in doc["completions"] if e["fanout"] == fanout)
+        assert t["measured"] == pytest.approx(best / peak, abs=0.001), t
     assert "stack floor: bare Quart-Trio app on Hypercorn" in stdout
 
     assert doc["load_generator"]["cpu_s"] > 0 and doc["load_generator"]["wall_s"] > 0
-    assert [t["met"] is not None for t in doc["targets"]] == [True] * 4  # every target was measured
+    # every target was measured but the 5,000 open streams, which a quick run does not open
+    assert [t["met"] is not None for t in doc["targets"]] == [True, True, False, True]
+    assert doc["targets"][3]["measured"] == max(process["startup_s"])
+    assert "| phase | saturated |" in stdout
 
     assert "| figure | gateway | direct | gateway/direct |" in stdout
     assert f"wrote {out}" in stdout
@@ -193,3 +208,84 @@ async def test_the_scoring_drain_wait_counts_everything_held_and_gives_up_when_s
         enabled["on"] = False
         assert await run.wait_scoring_drained(url, 5.0) is None  # scoring off: nothing to wait for
         assert await run.scoring_report(url) is None
+
+
+def test_saturation_names_the_process_that_set_the_pace_and_the_check_catches_leaked_cpu() -> None:
+    from bench.load import LoadResult
+    from bench.report import Measured, consistency, saturation
+
+    load = LoadResult(concurrency=64, latencies=[0.01] * 1000, wall_s=2.0, cpu_s=0.3)
+    busy = Measured(load, gateway_cpu_s=1.9, miners_cpu_s=0.4, gateway_cpu_load_s=1.9, gateway_cores=1,
+                    other_cores=1, gateway_steady_cores=0.95)
+    assert saturation(busy)["saturated"] == "gateway"
+    assert consistency(busy) == {"product_cores": 0.95, "measured_cores": 0.95, "agree": True, "notes": []}
+    # the devnet and the load generator together fill their one core: they set the pace, and it is said
+    held_back = Measured(load, gateway_cpu_s=1.0, miners_cpu_s=1.5, gateway_cpu_load_s=1.0, gateway_cores=1,
+                         other_cores=1, gateway_steady_cores=0.5)
+    assert saturation(held_back)["saturated"].startswith("devnet")
+    notes = consistency(held_back)["notes"]
+    assert len(notes) == 1 and "not saturated" in notes[0] and "devnet" in notes[0]
+    # CPU per completion counts more than the gateway used over the load: scoring fell behind, or CPU
+    # of another phase leaked in
+    leaked = Measured(load, gateway_cpu_s=3.0, miners_cpu_s=0.2, gateway_cpu_load_s=1.9, scoring_drain_s=4.0,
+                      gateway_cores=1, other_cores=1, gateway_steady_cores=0.95)
+    check = consistency(leaked)
+    assert check["agree"] is False and "1.50 cores" in check["notes"][0] and "4.0s" in check["notes"][0]
+
+
+def test_the_population_has_the_issue_s_distributions() -> None:
+    import statistics
+
+    from devnet.population import population
+
+    miners = population(2000, duration_s=180, seed=3)
+    ttfts = sorted(m.plan(seed, 0.0).ttft_s for m in miners for seed in range(5))
+    assert statistics.median(ttfts) == pytest.approx(0.8, rel=0.1)
+    assert sum(t > 4.0 for t in ttfts) / len(ttfts) == pytest.approx(0.05, abs=0.01)
+    assert all(20 <= m.tokens_per_s <= 80 for m in miners)
+    share = {f: sum(m.fault == f for m in miners) / len(miners)
+             for f in ("http_500", "refuse", "hang", "stop_mid_stream", "garbage")}
+    assert share["http_500"] + share["refuse"] == pytest.approx(0.10, abs=0.002)
+    assert share["hang"] == share["stop_mid_stream"] == pytest.approx(0.05, abs=0.001)
+    assert share["garbage"] == pytest.approx(0.02, abs=0.001)
+    slow = [m for m in miners if m.slow_from_s is not None]
+    assert slow and all(m.slow_until_s - m.slow_from_s == pytest.approx(60) for m in slow)  # type: ignore[operator]
+    m = slow[0]
+    inside, after = m.plan(11, m.slow_from_s + 1), m.plan(11, m.slow_until_s + 1)  # type: ignore[operator]
+    assert inside.slow and not after.slow and inside.ttft_s == pytest.approx(8 * after.ttft_s)
+    # the same request meets the same plan in every run; another request, another draw
+    assert m.plan(11, 0.0) == m.plan(11, 0.0) != m.plan(12, 0.0)
+
+
+async def test_quick_subnet_scenario_writes_complete_results(tmp_path: Path) -> None:
+    out = tmp_path / "subnet.json"
+    with trio.fail_after(120):
+        done = await trio.run_process(
+            [sys.executable, "-m", "engine.cli", "bench", "--scenario", "subnet", "--quick", "--out", str(out)],
+            cwd=tmp_path, capture_stdout=True, capture_stderr=True, check=False,
+        )
+    stdout = done.stdout.decode()
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == "sn1-gateway-bench-subnet/1" and doc["config"]["quick"] is True
+    assert len(doc["population"]) == doc["config"]["miners"] == 50
+    assert set(doc["runs"]) == {"uniform", "learned"}
+    expected = int(doc["config"]["duration_s"] * doc["config"]["rate"])
+    for name, run in doc["runs"].items():
+        overall = run["overall"]
+        assert overall["requests"] == expected, name
+        assert 0.9 <= overall["success_rate"] <= 1.0, (name, run["errors"])
+        for key in ("stream_ttft_s", "answer_s"):
+            figure = overall[key]
+            assert figure["count"] > 0, (name, key)
+            assert all(isinstance(figure[q], float) and figure[q] > 0 for q in
+                       ("client_p50", "client_p99", "oracle_p50", "oracle_p99")), (name, key, figure)
+            assert figure["client_p50"] <= figure["client_p99"], (name, key)
+        assert sum(w["requests"] for w in run["windows"]) == expected, name
+        assert 4.5 <= run["miners_reached_per_request"] <= 5.0, name  # fanout 5, refusing miners aside
+        fair = run["fairness"]
+        assert len(fair["miners"]) == 50 and fair["organics"] > 4 * expected, name
+        assert sum(m["share"] for m in fair["miners"]) == pytest.approx(1.0, abs=0.01), name
+        assert 0 < fair["max_gap_s_serving"] <= doc["config"]["duration_s"], name
+    assert [t["met"] is not None for t in doc["targets"]] == [True] * 4  # each target was measured
+    assert "| choice | window s | requests | success |" in stdout and f"wrote {out}" in stdout

@@ -75,6 +75,11 @@ class MinerHealth:
         record = self._miners.get(uid)
         return None if record is None else record.ttft_ewma_s
 
+    def figures(self, uid: int) -> tuple[float | None, float]:
+        """The EWMAs of time to first token (None before a first answer) and of failures (0..1)."""
+        record = self._miners.get(uid)
+        return (None, 0.0) if record is None else (record.ttft_ewma_s, record.failure_ewma)
+
     def _decides(self, record: MinerRecord, uid: int, trial: int | None, moves: bool) -> bool:
         """Whether an outcome may move the breaker: always while it is closed; while it is open or
         half-open, only the outcome of the request holding the trial in flight."""
