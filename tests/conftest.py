@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from config.settings import (
     AuthSettings,
@@ -22,6 +23,14 @@ from config.settings import (
 from tests.chat_stack import Stack, open_stack
 from tests.redis_server import RedisServer, free_port, start_redis, stop_redis
 from wire.pool import KeepAliveTransport
+
+
+@pytest.fixture
+def stack_clock() -> trio.testing.MockClock:
+    """A clock that jumps over idle waits, as pytest-trio's `autojump_clock` does, but only after
+    the loop has been idle for a moment of real time: a whole gateway reads its files and
+    metagraph in worker threads, and a clock jumping at once would time those reads out."""
+    return trio.testing.MockClock(autojump_threshold=0.5)
 
 
 @pytest.fixture

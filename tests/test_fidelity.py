@@ -223,7 +223,7 @@ async def test_extra_miners_answer_for_scoring_only(tmp_path: Path, nursery: tri
 
 
 async def test_a_miner_whose_first_token_takes_20_s_still_wins(
-        tmp_path: Path, nursery: trio.Nursery, autojump_clock: trio.abc.Clock) -> None:
+        tmp_path: Path, nursery: trio.Nursery, stack_clock: trio.abc.Clock) -> None:
     async with open_stack(tmp_path, nursery, first_token_timeout_s=0.0) as opened:
         opened.miners.scripts[9001] = answer(["patient", " miner"], first_delay=20.0)
         opened.miners.scripts[9002] = 500

@@ -111,14 +111,14 @@ def test_workers_share_one_port_each_with_its_own_spool_and_stop_cleanly(
         metrics = httpx.get(f"{url}/metrics", timeout=5, headers={"Connection": "close"}).text
         status = httpx.get(f"{url}/status/data", timeout=5,
                            headers={"Connection": "close", "admin-key": "admin-secret"}).json()
-        if [(w["index"], w["ready"]) for w in status.get("workers", [])] == [(0, True), (1, True)]:
+        families = {f.name: f for f in text_string_to_metric_families(metrics)}
+        ready = {s.labels["worker"]: s.value for s in families["sn1_gateway_ready"].samples}
+        workers = [(w["index"], w["ready"]) for w in status.get("workers", [])]
+        if ready == {"0": 1.0, "1": 1.0} and workers == [(0, True), (1, True)]:
             break
         time.sleep(0.5)
     else:
-        raise AssertionError("the workers' reports were not merged")
-    families = {f.name: f for f in text_string_to_metric_families(metrics)}
-    ready = {s.labels["worker"]: s.value for s in families["sn1_gateway_ready"].samples}
-    assert ready == {"0": 1.0, "1": 1.0}
+        raise AssertionError(f"the workers' reports were not merged: /metrics {ready}, /status {workers}")
     assert {a["worker"] for a in status["actors"]} == {0, 1}
     assert status["requests"]["total"] >= 1
     process.send_signal(signal.SIGTERM)
