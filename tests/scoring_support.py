@@ -46,6 +46,18 @@ def organic(i: int, uids: Iterable[int] = (12, 40, 7), task: str = "InferenceTas
     return OrganicResult(request_id=f"req-{i}", task=task, body=body, answers=answers, created_at=0.0)
 
 
+
+def large_organic(i: int, chunks: int, chunk_chars: int = 8192) -> OrganicResult:
+    """An organic whose first miner said much: `chunks` chunks of `chunk_chars` characters each (about
+    twice that in memory: the text and the raw chunk), the other two a little."""
+    small = organic(i, uids=(40, 7))
+    text = f"r{i}-".ljust(chunk_chars, "x")
+    raw = jsonio.dumps({"choices": [{"index": 0, "delta": {"content": text}}]})
+    large = MinerAnswer(uid=12, hotkey=hotkey("miner12"), chunks=[text] * chunks, timings=[0.1] * chunks,
+                        raw_chunks=[raw] * chunks, finish_reason="stop", completed=True)
+    return OrganicResult(request_id=small.request_id, task=small.task, body=small.body,
+                         answers=(large, *small.answers), created_at=0.0)
+
 @dataclass
 class Validators:
     """Scripted validators keyed by axon: "ok", a status ("500", "401", ...), "hang" (never answers),

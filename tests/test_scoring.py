@@ -27,6 +27,7 @@ from tests.scoring_support import (
     T,
     Validators,
     hotkey,
+    large_organic,
     organic,
     run_inline,
     settings_for,
@@ -659,6 +660,43 @@ async def test_replay_waits_in_every_state_over_simulated_time(
     assert all(v == 0 for v in stats["dropped"].values())
 
 
+@pytest.mark.parametrize("mode", ["401", "500"])
+async def test_probes_that_fail_leave_the_spool_as_it_was(
+        nursery: trio.Nursery, make: MakeForwarder, validators: Validators, autojump_clock: trio.abc.Clock,
+        mode: str) -> None:
+    """A probe that failed used to be appended to the spool again, once per back-off period: over a
+    long outage the spool grew by a payload a period (and then dropped the oldest to stay in size)."""
+    validators.default = mode
+    forwarder = make(inline_io=True, backoff_max_s=60.0)
+    await nursery.start(forwarder.run)
+    for i in range(10):
+        forwarder.submit_nowait(organic(i))
+    await until(lambda: forwarder.spool.pending == 10, limit_s=600)
+    size = forwarder.spool.bytes
+    await trio.sleep(4 * 3600)
+    assert len(validators.attempts) >= 3 * 60, "probed all along"
+    stats = forwarder.health()
+    assert stats["spooled"] == 10 and forwarder.spool.bytes == size, "nothing appended again"
+    validators.default = "ok"
+    await until(lambda: len(validators.delivered) == 10, limit_s=120)
+    assert sorted(validators.request_ids()) == list(range(10))
+
+
+async def test_a_payload_that_keeps_failing_at_the_head_of_the_spool_holds_up_no_other(
+        nursery: trio.Nursery, make: MakeForwarder, validators: Validators, autojump_clock: trio.abc.Clock) -> None:
+    """Failed probes leave their payload where it is, so the next probe takes the next one: a payload
+    the validator answers 500 to, whenever it is probed, does not keep the others from it."""
+    validators.default = "500"
+    forwarder = make(inline_io=True, backoff_max_s=60.0)
+    await nursery.start(forwarder.run)
+    for i in range(1, 9):
+        forwarder.submit_nowait(organic(i))
+    await until(lambda: forwarder.spool.pending == 8, limit_s=600)
+    validators.default = "odd_500"  # the oldest, seed 1, always fails
+    await until(lambda: len(validators.delivered) == 4, limit_s=1800)
+    assert sorted(validators.request_ids()) == [2, 4, 6, 8]
+
+
 # -- a full disk (the audit's scenario) ----------------------------------------------------------
 
 WRITES = ("create", "pwrite", "fsync", "fsync_dir", "write_atomic", "unlink")
@@ -732,10 +770,11 @@ async def test_a_disk_that_fails_while_replaying_never_sends_a_delivered_payload
     assert len(validators.delivered) == 40 and again.spool.pending == 0
 
 
-async def test_a_replayed_batch_whose_requeue_cannot_be_written_is_not_sent_again(
+async def test_a_replayed_batch_whose_requeue_cannot_be_written_holds_up_nothing_and_sends_nothing_twice(
         make: MakeForwarder, validators: Validators, autojump_clock: trio.abc.Clock, tmp_path: Path) -> None:
-    """Half a replayed batch is taken, the other half must go back to the tail, and the disk refuses:
-    nothing more is read (that would send the taken half again) until the commit is written."""
+    """Half of each replayed batch is taken, the other half must go back to the tail, and the disk
+    refuses: those not taken are kept in memory and the replay goes on past them; what was taken is
+    never read again. (A requeue the disk refused used to hold up every later replay.)"""
     spool = Spool(tmp_path / "spool", max_bytes=1 << 20)
     spool.open()
     spool.append([encode_payload(organic(i)) for i in range(20)])
@@ -749,11 +788,12 @@ async def test_a_replayed_batch_whose_requeue_cannot_be_written_is_not_sent_agai
         await nursery.start(forwarder.run)
         await until(lambda: len(validators.attempts) == 4)  # the first batch is out
         validators.gate.set()
-        await until(lambda: forwarder.health()["spool"]["errors"] >= 1, limit_s=600)
-        assert sorted(validators.request_ids()) == [0, 2], "the first batch: the even ones are taken"
-        await trio.sleep(600)
-        assert sorted(validators.request_ids()) == [0, 2], "blocked until the commit is written, not resending"
-        assert forwarder.health()["spool"]["errors"] >= 5
+        await until(lambda: len(validators.delivered) == 10, limit_s=1200)  # the disk still refuses every write
+        stats = forwarder.health()
+        assert sorted(validators.request_ids()) == list(range(0, 20, 2)), "the even ones, each once"
+        assert stats["requeues_kept"] >= 1 and stats["spool"]["errors"] >= 1
+        held = stats["overflow"] + stats["writing"] + stats["in_flight"]
+        assert held >= 1 and held + forwarder.spool.pending == 10, "every odd one kept, in memory or on disk"
         disk.heal()
         validators.default = "ok"
         await until(lambda: len(validators.delivered) == 20, limit_s=600)
@@ -761,6 +801,7 @@ async def test_a_replayed_batch_whose_requeue_cannot_be_written_is_not_sent_agai
         nursery.cancel_scope.cancel()
     assert Counter(validators.request_ids()) == Counter(range(20))
     assert forwarder.spool.pending == 0
+    assert all(v == 0 for v in forwarder.health()["dropped"].values())
 
 
 @pytest.mark.parametrize("failure", ["500", "hang"])
@@ -794,3 +835,82 @@ async def test_while_the_disk_is_full_memory_stays_bounded_and_every_drop_is_cou
     dropped = forwarder.health()["dropped"]
     assert len(ids) + dropped["overflow"] == 300, "every missing payload is a counted drop"
     assert supervisor.states["scoring"].restarts == 0
+
+
+# -- memory, bounded in bytes --------------------------------------------------------------------
+
+
+async def test_while_the_disk_is_full_memory_stays_within_its_bytes_and_every_drop_is_counted(
+        make: MakeForwarder, validators: Validators, autojump_clock: trio.abc.Clock) -> None:
+    """Large organics while the validator is down and every disk write fails: what is held stays within
+    `memory_max_bytes` (the count bounds are far away), the rest is dropped and counted; once the disk
+    and the validator are back, every payload kept is delivered once."""
+    validators.default = "500"
+    disk = FailingFiles()
+    limit = 1 << 20
+    forwarder = make(inline_io=True, spool_files=disk, memory_max_bytes=limit, concurrency=2)
+    supervisor = Supervisor()
+    async with trio.open_nursery() as nursery:
+        await supervisor.start(nursery, forwarder)
+        disk.fail(*WRITES)
+        for i in range(40):
+            forwarder.submit_nowait(large_organic(i, chunks=12))  # about 200 KB each
+            await trio.sleep(0.5)
+            stats = forwarder.health()
+            assert stats["memory_bytes"] <= limit + 256 * 1024, stats["memory_bytes"]  # one record over, at most
+        assert stats["memory_max_bytes"] == limit
+        assert 30 <= stats["dropped"]["memory"] < 40
+        assert stats["overflow"] + stats["in_flight"] + stats["queued"] <= 6, "far below the count bounds"
+        assert any("memory_max_bytes" in w for w in stats["warnings"])
+        disk.heal()
+        validators.default = "ok"
+        await until(lambda: forwarder.spool.pending == 0 and forwarder.memory_bytes() == 0, limit_s=600)
+        nursery.cancel_scope.cancel()
+    ids = validators.request_ids()
+    dropped = forwarder.health()["dropped"]
+    assert len(ids) == len(set(ids)) and len(ids) + dropped["memory"] == 40
+    assert supervisor.states["scoring"].restarts == 0
+
+
+async def test_organics_beyond_half_the_memory_go_to_the_spool_at_once(
+        nursery: trio.Nursery, make: MakeForwarder, validators: Validators, autojump_clock: trio.abc.Clock) -> None:
+    """A slow validator: deliveries from memory take half of `memory_max_bytes`; the organics coming
+    meanwhile are written to the spool, none dropped, and delivered from there."""
+    validators.gate = trio.Event()
+    forwarder = make(inline_io=True, memory_max_bytes=4 << 20, timeout_s=600.0)
+    await nursery.start(forwarder.run)
+    for i in range(30):
+        forwarder.submit_nowait(large_organic(i, chunks=12))  # about 200 KB each
+        await trio.sleep(0.1)
+    stats = forwarder.health()
+    assert stats["memory_bytes"] <= (2 << 20) + 256 * 1024, "half of the bound for deliveries (and one more)"
+    assert stats["spooled"] >= 20 and stats["dropped"]["memory"] == 0
+    validators.gate.set()
+    await until(lambda: len(validators.delivered) == 30, limit_s=600)
+    assert sorted(validators.request_ids()) == list(range(30))
+
+
+async def test_a_stop_writes_all_that_memory_holds_within_the_flush_budget(
+        make: MakeForwarder, validators: Validators, tmp_path: Path) -> None:
+    """A validator that never answers, organics of about 2 MB (1,024 tokens from one miner) coming on:
+    at the stop, what memory holds (bounded by memory_max_bytes, 64 MiB) is all written to the spool
+    within the shortest flush budget the gateway gives (1 s), in real time on the real disk."""
+    validators.default = "hang"
+    forwarder = make(timeout_s=600.0)
+    forwarder.flush_deadline_s = 1.0  # what engine.gateway gives it when the drain took all the time
+    async with trio.open_nursery() as nursery:
+        await nursery.start(forwarder.run)
+        for i in range(48):
+            forwarder.submit_nowait(large_organic(i, chunks=128))
+            await trio.sleep(0.005)
+        await until(lambda: forwarder.health()["in_flight"] >= 8)
+        held = forwarder.memory_bytes()
+        kept = forwarder.submitted - forwarder.dropped["memory"]
+        nursery.cancel_scope.cancel()
+        stopped_at = trio.current_time()
+    took = trio.current_time() - stopped_at
+    assert held >= 16 << 20 and took < 1.0, (held, took)
+    dropped = forwarder.health()["dropped"]
+    assert dropped["flush_timeout"] == 0 and dropped["flush_failed"] == 0
+    seeds = spooled_seeds(tmp_path / "spool")
+    assert len(seeds) == len(set(seeds)) == kept, "every organic kept is on disk, once"
