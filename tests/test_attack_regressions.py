@@ -25,7 +25,9 @@ from actors.fanout.job import FanoutJob
 from actors.fanout.pool import FanoutPool
 from actors.scoring.forwarder import ScoringForwarder
 from config.settings import AvailabilitySettings, ScoringSettings, Settings
+from tests.scoring_support import Validators, organic, run_inline, settings_for, subnet_of, validator
 from tests.scripted_miners import DONE, Miners, chunk
+from tests.spool_faults import FailingFiles
 from wire import jsonio
 from wire.epistula import Signer
 from wire.metagraph import Neuron, SubnetSnapshot
@@ -356,3 +358,61 @@ async def test_the_gateways_own_failures_put_no_validator_in_back_off(
     failing[0] = False
     state = forwarder.health()["validators"].get(hotkey, {})
     assert state.get("consecutive_failures", 0) == 0 and state.get("backoff_remaining_s", 0) == 0, state
+
+
+# -- scoring with a full disk, and with a slow validator -----------------------------------------
+
+
+async def test_a_full_disk_does_not_keep_payloads_from_a_validator_that_is_back(
+        nursery: trio.Nursery, tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    """While the validator was down, a replayed probe that failed had to be appended to the spool again,
+    which the full disk refused, and that pending commit held up every later replay; the payloads held
+    in memory only ever drained into the spool. Measured on a live gateway with the validator back and
+    the disk still full: 0 of 300 organics delivered in 60 s, and the 150 in memory lost at the next stop."""
+    validators = Validators(default="500")
+    disk = FailingFiles()  # tests/spool_faults.py
+    forwarder = ScoringForwarder(
+        settings_for(tmp_path), http=httpx.AsyncClient(transport=httpx.MockTransport(validators.handle)),
+        signer=Signer(Keypair.create_from_uri("//Gateway")), subnet=subnet_of(validator(1, 5000.0)),
+        run_sync=run_inline, spool_files=disk)
+    await nursery.start(forwarder.run)
+    for i in range(3):
+        forwarder.submit_nowait(organic(i))
+    with trio.fail_after(600):
+        while forwarder.spool.pending < 3:  # noqa: ASYNC110
+            await trio.sleep(0.1)
+    disk.fail("pwrite")  # the disk is full from here on
+    for i in range(3, 6):
+        forwarder.submit_nowait(organic(i))
+    await trio.sleep(300)  # the outage goes on: probes fail, the spool's writes fail
+    validators.default = "ok"  # the validator is back; the disk is still full
+    with trio.move_on_after(900):
+        while len(validators.delivered) < 6:  # noqa: ASYNC110
+            await trio.sleep(0.1)
+    assert sorted(validators.request_ids()) == [0, 1, 2, 3, 4, 5], forwarder.health()["spool"]
+
+
+async def test_organics_waiting_for_a_slow_validator_hold_bounded_memory(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """The scoring queue (1,024) and its overflow buffer (4,096) were bounded by count, but a miner
+    decides how large each organic is. Measured on a live gateway with a validator taking 9 s per
+    payload and one large-answer miner: 1.57 GB of RSS, and at SIGINT the flush could not finish in
+    time (about 155 organics lost)."""
+    validators = Validators(gate=trio.Event())  # every delivery waits: a validator that is slow to answer
+    forwarder: ScoringForwarder = await nursery.start(ScoringForwarder(
+        settings_for(tmp_path, timeout_s=60.0), signer=Signer(Keypair.create_from_uri("//Gateway")),
+        http=httpx.AsyncClient(transport=httpx.MockTransport(validators.handle)),
+        subnet=subnet_of(validator(1, 5000.0))).run)
+    tracemalloc.start()
+    try:
+        for i in range(24):
+            raw = bytes([97 + i % 26]) * (4 << 20)  # one miner's 4 MiB of raw chunks, its own bytes
+            big = MinerAnswer(uid=1, hotkey="h1", chunks=[raw.decode()], timings=[0.1], raw_chunks=[raw],
+                              finish_reason="stop", completed=True)
+            forwarder.submit_nowait(OrganicResult(request_id=f"r{i}", task="InferenceTask", body={"seed": i},
+                                                  answers=(big, honest_answer(2)), created_at=time.time()))
+            del raw, big
+        await trio.sleep(0.5)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 48 * 1024 * 1024, f"{held / 2**20:.0f} MiB held for 24 organics waiting for a slow validator"

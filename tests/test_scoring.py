@@ -11,10 +11,9 @@ import json
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
@@ -23,76 +22,24 @@ from bittensor_core import Keypair
 
 from actors.scoring.forwarder import ScoringForwarder, encode_payload
 from actors.scoring.spool import Spool, SpoolFiles
-from config.settings import ScoringSettings, Settings
 from engine.supervisor import Supervisor
+from tests.scoring_support import (
+    T,
+    Validators,
+    hotkey,
+    large_organic,
+    organic,
+    run_inline,
+    settings_for,
+    subnet_of,
+    until,
+    validator,
+)
 from tests.spool_faults import FailingFiles
 from wire import jsonio
 from wire.epistula import Signer, Verifier
-from wire.metagraph import Neuron, SubnetSnapshot
-from wire.organic import MinerAnswer, OrganicResult
+from wire.metagraph import SubnetSnapshot
 from wire.snapshot import SnapshotCell
-
-T = TypeVar("T")
-
-
-def hotkey(name: str) -> str:
-    return Keypair.create_from_uri(f"//{name}").ss58_address
-
-
-def validator(uid: int, stake: float, *, permit: bool = True, axon: str | None = "auto") -> Neuron:
-    return Neuron(uid=uid, hotkey=hotkey(f"validator{uid}"), stake=stake, validator_permit=permit,
-                  axon=f"10.0.0.{uid}:8091" if axon == "auto" else axon)
-
-
-def organic(i: int, uids: Iterable[int] = (12, 40, 7), task: str = "InferenceTask") -> OrganicResult:
-    """A finished fan-out whose every chunk names the miner that sent it."""
-    answers = tuple(
-        MinerAnswer(
-            uid=uid, hotkey=hotkey(f"miner{uid}"),
-            chunks=[f"r{i}-m{uid}-a", f"r{i}-m{uid}-b"] if uid % 2 == 0 else [f"r{i}-m{uid}"],
-            timings=[0.01 * uid, 0.02 * uid] if uid % 2 == 0 else [0.03 * uid],
-            raw_chunks=[jsonio.dumps({"choices": [{"index": 0, "delta": {"content": f"r{i}-m{uid}"}}]})],
-        )
-        for uid in uids
-    )
-    body = {"messages": [{"role": "user", "content": f"question {i}"}], "seed": i, "task": task}
-    return OrganicResult(request_id=f"req-{i}", task=task, body=body, answers=answers, created_at=0.0)
-
-
-@dataclass
-class Validators:
-    """Scripted validators keyed by axon: "ok", a status ("500", "401", ...), "hang" (never answers),
-    "refuse" (connection refused), "big" (a 200 with a 100 KB body) or "odd_500" (500 for odd seeds)."""
-
-    modes: dict[str, str] = field(default_factory=dict)
-    default: str = "ok"
-    gate: trio.Event | None = None  # when set, answers wait for it
-    attempts: list[tuple[str, float]] = field(default_factory=list)  # (axon, trio time)
-    delivered: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (axon, payload)
-    requests: list[httpx.Request] = field(default_factory=list)
-
-    async def handle(self, request: httpx.Request) -> httpx.Response:
-        axon = f"{request.url.host}:{request.url.port}"
-        self.attempts.append((axon, trio.current_time()))
-        if self.gate is not None:
-            await self.gate.wait()
-        mode = self.modes.get(axon, self.default)
-        if mode == "hang":
-            await trio.sleep_forever()
-        if mode == "refuse":
-            raise httpx.ConnectError("connection refused", request=request)
-        if mode == "odd_500":  # fails the payloads of odd seeds only
-            mode = "500" if json.loads(request.content)["body"]["seed"] % 2 else "ok"
-        if mode == "big":  # a 200 with far more than a scoring answer
-            return httpx.Response(200, content=b"[" + b"0," * 50_000 + b"0]")
-        if mode != "ok":
-            return httpx.Response(int(mode), json={"detail": "down"})
-        self.requests.append(request)
-        self.delivered.append((axon, json.loads(request.content)))
-        return httpx.Response(200, json=None)
-
-    def request_ids(self) -> list[int]:
-        return [payload["body"]["seed"] for _, payload in self.delivered]
 
 
 @pytest.fixture
@@ -103,15 +50,6 @@ def validators() -> Validators:
 @pytest.fixture
 def signer() -> Signer:
     return Signer(Keypair.create_from_uri("//Gateway"))
-
-
-def settings_for(tmp_path: Path, **scoring: Any) -> Settings:
-    base = {"min_validator_stake": 1000.0, "backoff_base_s": 1.0, "backoff_max_s": 60.0, "timeout_s": 5.0}
-    return Settings(scoring=ScoringSettings(**{**base, **scoring}), base_dir=str(tmp_path))
-
-
-def subnet_of(*neurons: Neuron) -> SnapshotCell[SubnetSnapshot]:
-    return SnapshotCell(SubnetSnapshot.of(1, neurons))
 
 
 MakeForwarder = Callable[..., ScoringForwarder]
@@ -130,19 +68,6 @@ def make(tmp_path: Path, validators: Validators, signer: Signer) -> MakeForwarde
             spool_files=spool_files, wall_clock=wall_clock or time.time,
         )
     return build
-
-
-async def run_inline(sync_fn: Callable[..., T], *args: Any) -> T:
-    """Spool I/O on the event loop: with the autojump clock, time must not move while the disk works."""
-    await trio.lowlevel.checkpoint()
-    return sync_fn(*args)
-
-
-async def until(condition: Callable[[], bool], limit_s: float = 20.0) -> None:
-    """Poll a condition on the forwarder's counters (they have no event to wait on)."""
-    with trio.fail_after(limit_s):
-        while not condition():  # noqa: ASYNC110
-            await trio.sleep(0.01)
 
 
 async def test_validator_receives_every_answer_under_its_own_uid_signed_for_it(
@@ -735,6 +660,43 @@ async def test_replay_waits_in_every_state_over_simulated_time(
     assert all(v == 0 for v in stats["dropped"].values())
 
 
+@pytest.mark.parametrize("mode", ["401", "500"])
+async def test_probes_that_fail_leave_the_spool_as_it_was(
+        nursery: trio.Nursery, make: MakeForwarder, validators: Validators, autojump_clock: trio.abc.Clock,
+        mode: str) -> None:
+    """A probe that failed used to be appended to the spool again, once per back-off period: over a
+    long outage the spool grew by a payload a period (and then dropped the oldest to stay in size)."""
+    validators.default = mode
+    forwarder = make(inline_io=True, backoff_max_s=60.0)
+    await nursery.start(forwarder.run)
+    for i in range(10):
+        forwarder.submit_nowait(organic(i))
+    await until(lambda: forwarder.spool.pending == 10, limit_s=600)
+    size = forwarder.spool.bytes
+    await trio.sleep(4 * 3600)
+    assert len(validators.attempts) >= 3 * 60, "probed all along"
+    stats = forwarder.health()
+    assert stats["spooled"] == 10 and forwarder.spool.bytes == size, "nothing appended again"
+    validators.default = "ok"
+    await until(lambda: len(validators.delivered) == 10, limit_s=120)
+    assert sorted(validators.request_ids()) == list(range(10))
+
+
+async def test_a_payload_that_keeps_failing_at_the_head_of_the_spool_holds_up_no_other(
+        nursery: trio.Nursery, make: MakeForwarder, validators: Validators, autojump_clock: trio.abc.Clock) -> None:
+    """Failed probes leave their payload where it is, so the next probe takes the next one: a payload
+    the validator answers 500 to, whenever it is probed, does not keep the others from it."""
+    validators.default = "500"
+    forwarder = make(inline_io=True, backoff_max_s=60.0)
+    await nursery.start(forwarder.run)
+    for i in range(1, 9):
+        forwarder.submit_nowait(organic(i))
+    await until(lambda: forwarder.spool.pending == 8, limit_s=600)
+    validators.default = "odd_500"  # the oldest, seed 1, always fails
+    await until(lambda: len(validators.delivered) == 4, limit_s=1800)
+    assert sorted(validators.request_ids()) == [2, 4, 6, 8]
+
+
 # -- a full disk (the audit's scenario) ----------------------------------------------------------
 
 WRITES = ("create", "pwrite", "fsync", "fsync_dir", "write_atomic", "unlink")
@@ -808,10 +770,11 @@ async def test_a_disk_that_fails_while_replaying_never_sends_a_delivered_payload
     assert len(validators.delivered) == 40 and again.spool.pending == 0
 
 
-async def test_a_replayed_batch_whose_requeue_cannot_be_written_is_not_sent_again(
+async def test_a_replayed_batch_whose_requeue_cannot_be_written_holds_up_nothing_and_sends_nothing_twice(
         make: MakeForwarder, validators: Validators, autojump_clock: trio.abc.Clock, tmp_path: Path) -> None:
-    """Half a replayed batch is taken, the other half must go back to the tail, and the disk refuses:
-    nothing more is read (that would send the taken half again) until the commit is written."""
+    """Half of each replayed batch is taken, the other half must go back to the tail, and the disk
+    refuses: those not taken are kept in memory and the replay goes on past them; what was taken is
+    never read again. (A requeue the disk refused used to hold up every later replay.)"""
     spool = Spool(tmp_path / "spool", max_bytes=1 << 20)
     spool.open()
     spool.append([encode_payload(organic(i)) for i in range(20)])
@@ -825,11 +788,12 @@ async def test_a_replayed_batch_whose_requeue_cannot_be_written_is_not_sent_agai
         await nursery.start(forwarder.run)
         await until(lambda: len(validators.attempts) == 4)  # the first batch is out
         validators.gate.set()
-        await until(lambda: forwarder.health()["spool"]["errors"] >= 1, limit_s=600)
-        assert sorted(validators.request_ids()) == [0, 2], "the first batch: the even ones are taken"
-        await trio.sleep(600)
-        assert sorted(validators.request_ids()) == [0, 2], "blocked until the commit is written, not resending"
-        assert forwarder.health()["spool"]["errors"] >= 5
+        await until(lambda: len(validators.delivered) == 10, limit_s=1200)  # the disk still refuses every write
+        stats = forwarder.health()
+        assert sorted(validators.request_ids()) == list(range(0, 20, 2)), "the even ones, each once"
+        assert stats["requeues_kept"] >= 1 and stats["spool"]["errors"] >= 1
+        held = stats["overflow"] + stats["writing"] + stats["in_flight"]
+        assert held >= 1 and held + forwarder.spool.pending == 10, "every odd one kept, in memory or on disk"
         disk.heal()
         validators.default = "ok"
         await until(lambda: len(validators.delivered) == 20, limit_s=600)
@@ -837,6 +801,7 @@ async def test_a_replayed_batch_whose_requeue_cannot_be_written_is_not_sent_agai
         nursery.cancel_scope.cancel()
     assert Counter(validators.request_ids()) == Counter(range(20))
     assert forwarder.spool.pending == 0
+    assert all(v == 0 for v in forwarder.health()["dropped"].values())
 
 
 @pytest.mark.parametrize("failure", ["500", "hang"])
@@ -870,3 +835,82 @@ async def test_while_the_disk_is_full_memory_stays_bounded_and_every_drop_is_cou
     dropped = forwarder.health()["dropped"]
     assert len(ids) + dropped["overflow"] == 300, "every missing payload is a counted drop"
     assert supervisor.states["scoring"].restarts == 0
+
+
+# -- memory, bounded in bytes --------------------------------------------------------------------
+
+
+async def test_while_the_disk_is_full_memory_stays_within_its_bytes_and_every_drop_is_counted(
+        make: MakeForwarder, validators: Validators, autojump_clock: trio.abc.Clock) -> None:
+    """Large organics while the validator is down and every disk write fails: what is held stays within
+    `memory_max_bytes` (the count bounds are far away), the rest is dropped and counted; once the disk
+    and the validator are back, every payload kept is delivered once."""
+    validators.default = "500"
+    disk = FailingFiles()
+    limit = 1 << 20
+    forwarder = make(inline_io=True, spool_files=disk, memory_max_bytes=limit, concurrency=2)
+    supervisor = Supervisor()
+    async with trio.open_nursery() as nursery:
+        await supervisor.start(nursery, forwarder)
+        disk.fail(*WRITES)
+        for i in range(40):
+            forwarder.submit_nowait(large_organic(i, chunks=12))  # about 200 KB each
+            await trio.sleep(0.5)
+            stats = forwarder.health()
+            assert stats["memory_bytes"] <= limit + 256 * 1024, stats["memory_bytes"]  # one record over, at most
+        assert stats["memory_max_bytes"] == limit
+        assert 30 <= stats["dropped"]["memory"] < 40
+        assert stats["overflow"] + stats["in_flight"] + stats["queued"] <= 6, "far below the count bounds"
+        assert any("memory_max_bytes" in w for w in stats["warnings"])
+        disk.heal()
+        validators.default = "ok"
+        await until(lambda: forwarder.spool.pending == 0 and forwarder.memory_bytes() == 0, limit_s=600)
+        nursery.cancel_scope.cancel()
+    ids = validators.request_ids()
+    dropped = forwarder.health()["dropped"]
+    assert len(ids) == len(set(ids)) and len(ids) + dropped["memory"] == 40
+    assert supervisor.states["scoring"].restarts == 0
+
+
+async def test_organics_beyond_half_the_memory_go_to_the_spool_at_once(
+        nursery: trio.Nursery, make: MakeForwarder, validators: Validators, autojump_clock: trio.abc.Clock) -> None:
+    """A slow validator: deliveries from memory take half of `memory_max_bytes`; the organics coming
+    meanwhile are written to the spool, none dropped, and delivered from there."""
+    validators.gate = trio.Event()
+    forwarder = make(inline_io=True, memory_max_bytes=4 << 20, timeout_s=600.0)
+    await nursery.start(forwarder.run)
+    for i in range(30):
+        forwarder.submit_nowait(large_organic(i, chunks=12))  # about 200 KB each
+        await trio.sleep(0.1)
+    stats = forwarder.health()
+    assert stats["memory_bytes"] <= (2 << 20) + 256 * 1024, "half of the bound for deliveries (and one more)"
+    assert stats["spooled"] >= 20 and stats["dropped"]["memory"] == 0
+    validators.gate.set()
+    await until(lambda: len(validators.delivered) == 30, limit_s=600)
+    assert sorted(validators.request_ids()) == list(range(30))
+
+
+async def test_a_stop_writes_all_that_memory_holds_within_the_flush_budget(
+        make: MakeForwarder, validators: Validators, tmp_path: Path) -> None:
+    """A validator that never answers, organics of about 2 MB (1,024 tokens from one miner) coming on:
+    at the stop, what memory holds (bounded by memory_max_bytes, 64 MiB) is all written to the spool
+    within the shortest flush budget the gateway gives (1 s), in real time on the real disk."""
+    validators.default = "hang"
+    forwarder = make(timeout_s=600.0)
+    forwarder.flush_deadline_s = 1.0  # what engine.gateway gives it when the drain took all the time
+    async with trio.open_nursery() as nursery:
+        await nursery.start(forwarder.run)
+        for i in range(48):
+            forwarder.submit_nowait(large_organic(i, chunks=128))
+            await trio.sleep(0.005)
+        await until(lambda: forwarder.health()["in_flight"] >= 8)
+        held = forwarder.memory_bytes()
+        kept = forwarder.submitted - forwarder.dropped["memory"]
+        nursery.cancel_scope.cancel()
+        stopped_at = trio.current_time()
+    took = trio.current_time() - stopped_at
+    assert held >= 16 << 20 and took < 1.0, (held, took)
+    dropped = forwarder.health()["dropped"]
+    assert dropped["flush_timeout"] == 0 and dropped["flush_failed"] == 0
+    seeds = spooled_seeds(tmp_path / "spool")
+    assert len(seeds) == len(set(seeds)) == kept, "every organic kept is on disk, once"

@@ -85,6 +85,24 @@ def test_requeued_records_go_to_the_tail_in_the_same_commit(tmp_path: Path) -> N
     assert numbers(opened(tmp_path)) == [3, 4, 5, 1]
 
 
+def test_a_read_holds_at_most_max_bytes_of_payloads_but_always_one(tmp_path: Path) -> None:
+    """What the replay reads it holds in memory until delivered: `max_bytes` bounds it, the record
+    that does not fit is left for the next read, and a record larger than the bound still comes alone."""
+    spool = opened(tmp_path, segment_bytes=1000)
+    spool.append([payload(0, pad=900), payload(1), payload(2), payload(3, pad=700), payload(4)])
+    size = len(payload(1))
+    batch = spool.read(10, max_bytes=2 * size)
+    assert [json.loads(r.payload)["n"] for r in batch.records] == [0], "the first always, even over the bound"
+    spool.commit(batch.end)
+    batch = spool.read(10, max_bytes=2 * size)
+    assert [json.loads(r.payload)["n"] for r in batch.records] == [1, 2]
+    spool.commit(batch.end)
+    assert numbers(spool) == [3, 4], "nothing skipped by a read that stopped at the bound"
+    batch = spool.read(10, max_bytes=10_000)
+    assert [json.loads(r.payload)["n"] for r in batch.records] == [3, 4]
+    assert [r.payload for r in spool.read(10, max_bytes=0).records] == [payload(3, pad=700)]
+
+
 def test_size_bound_holds_and_drops_are_counted(tmp_path: Path) -> None:
     spool = opened(tmp_path, max_bytes=2_000, segment_bytes=500)
     rng = random.Random(7)

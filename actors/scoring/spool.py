@@ -18,8 +18,10 @@ Bounded: when the segments together would exceed `max_bytes`, the oldest segment
 undelivered records in them are counted as dropped.
 
 At least once: a record leaves the spool only when the cursor moves past it, and the forwarder moves
-the cursor over a replayed batch only after each record of it got a 200 or was appended again at the
-tail (durably, in the same call, before the cursor write). The cursor is written atomically (temporary
+the cursor over a replayed record only after it got a 200 or was appended again at the tail (durably,
+in the same call, before the cursor write), or, when the disk refuses that append, once the forwarder
+holds it in memory (its shutdown flush writes it back). Records after the last one taken stay where
+they are, so a probe that fails moves and appends nothing. The cursor is written atomically (temporary
 file, fsync, rename), so a crash leaves the old cursor or the new one. Duplicates come only from a crash
 between a 200 and the cursor write that follows it: that batch is sent again on the next start. An
 unreadable cursor file is treated as "nothing delivered yet" (everything is sent again, nothing lost).
@@ -586,15 +588,17 @@ class Spool:
 
     # -- reading and consuming -----------------------------------------------------------------
 
-    def read(self, limit: int) -> SpoolBatch:
+    def read(self, limit: int, max_bytes: int | None = None) -> SpoolBatch:
         """Up to `limit` valid records from the cursor on, oldest first; corrupt and expired ones are
-        skipped and counted."""
+        skipped and counted. `max_bytes` bounds the payloads' total (the reader holds them in memory),
+        but the first record is always read, whatever its size."""
         with self._lock:
             if not self._open:
                 raise RuntimeError("the spool is not open")
             records: list[SpooledRecord] = []
             pos = self._cursor
             oldest_kept = self.clock() - self.max_age_s if self.max_age_s is not None else None
+            room = max_bytes
             while len(records) < limit:
                 segment = self._segments.get(pos.segment)
                 if segment is None:
@@ -605,11 +609,16 @@ class Spool:
                         break
                     pos = Position(following[0], 0, 0)
                     continue
-                pos = self._read_segment_locked(segment, pos, limit - len(records), records, oldest_kept)
+                pos, room, full = self._read_segment_locked(segment, pos, limit - len(records), records,
+                                                            oldest_kept, room)
+                if full:
+                    break
             return SpoolBatch(tuple(records), pos)
 
-    def _read_segment_locked(self, segment: _Segment, pos: Position, limit: int,
-                             into: list[SpooledRecord], oldest_kept: float | None) -> Position:
+    def _read_segment_locked(self, segment: _Segment, pos: Position, limit: int, into: list[SpooledRecord],
+                             oldest_kept: float | None, room: int | None) -> tuple[Position, int | None, bool]:
+        """Records of one segment from `pos` on, into `into`; where the reading stopped, the bytes left
+        of `room`, and whether a record did not fit in it (it is left for the next read)."""
         path = self._path(segment.number)
         try:
             f = self.files.open_read(path)
@@ -617,7 +626,7 @@ class Spool:
             lost = segment.records - pos.index
             self._count_skipped_locked(Position(segment.number, segment.size, segment.records), lost, "corrupt")
             log.error("scoring spool segment %d vanished; %d records lost", segment.number, lost)
-            return Position(segment.number, segment.size, segment.records)
+            return Position(segment.number, segment.size, segment.records), room, False
         except OSError as exc:
             raise SpoolError(f"open {path} for reading", exc) from exc
         with f, _disk(f"read {path}"):
@@ -628,8 +637,8 @@ class Spool:
                 if not line:  # the file is shorter than written: count the rest as corrupt
                     end = Position(segment.number, segment.size, segment.records)
                     self._count_skipped_locked(end, max(1, segment.records - pos.index), "corrupt")
-                    return end
-                pos = Position(segment.number, pos.offset + len(line), pos.index + 1)
+                    return end, room, False
+                before, pos = pos, Position(segment.number, pos.offset + len(line), pos.index + 1)
                 decoded = decode_record(line)
                 if decoded is None:
                     self._count_skipped_locked(pos, 1, "corrupt")
@@ -639,9 +648,13 @@ class Spool:
                 if oldest_kept is not None and created_at < oldest_kept:
                     self._count_skipped_locked(pos, 1, "expired")
                     continue
+                if room is not None:
+                    if into and len(payload) > room:
+                        return before, room, True
+                    room -= len(payload)
                 into.append(SpooledRecord(payload, pos, created_at))
                 taken += 1
-            return pos
+            return pos, room, False
 
     def _count_skipped_locked(self, end: Position, count: int, why: str) -> None:
         if end > self._scanned_to:
