@@ -32,7 +32,7 @@ A file is read strictly: an unknown key (with a suggestion when one is close), a
 type, a number outside its bounds or a malformed `host:port` stops the command with one message naming
 the file, the dotted key, what was expected and what was found (exit status 2). Numbers must be finite;
 an integer is accepted where a number is expected, not the other way round. `auth.keys_file`,
-`scoring.spool_dir` and `subnet.cache_file` are taken relative to the config file's folder (the
+`jobs.file`, `scoring.spool_dir` and `subnet.cache_file` are taken relative to the config file's folder (the
 working folder when there is no file); `~` is expanded."""
 
 NEURONS_NOTE = "No two neurons may share a uid or a hotkey. For example:"

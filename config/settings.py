@@ -150,7 +150,9 @@ class FanoutSettings:
     stall_timeout_s: float = setting(
         1.5, "a streaming winner silent this long is replaced by a miner that said the same so far", min=0.05
     )
-    max_inflight: int = setting(512, "client requests served at once; more get 503", min=1)
+    max_inflight: int = setting(
+        512, "fan-outs whose client is still waiting (chat, retrieval, each step of a research run), at once; "
+        "more get 503 overloaded with Retry-After", min=1)
     max_background: int = setting(
         4096, "fan-outs kept running, collection for scoring included; beyond it the oldest collection "
         "whose client is served is cut short (counted)", min=1)

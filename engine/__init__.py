@@ -1,4 +1,5 @@
-"""The runtime: supervisor, snapshots, wire protocols, assembly (`engine.run`) and the CLI."""
+"""The top floor: the assembly of one gateway (`engine.gateway.run`), its supervisor and workers,
+the logs, and the command line (`engine.cli`) with its doctor and key commands."""
 
 from typing import Any
 

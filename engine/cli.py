@@ -10,7 +10,6 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from functools import partial
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
 import trio
@@ -21,6 +20,7 @@ from config.loading import ConfigError, default_settings, load_settings
 from config.settings import LogSettings, Settings
 from engine import keys_commands, logs
 from engine.supervisor import StartupError
+from web.openapi import package_version
 from web.server import settle_heap
 from wire.hotkey import HotkeyError
 
@@ -30,13 +30,6 @@ if TYPE_CHECKING:
 DEFAULT_CONFIG = "sn1-gateway.toml"
 
 Command = Callable[[argparse.Namespace], int]
-
-
-def package_version() -> str:
-    try:
-        return version("sn1-gateway")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def config_path(args: argparse.Namespace) -> str | None:

@@ -41,15 +41,13 @@ from config.loading import ConfigError, load_settings
 from config.settings import Settings, WalletSettings
 from engine.gateway import make_http_client, metagraph_source
 from wire.epistula import Signer
-from wire.hotkey import HotkeyError, load_hotkey
+from wire.hotkey import MINER_SIGNER_MIN_STAKE, HotkeyError, hotkey_standing, load_hotkey
 from wire.metagraph import SubnetSnapshot
 from wire.pool import post_streaming
 from wire.snapshot import SnapshotCell
 
 CHAIN_TIMEOUT_S = 60.0  # a metagraph read that takes longer: the chain counts as unreachable
 REDIS_TIMEOUT_S = 3.0  # PING
-# The reference miner refuses (401) a signer with less (docs/protocol.md, "What receivers check").
-MINER_MIN_SIGNER_STAKE = 10_000.0
 SHORT_ADMIN_KEY = 16  # characters; a shorter admin key is easy to guess
 PROBE_PAYLOAD = b'{"body":{},"uids":[],"chunks":{},"timings":{},"chunk_dicts_raw":{}}'
 SHOWN_ANSWER_CHARS = 160  # of a validator's answer, in a FAIL line
@@ -199,19 +197,20 @@ def check_registration(settings: Settings, snapshot: SubnetSnapshot, ss58: str) 
     """Our hotkey in the metagraph, with the stake miners that verify Epistula ask of a signer."""
     name = "our hotkey"
     static = settings.subnet.source == "static"
+    standing = hotkey_standing(snapshot, ss58)
     neuron = snapshot.by_hotkey.get(ss58)
-    if neuron is None:
+    if not standing.registered or neuron is None:
         return fail(name, f"{ss58} is not in the metagraph of {_describe_source(settings)}: miners that verify "
                           f"Epistula refuse a signer they do not know (401)",
                     "list it in [[subnet.neurons]] as the chain lists it" if static else
                     f"register it (`btcli subnets register --netuid {settings.subnet.netuid}`), or sign with "
                     f"the registered validator hotkey (wallet.*)")
     found = f"uid {neuron.uid}, stake {amount(neuron.stake)}"
-    if neuron.stake < MINER_MIN_SIGNER_STAKE:
+    if standing.warnings:
         return warn(name, f"{found}: miners that verify Epistula refuse a signer under "
-                          f"{amount(MINER_MIN_SIGNER_STAKE)} stake (401)",
+                          f"{amount(MINER_SIGNER_MIN_STAKE)} stake (401)",
                     "stake at least 10,000 on this hotkey (`btcli stake add`), or sign with a hotkey that has it")
-    return ok(name, f"{found} (miners that verify Epistula ask for {amount(MINER_MIN_SIGNER_STAKE)})")
+    return ok(name, f"{found} (miners that verify Epistula ask for {amount(MINER_SIGNER_MIN_STAKE)})")
 
 
 # -- scoring ----------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, assert_never
 
 import httpx
 import trio
@@ -150,7 +150,7 @@ def metagraph_source(settings: Settings) -> MetagraphSource:
         raise ConfigError("subnet.source = \"devnet\": the devnet runs inside this process only with "
                           "`sn1-gateway serve --devnet`; for a devnet in another process use the [subnet] "
                           "that `sn1-gateway devnet` prints (source = \"static\")")
-    raise NotImplementedError(f"subnet.source = {settings.subnet.source!r} is not available yet")
+    assert_never(settings.subnet.source)
 
 
 async def run(

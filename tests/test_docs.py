@@ -19,8 +19,8 @@ from config import docs as config_docs
 from config.settings import Settings
 from web.app import create_app
 from web.chat_request import DEFAULT_SAMPLING
-from web.openapi import rule_path
 from web.services import Services
+from web.telemetry import route_template
 from wire.epistula import ROUTED_FIELDS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,7 +142,7 @@ def test_the_generator_writes_the_file_it_is_given(tmp_path: Path) -> None:
 def served_routes() -> set[tuple[str, str]]:
     """(method, path) of every route the app serves, but the 405 refusals of a wrong method."""
     app = create_app(typing.cast(Services, SimpleNamespace(settings=Settings())))
-    return {(method, rule_path(rule.rule)) for rule in app.url_map.iter_rules()
+    return {(method, route_template(rule.rule)) for rule in app.url_map.iter_rules()
             if not rule.endpoint.endswith("-other")
             for method in rule.methods or () if method not in ("HEAD", "OPTIONS")}
 

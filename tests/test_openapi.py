@@ -1,8 +1,7 @@
 """`/openapi.json`, `/docs` and `/redoc`, against the gateway as it serves.
 
 The document and the app are kept equal: every (method, path) of the app's URL map is documented
-(or is only a 405 refusal of a wrong method), every documented one is served (but `PENDING_ROUTES`,
-while no route serves them), and each operation's `security` is what the route enforces. Real
+(or is only a 405 refusal of a wrong method), every documented one is served, and each operation's `security` is what the route enforces. Real
 chat requests and answers, streamed and not, and errors, are checked against the documented schemas.
 """
 
@@ -32,7 +31,7 @@ from engine.gateway import Gateway, run
 from tests.chat_stack import settings_for, sse_events
 from tests.scripted_miners import DONE, Miners, answer, chunk, vllm_answer
 from web.docs import assets_root, load_manifest, script_hash
-from web.openapi import PENDING_ROUTES, documented_routes, package_version, served_routes
+from web.openapi import documented_routes, package_version, served_routes
 
 ADMIN_KEY = "admin"
 DOC_URI = "urn:sn1-gateway:openapi"
@@ -132,17 +131,13 @@ async def test_the_document_and_the_served_routes_are_equal(served: Served) -> N
     document = await served.document()
     routes = served_routes(served.app.url_map.iter_rules())
     documented = documented_routes(document)
-    pending = set(PENDING_ROUTES)
-    assert pending <= documented, "pending routes are described in advance"
-    assert documented - routes - pending == set(), "documented but not served"
+    assert documented - routes == set(), "documented but not served"
     for method, path in sorted(routes - documented):
         # Only a refusal may be left out: the key routes answer a wrong method with their own 405.
         response = await served.client.request(method, concrete(path))
         assert response.status_code == 405 and response.json()["error"]["code"] == "method_not_allowed", (
             f"{method} {path} is served but not documented")
     for (method, path), op in operations(document).items():
-        assert op.get("x-pending", False) is ((method, path) in pending and (method, path) not in routes), (
-            f"{method} {path}: x-pending must mark exactly the pending routes not served yet")
         declared = {p["name"] for p in op.get("parameters", ()) if p["in"] == "path"}
         assert declared == set(re.findall(r"\{([^}]+)\}", path)), f"{method} {path}: path parameters"
 
@@ -155,8 +150,7 @@ async def test_each_operation_asks_for_the_credentials_its_route_enforces(served
     expected_code = {(): None, ("api-key", "bearer"): "missing_api_key", ("admin-key",): "invalid_admin_key"}
     checked = 0
     for (method, path), op in operations(document).items():
-        if (method, path) not in routes:
-            continue  # pending, not served yet
+        assert (method, path) in routes, f"{method} {path} is documented but not served"
         schemes = tuple(sorted({name for requirement in op["security"] for name in requirement}))
         assert schemes in expected_code, f"{method} {path}: unexpected security {op['security']}"
         response = await served.client.request(method, concrete(path))
@@ -400,10 +394,7 @@ def test_the_vendored_files_are_those_recorded_with_their_licences() -> None:
 JOBS = "/v1/chat/completions/jobs"
 
 
-async def test_the_jobs_routes_once_served_answer_as_documented(served: Served) -> None:
-    routes = served_routes(served.app.url_map.iter_rules())
-    if ("POST", JOBS) not in routes:
-        pytest.skip("the jobs routes are pending: not served by this build yet")
+async def test_the_jobs_routes_answer_as_documented(served: Served) -> None:
     document = await served.document()
     served.miners.scripts = {port: answer(["An", " answer"]) for port in (9001, 9002, 9003)}
     created = await served.client.post(JOBS, json={"messages": [{"role": "user", "content": "hi"}]},
@@ -424,18 +415,13 @@ async def test_the_jobs_routes_once_served_answer_as_documented(served: Served) 
     unknown = await served.client.get(f"{JOBS}/{uuid.uuid4()}", headers=served.auth)
     assert unknown.status_code == 404
     validator(document, "Error").validate(unknown.json())
-    if ("DELETE", f"{JOBS}/{{job_id}}") in routes:
-        deleted = await served.client.delete(job, headers=served.auth)
-        assert str(deleted.status_code) in document["paths"][f"{JOBS}/{{job_id}}"]["delete"]["responses"]
-        assert (await served.client.get(job, headers=served.auth)).status_code == 404
+    deleted = await served.client.delete(job, headers=served.auth)
+    assert str(deleted.status_code) in document["paths"][f"{JOBS}/{{job_id}}"]["delete"]["responses"]
+    assert (await served.client.get(job, headers=served.auth)).status_code == 404
 
 
-async def test_the_status_page_once_served_answers_as_documented(served: Served) -> None:
-    routes = served_routes(served.app.url_map.iter_rules())
-    if ("GET", "/status") not in routes:
-        pytest.skip("the status page is pending: not served by this build yet")
+async def test_the_status_page_answers_as_documented(served: Served) -> None:
     page = await served.client.get("/status")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    if ("GET", "/status/data") in routes:
-        data = await served.client.get("/status/data", headers={"admin-key": ADMIN_KEY})
-        assert data.status_code == 200 and isinstance(data.json(), dict)
+    data = await served.client.get("/status/data", headers={"admin-key": ADMIN_KEY})
+    assert data.status_code == 200 and isinstance(data.json(), dict)

@@ -420,7 +420,7 @@ def test_the_first_fenced_block_wins_over_json_earlier_in_the_prose() -> None:
     ('{"thinking_step_title": "t", "thoughts": NaN, "summary": "s", "next_action": "continue_thinking"}',
      "no valid JSON"),
     ("[" * 100_000 + "]" * 100_000, "no valid JSON"),
-    # deeper than engine.jsonio.MAX_DEPTH: refused whole, so only its inner objects are candidates
+    # deeper than wire.jsonio.MAX_DEPTH: refused whole, so only its inner objects are candidates
     (dumps({**GOOD, "extra": json.loads('{"a": ' * 40 + "1" + "}" * 40)}), '"next_action" must be'),
     (" " * MAX_SCAN_CHARS + dumps(GOOD), "no valid JSON"),  # past the part of the answer looked at
     ("[1] " * 200 + dumps(GOOD), '"thinking_step_title"'),  # past the candidates tried: a list is the first error

@@ -20,10 +20,10 @@ from importlib.resources import files
 from importlib.resources.abc import Traversable
 
 import trio
-from quart import Blueprint, Response, current_app, request
+from quart import Blueprint, Response, request
 
 from web.errors import ApiError
-from web.openapi import TITLE, openapi_document, package_version, served_routes
+from web.openapi import TITLE, openapi_document, package_version
 from wire import jsonio
 
 ASSET_CACHE_CONTROL = "public, max-age=31536000, immutable"
@@ -172,14 +172,11 @@ def blueprint() -> Blueprint:
     redoc_html = REDOC_PAGE.format(title=TITLE, spec=SPEC_URL, js=assets.url(REDOC, "redoc.standalone.js"))
     swagger_csp = content_security_policy(SWAGGER_INIT)
     redoc_csp = content_security_policy()
-    encoded: list[bytes] = []  # the document, built on first request: by then every route is in place
+    encoded = jsonio.dumps(openapi_document(version=version))
 
     @bp.get("/openapi.json")
     async def openapi() -> Response:
-        if not encoded:
-            served = served_routes(current_app.url_map.iter_rules())
-            encoded.append(jsonio.dumps(openapi_document(version=version, served=served)))
-        return Response(encoded[0], content_type="application/json", headers={"Cache-Control": PAGE_CACHE_CONTROL})
+        return Response(encoded, content_type="application/json", headers={"Cache-Control": PAGE_CACHE_CONTROL})
 
     @bp.get("/docs")
     async def swagger_ui() -> Response:

@@ -4,14 +4,12 @@ Written by hand, so that each route is described as it behaves (its parameters, 
 errors), and kept equal to the app by `tests/test_openapi.py`: every (method, path) the app's URL map
 serves is documented, every documented one is served. Bounds and names that the route modules
 enforce (sampling parameters, tasks, roles, limits) are taken from those modules, so the two cannot
-drift apart. `PENDING_ROUTES` are routes being added elsewhere: they are described in advance and,
-while this build does not serve them, marked `x-pending` in the document served.
+drift apart.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -37,18 +35,12 @@ from web.chat_request import (
 from web.completion_format import FINISH_REASONS
 from web.errors import ERROR_TYPES
 from web.retrieval import DEFAULT_RESPONSE_TIME_S, MAX_QUERY_CHARS, MAX_RESPONSE_TIME_S
+from web.telemetry import route_template
 
 OPENAPI_VERSION = "3.1.0"
 TITLE = "sn1-gateway"
 HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 IGNORED_METHODS = frozenset({"HEAD", "OPTIONS"})  # answered by the framework for every route
-
-# Routes another branch is adding: (method, OpenAPI path). Described below; marked `x-pending` in the
-# served document while the app does not serve them. Remove an entry once its route has landed.
-PENDING_ROUTES: tuple[tuple[str, str], ...] = (
-)
-PENDING_NOTE = ("**Not served by this build yet**: this route is being added; it is described here in "
-                "advance and answers 404 until it lands.")
 
 TAGS = (
     {"name": "GPT Endpoints", "description": "OpenAI-style chat completions and models, answered by Subnet 1 miners."},
@@ -69,9 +61,6 @@ PUBLIC: Security = []
 CLIENT: Security = [{"api-key": []}, {"bearer": []}]
 ADMIN: Security = [{"admin-key": []}]
 
-_RULE_ARGUMENT = re.compile(r"<(?:[^<>:]+:)?([^<>]+)>")
-
-
 def package_version() -> str:
     """The installed sn1-gateway's version, the document's `info.version`."""
     try:
@@ -80,15 +69,12 @@ def package_version() -> str:
         return "0.0.0+unknown"
 
 
-def rule_path(rule: str) -> str:
-    """A Werkzeug rule as an OpenAPI path template: `/a/<path:key>` is `/a/{key}`."""
-    return _RULE_ARGUMENT.sub(r"{\1}", rule)
 
 
 def served_routes(rules: Iterable[Rule]) -> frozenset[tuple[str, str]]:
     """(method, OpenAPI path) for every route of a URL map, without static files, HEAD and OPTIONS."""
     return frozenset(
-        (method, rule_path(rule.rule))
+        (method, route_template(rule.rule))
         for rule in rules
         if rule.endpoint != "static" and not rule.endpoint.endswith(".static")
         for method in (rule.methods or ()) if method not in IGNORED_METHODS
@@ -962,21 +948,14 @@ INFO_DESCRIPTION = (
     "no key. Every authorised answer carries `X-RateLimit-Limit`, `X-RateLimit-Remaining` and "
     "`X-RateLimit-Reset`; over the limit the answer is 429 with `Retry-After`.\n\n"
     "**Errors.** Every error, on every route (also an unknown path, 404, or a wrong method, 405), is "
-    '`{"error": {"message", "type", "param", "code"}}` with the fitting status.\n\n'
-    "Routes marked `x-pending` are described ahead of the build that serves them."
+    '`{"error": {"message", "type", "param", "code"}}` with the fitting status.'
 )
 
 
-def openapi_document(*, version: str, served: Collection[tuple[str, str]]) -> dict[str, Any]:
-    """The document. `served`: the app's (method, path) pairs; a pending route not among them is marked."""
+def openapi_document(*, version: str) -> dict[str, Any]:
+    """The document, `version` its `info.version`."""
     paths: dict[str, Any] = {**chat_paths(), **management_paths(), **retrieval_paths(), **availability_paths(),
                              **monitoring_paths(), **documentation_paths()}
-    for method, path in PENDING_ROUTES:
-        if (method, path) not in served:
-            op = paths[path][method.lower()]
-            op["x-pending"] = True
-            op["summary"] = f"{op['summary']} (not served yet)"
-            op["description"] = f"{PENDING_NOTE}\n\n{op['description']}"
     return {
         "openapi": OPENAPI_VERSION,
         "info": {"title": TITLE, "version": version, "description": INFO_DESCRIPTION},

@@ -39,7 +39,7 @@ from wire.http1 import (
     timeouts,
 )
 
-log = logging.getLogger("sn1_gateway.keepalive")
+log = logging.getLogger("sn1_gateway.pool")
 
 Origin = tuple[str, int]
 USER_AGENT = "sn1-gateway"

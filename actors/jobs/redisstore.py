@@ -21,11 +21,11 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit
 
 import trio
 
 from actors.jobs.records import UNFINISHED, JobRecord, JobStatus, JobStoreError, JobStoreUnavailable
+from actors.keystore.redisstore import describe_url
 
 if TYPE_CHECKING:
     from coredis import Redis
@@ -117,12 +117,6 @@ if not fields[1] then
 end
 return {fields[1], fields[2] or '', fields[3] or ''}
 """
-
-
-def describe_url(url: str) -> str:
-    parts = urlsplit(url)
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path}"
 
 
 def _number(text: str | None) -> float:

@@ -3,7 +3,7 @@
 Models wrap their JSON in prose or in a fenced block, and sometimes write something that looks like
 JSON before the real thing (`[1]` in a sentence). So the value taken is the first one that both parses
 and has the shape the step asked for: the first fenced block first, then every `{` or `[` in the text in
-order. Parsing is strict (`engine.jsonio.loads_bounded`: no NaN, bounded depth), and the work is bounded:
+order. Parsing is strict (`wire.jsonio.loads_bounded`: no NaN, bounded depth), and the work is bounded:
 at most `MAX_SCAN_CHARS` of the answer are looked at, and at most `MAX_CANDIDATES` starting points tried.
 """
 
