@@ -10,6 +10,7 @@ forgotten.
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,6 +38,25 @@ class JobStoreUnavailable(JobStoreError):
 def job_error(message: str, code: str, type_: str = "server_error") -> dict[str, Any]:
     """A job's `error`, in the shape of an OpenAI error body's `error` object."""
     return {"message": message, "type": type_, "param": None, "code": code}
+
+
+MAX_ERROR_CHARS = 4096  # of a job's stored error
+
+
+def error_text(error: Mapping[str, Any] | None) -> str | None:
+    """A job's error as the stores keep it: JSON, at most MAX_ERROR_CHARS."""
+    return None if error is None else json.dumps(dict(error))[:MAX_ERROR_CHARS]
+
+
+def error_of(text: str | None) -> dict[str, Any] | None:
+    """A stored error read back; text that is not a JSON object (cut short, say) becomes its message."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    return value if isinstance(value, dict) else job_error(text[:MAX_ERROR_CHARS], "job_failed")
 
 
 CANCELLED = job_error("The job was cancelled (DELETE).", "cancelled", "invalid_request_error")

@@ -15,7 +15,6 @@ job ids by expiry (to bound how many a key keeps); `jobs:runner:<id>` a gateway'
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
@@ -24,7 +23,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
-from actors.jobs.records import UNFINISHED, JobRecord, JobStatus, JobStoreError, JobStoreUnavailable
+from actors.jobs.records import (
+    UNFINISHED,
+    JobRecord,
+    JobStatus,
+    JobStoreError,
+    JobStoreUnavailable,
+    error_of,
+    error_text,
+)
 from actors.keystore.redisstore import describe_url
 
 if TYPE_CHECKING:
@@ -36,7 +43,6 @@ log = logging.getLogger("sn1_gateway.jobs")
 T = TypeVar("T")
 
 NAMESPACE = "sn1gw"
-MAX_ERROR_CHARS = 4096
 # push(key, seq, at): ARGV[at..] are the chunks from position `seq` on; those the list holds already (a
 # write tried again) are skipped.
 PUSH = """
@@ -126,16 +132,6 @@ def _number(text: str | None) -> float:
         return 0.0
     return value if 0 <= value < 1e11 else 0.0
 
-
-def _error_of(text: str | None) -> dict[str, Any] | None:
-    if not text:
-        return None
-    try:
-        value = json.loads(text)
-    except ValueError:
-        value = None
-    return value if isinstance(value, dict) else {"message": text[:MAX_ERROR_CHARS], "type": "server_error",
-                                                  "param": None, "code": "job_failed"}
 
 
 class RedisJobStore:
@@ -241,7 +237,7 @@ class RedisJobStore:
             status = JobStatus.FAILED
         return JobRecord(job_id, fields["owner"], status, _number(fields.get("created_at")),
                          _number(fields.get("updated_at")), _number(fields.get("expires_at")),
-                         _error_of(fields.get("error")), fields.get("runner", ""), tuple(chunks))
+                         error_of(fields.get("error")), fields.get("runner", ""), tuple(chunks))
 
     async def count_owned(self, owner: str, now: float) -> int:
         return int(await self._run(self._count, [self._owner(owner)], [repr(now)]))
@@ -255,10 +251,10 @@ class RedisJobStore:
 
     async def finish(self, job: JobRecord, status: JobStatus, *, error: Mapping[str, Any] | None,
                      chunks: Sequence[str], first_seq: int, now: float, ttl_s: float) -> bool:
-        error_text = "" if error is None else json.dumps(dict(error))[:MAX_ERROR_CHARS]
+        stored_error = error_text(error) or ""
         return bool(await self._run(
             self._finish, [self._job(job.id), self._chunks(job.id), self._unfinished, self._owner(job.owner)],
-            [job.id, status.value, error_text, repr(now), repr(now + ttl_s), max(1, int(ttl_s * 1000)), first_seq,
+            [job.id, status.value, stored_error, repr(now), repr(now + ttl_s), max(1, int(ttl_s * 1000)), first_seq,
              *chunks]))
 
     async def delete(self, job: JobRecord) -> bool:

@@ -9,7 +9,6 @@ and its WAL are 0600, a folder created for it 0700: results hold clients' answer
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sqlite3
@@ -20,14 +19,21 @@ from typing import Any, TypeVar
 
 import trio
 
-from actors.jobs.records import UNFINISHED, JobRecord, JobStatus, JobStoreError, JobStoreUnavailable
+from actors.jobs.records import (
+    UNFINISHED,
+    JobRecord,
+    JobStatus,
+    JobStoreError,
+    JobStoreUnavailable,
+    error_of,
+    error_text,
+)
 
 log = logging.getLogger("sn1_gateway.jobs")
 
 T = TypeVar("T")
 FILE_MODE = 0o600
 FOLDER_MODE = 0o700
-MAX_ERROR_CHARS = 4096
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -54,19 +60,6 @@ _UNFINISHED = tuple(s.value for s in UNFINISHED)
 _OPEN = f"status IN ({', '.join('?' * len(_UNFINISHED))})"
 
 
-def _error_text(error: Mapping[str, Any] | None) -> str | None:
-    return None if error is None else json.dumps(dict(error))[:MAX_ERROR_CHARS]
-
-
-def _error_of(text: str | None) -> dict[str, Any] | None:
-    if not text:
-        return None
-    try:
-        value = json.loads(text)
-    except ValueError:
-        value = None
-    return value if isinstance(value, dict) else {"message": text[:MAX_ERROR_CHARS], "type": "server_error",
-                                                  "param": None, "code": "job_failed"}
 
 
 def _status(text: str) -> JobStatus:
@@ -147,7 +140,7 @@ class SqliteJobStore:
             conn.execute("INSERT INTO jobs (id, owner, status, created_at, updated_at, expires_at, error, runner) "
                          "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                          (job.id, job.owner, job.status.value, job.created_at, job.updated_at, job.expires_at,
-                          _error_text(job.error), job.runner))
+                          error_text(job.error), job.runner))
 
         await self._call(fn)
 
@@ -161,7 +154,7 @@ class SqliteJobStore:
                 return None
             chunks = tuple(c for (c,) in conn.execute("SELECT chunk FROM chunks WHERE job_id = ? ORDER BY seq",
                                                       (job_id,)))
-            return JobRecord(row[0], row[1], _status(row[2]), row[3], row[4], row[5], _error_of(row[6]), row[7],
+            return JobRecord(row[0], row[1], _status(row[2]), row[3], row[4], row[5], error_of(row[6]), row[7],
                              chunks)
 
         return await self._call(fn)
@@ -208,7 +201,7 @@ class SqliteJobStore:
             if chunks:
                 self._append(conn, job.id, chunks, first_seq, now)
             conn.execute("UPDATE jobs SET status = ?, error = ?, updated_at = ?, expires_at = ? WHERE id = ?",
-                         (status.value, _error_text(error), now, now + ttl_s, job.id))
+                         (status.value, error_text(error), now, now + ttl_s, job.id))
             return True
 
         return await self._call(fn)
@@ -238,7 +231,7 @@ class SqliteJobStore:
         def fn(conn: sqlite3.Connection) -> int:
             ids = [i for (i,) in conn.execute(f"SELECT id FROM jobs WHERE {_OPEN}", _UNFINISHED) if i not in keep]
             conn.executemany("UPDATE jobs SET status = ?, error = ?, updated_at = ?, expires_at = ? WHERE id = ?",
-                             [(JobStatus.FAILED.value, _error_text(error), now, now + ttl_s, i) for i in ids])
+                             [(JobStatus.FAILED.value, error_text(error), now, now + ttl_s, i) for i in ids])
             return len(ids)
 
         return await self._call(fn)
