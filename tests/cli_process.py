@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import tomlkit
 import trio
 
 
@@ -39,22 +40,19 @@ async def stop(process: trio.Process) -> int:
         return await process.wait()
 
 
-GOOD_CONFIG = """
-[server]
-port = 0
-drain_timeout_s = 20
-[auth]
-keys_file = "keys.toml"
-[wallet]
-uri = "//Alice"
-[subnet]
-source = "static"
-[availability]
-source = "none"
-[scoring]
-enabled = false
-spool_dir = "spool"
-"""
+def config_text(**tables: dict[str, object]) -> str:
+    """A config file for a quiet gateway: any free port, a development hotkey, an empty static subnet,
+    nothing polled or scored; each of `tables` merged into its table key by key."""
+    config: dict[str, dict[str, object]] = {
+        "server": {"port": 0}, "wallet": {"uri": "//Alice"}, "subnet": {"source": "static"},
+        "availability": {"source": "none"}, "scoring": {"enabled": False}}
+    for name, values in tables.items():
+        config.setdefault(name, {}).update(values)
+    return tomlkit.dumps(config)
+
+
+GOOD_CONFIG = config_text(server={"drain_timeout_s": 20}, auth={"keys_file": "keys.toml"},
+                          scoring={"spool_dir": "spool"})
 
 # The gateway as `serve` runs it (serve_until_signalled), with one extra route that waits for a file,
 # so a signal can arrive while a request is in flight.

@@ -15,6 +15,7 @@ import trio
 from config.loading import load_settings
 from config.settings import Settings
 from engine.gateway import Gateway, run
+from tests.cli_process import config_text
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN = {"admin-key": "test-admin-key"}
@@ -33,30 +34,10 @@ async def wait_until(predicate: Callable[[], Awaitable[bool]], *, interval: floa
 def write_config(folder: Path, *, store: str = "file", redis_url: str = "", admin_key: str | None = None) -> Path:
     """A config for a gateway on a free port, with no miners and nothing to score."""
     admin = ADMIN["admin-key"] if admin_key is None else admin_key
-    text = f"""
-[server]
-port = 0
-drain_timeout_s = 1.0
-
-[auth]
-admin_key = "{admin}"
-store = "{store}"
-keys_file = "keys.toml"
-{f'redis_url = "{redis_url}"' if redis_url else ""}
-
-[wallet]
-uri = "//Alice"
-
-[subnet]
-source = "static"
-
-[availability]
-source = "none"
-
-[scoring]
-enabled = false
-spool_dir = "spool"
-"""
+    auth: dict[str, object] = {"admin_key": admin, "store": store, "keys_file": "keys.toml"}
+    if redis_url:
+        auth["redis_url"] = redis_url
+    text = config_text(server={"drain_timeout_s": 1.0}, auth=auth, scoring={"spool_dir": "spool"})
     path = folder / "gateway.toml"
     path.write_text(text)
     return path

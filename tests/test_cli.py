@@ -16,19 +16,9 @@ from config.loading import load_settings
 from config.settings import Settings
 from config.template import render_default
 from engine.cli import devnet_state, main
+from tests.cli_process import config_text
 
-GOOD = """
-[server]
-port = 0
-[wallet]
-uri = "//Alice"
-[subnet]
-source = "static"
-[availability]
-source = "none"
-[scoring]
-enabled = false
-"""
+GOOD = config_text()
 
 
 def test_init_writes_the_commented_default_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -24,7 +24,7 @@ from devnet.network import Devnet
 from devnet.validator import ValidatorFault
 from engine.cli import devnet_key
 from engine.gateway import EXIT_MARGIN_S, EXIT_STUCK
-from tests.cli_process import read_until
+from tests.cli_process import config_text, read_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DRAIN_S = 3.0  # twice this (the old drain, then a second one for fan-outs) is over DRAIN_S + EXIT_MARGIN_S
@@ -138,21 +138,8 @@ HUNG_DISK_GATEWAY = textwrap.dedent("""
 
 def test_a_hung_disk_does_not_hold_the_exit(tmp_path: Path) -> None:
     config = tmp_path / "gw.toml"
-    config.write_text(textwrap.dedent("""
-        [server]
-        port = 0
-        drain_timeout_s = 0.5
-        [auth]
-        keys_file = "keys.toml"
-        [wallet]
-        uri = "//Alice"
-        [subnet]
-        source = "static"
-        [availability]
-        source = "none"
-        [scoring]
-        enabled = false
-    """), encoding="utf-8")
+    config.write_text(config_text(server={"drain_timeout_s": 0.5}, auth={"keys_file": "keys.toml"}),
+                      encoding="utf-8")
     key = trio.run(devnet_key, load_settings(config))
     flag = tmp_path / "disk-hung"
     popen = subprocess.Popen([sys.executable, "-c", HUNG_DISK_GATEWAY, str(config), str(flag)], cwd=ROOT,
