@@ -209,6 +209,8 @@ PARTS: dict[str, tuple[Spec, ...]] = {
         gauge("count", "workers", "serving processes (server.workers)"),
         counter("published", "worker_reports_published", "reports this worker published for the others"),
         counter("failures", "worker_report_failures", "reports that could not be published or read"),
+        counter("bad_reports", "worker_reports_bad", "other workers' reports skipped: too large, too deep or "
+                "not JSON"),
     ),
     "connections": (
         gauge("open", "connections_open", "client connections open"),

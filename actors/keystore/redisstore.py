@@ -57,6 +57,7 @@ log = logging.getLogger("sn1_gateway.keys")
 
 NAMESPACE = "sn1gw"
 MAX_PENDING_KEYS = 65_536  # distinct keys with unflushed token usage; beyond it usage is dropped, counted
+LIST_BATCH = 500  # key hashes read per round trip when listing: a bounded reply, few round trips
 BATCH_MARKER_TTL_MS = 86_400_000  # a batch resent later than this (a day-long outage) could count twice
 
 # KEYS[1]: the batch's marker; KEYS[2..]: key hashes. ARGV[1]: the marker's lifetime (ms); ARGV[2..]:
@@ -307,22 +308,39 @@ class RedisKeyStore:
                 fields = await self.client.hgetall(self._key(key_id))
         except (RedisError, OSError, trio.TooSlowError) as exc:
             raise self._unavailable(exc) from exc
-        info = _info(key_id, dict(fields), self.usage)
-        pending = self._pending.get(key_id, 0) + (self._batch[1].get(key_id, 0) if self._batch else 0)
-        if info is not None and pending:
-            info = KeyInfo(info.id, info.prefix, info.rate_limit, info.created_at, info.requests,
-                           saturating_add(info.tokens, pending), info.last_used_at)
-        return info
+        return self._with_pending(_info(key_id, dict(fields), self.usage))
+
+    def _with_pending(self, info: KeyInfo | None) -> KeyInfo | None:
+        """`info` with the token usage counted here and not yet in Redis."""
+        if info is None:
+            return None
+        pending = self._pending.get(info.id, 0) + (self._batch[1].get(info.id, 0) if self._batch else 0)
+        if not pending:
+            return info
+        return KeyInfo(info.id, info.prefix, info.rate_limit, info.created_at, info.requests,
+                       saturating_add(info.tokens, pending), info.last_used_at)
 
     async def list_keys(self) -> list[KeyInfo]:
+        """Every key, read `LIST_BATCH` hashes per round trip (one pipeline each, bounded in time)."""
         from coredis.exceptions import RedisError
 
         try:
             with trio.fail_after(self.timeout_s):
                 ids = sorted(await self.client.smembers(self._ids))
+            found: list[KeyInfo] = []
+            for start in range(0, len(ids), LIST_BATCH):
+                chunk = ids[start:start + LIST_BATCH]
+                with trio.fail_after(self.timeout_s):
+                    async with self.client.pipeline(transaction=False) as pipe:
+                        for key_id in chunk:
+                            pipe.hgetall(self._key(key_id))
+                replies = pipe.results or ()
+                for key_id, fields in zip(chunk, replies, strict=True):
+                    info = self._with_pending(_info(key_id, dict(fields), self.usage))
+                    if info is not None:
+                        found.append(info)
         except (RedisError, OSError, trio.TooSlowError) as exc:
             raise self._unavailable(exc) from exc
-        found = [info for key_id in ids if (info := await self.info(key_id)) is not None]
         return sorted(found, key=lambda i: (i.created_at, i.id))
 
     # -- changes --------------------------------------------------------------------------------------
