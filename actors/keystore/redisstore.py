@@ -169,8 +169,11 @@ class RedisKeyStore:
         flush_interval_s: float = 1.0,
         wall_clock: Callable[[], float] = time.time,
         failed_auth_per_minute: int = DEFAULT_PER_MINUTE,
+        exit_deadline: Callable[[], float] | None = None,
     ) -> None:
+        """`exit_deadline()`: the trio time by which the flush at exit (see `connect`) must end."""
         self.client = client
+        self.exit_deadline = exit_deadline
         self.url = describe_url(url)
         self.timeout_s = timeout_s
         self.flush_interval_s = flush_interval_s
@@ -221,11 +224,17 @@ class RedisKeyStore:
                 try:
                     yield store
                 finally:
-                    with trio.CancelScope(shield=True), trio.move_on_after(timeout_s):
+                    end = trio.current_time() + timeout_s
+                    if store.exit_deadline is not None:
+                        end = min(end, store.exit_deadline())
+                    with trio.CancelScope(deadline=end, shield=True) as scope:
                         try:
                             await store.flush()
                         except KeyStoreUnavailable as exc:
                             log.warning("key store: usage not saved at shutdown: %s", exc)
+                    if scope.cancelled_caught:
+                        log.warning("key store: usage not saved at shutdown: no time left before the stop's "
+                                    "deadline")
         if problem is not None:
             raise KeyStoreError(f"auth.redis_url: cannot reach Redis at {describe_url(url)} ({problem})")
 
