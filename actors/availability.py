@@ -1,7 +1,8 @@
 """AvailabilityActor: what each miner says it can do (tasks, models), published as a snapshot.
 
 Sources (`availability.source`): "validator" asks the validator's availability endpoint for all uids;
-"miners" asks each miner's `/availability` with bounded concurrency, spread over the interval; "none"
+"miners" asks each serving miner's `/availability` (never a validator's) with bounded concurrency,
+spread over the interval; "none"
 takes every serving miner as available. After a failed poll the last known answers are kept and aged,
 never replaced by "everyone is available". Only when nothing was ever known does selection fall back to
 every serving miner, and `/health/ready` says so.
@@ -25,6 +26,7 @@ from typing import Any
 import httpx
 import trio
 
+from actors.scoring.validators import eligible_validators
 from config.settings import Settings
 from wire import jsonio
 from wire.epistula import Signer
@@ -135,20 +137,12 @@ class AvailabilitySnapshot:
 
 
 def validator_for(settings: Settings, subnet: SubnetSnapshot) -> tuple[str, str] | None:
-    """(axon, hotkey) of the validator to ask: the configured one (`scoring.validator`, with
-    `scoring.validator_hotkey` or the hotkey the metagraph lists at that axon), else the best-staked
-    serving one. None when there is none, or the configured one's hotkey is unknown."""
-    if settings.scoring.validator:
-        hotkey = settings.scoring.validator_hotkey or subnet.hotkey_at(settings.scoring.validator)
-        return (settings.scoring.validator, hotkey) if hotkey else None
-    candidates = [
-        n for n in subnet.neurons
-        if n.validator_permit and n.axon and n.stake >= settings.scoring.min_validator_stake
-    ]
-    if not candidates:
+    """(axon, hotkey) of the validator to ask: of those scoring may use (`eligible_validators`), the
+    best-staked (the first in the metagraph's order on a tie). None when there is none."""
+    found, _ = eligible_validators(settings.scoring, subnet)
+    if not found:
         return None
-    best = max(candidates, key=lambda n: (n.stake, -n.uid))
-    assert best.axon is not None
+    best = max(found, key=lambda v: v.stake)  # `max` keeps the first of equals
     return best.axon, best.hotkey
 
 
@@ -236,8 +230,12 @@ class AvailabilityActor:
     # -- miners ------------------------------------------------------------------------------------
 
     async def poll_miners(self, *, spread_s: float) -> None:
-        """Ask every serving miner once, starts spread evenly over `spread_s`, at most `concurrency` at once."""
-        miners = list(self.subnet.get().serving_by_incentive)
+        """Ask every serving miner once, starts spread evenly over `spread_s`, at most `concurrency` at once.
+        Validators are not asked: they are never sent a request (the same rule as the fan-out's,
+        `fanout.validator_stake_limit`), and a validator's `/availability` is not a miner's."""
+        limit = self.settings.fanout.validator_stake_limit
+        miners = [n for n in self.subnet.get().serving_by_incentive
+                  if not (n.validator_permit and n.stake >= limit)]
         self.rng.shuffle(miners)
         if not miners:
             self._failed("no serving miner in the metagraph")

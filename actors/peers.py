@@ -5,11 +5,15 @@ show the whole gateway. Every `interval_s` each worker writes what it would repo
 built by the web layer: its metrics text and its status figures) under its own key, kept `ttl_s`; a
 worker answering for the gateway reads the others' with one MGET. A worker that stopped publishing
 drops out once its key expires. Redis is what the workers already share (`auth.store = "redis"`).
+
+A report holds only figures each worker has at hand (its parts' `health()`, its telemetry): nothing
+that costs a round trip to build, such as the key listing, which `/status/data` reads once from the
+shared store when it is asked. Another worker's report is read as untrusted bytes: bounded in size
+and depth, one that does not read is skipped, counted (`bad_reports`) and logged once.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -18,10 +22,13 @@ from typing import Any
 
 import trio
 
+from wire import jsonio
+
 log = logging.getLogger("sn1_gateway.workers")
 
 KEY_PREFIX = "sn1-gateway:worker"
 MAX_SNAPSHOT_BYTES = 8 * 1024 * 1024  # one worker's report; more is its failure, not read
+MAX_SNAPSHOT_DEPTH = 8  # a report nests 4 deep (status, miners, a row, its fields); more is not read
 Snapshot = Callable[[], Awaitable[dict[str, Any]]]
 
 
@@ -42,7 +49,9 @@ class WorkerPeers:
         self._client: Any = None
         self.published = 0
         self.failures = 0
+        self.bad_reports = 0  # other workers' reports that could not be read (skipped)
         self.last_error: str | None = None
+        self._bad_logged: set[int] = set()  # workers whose bad report was logged, until one reads again
 
     def key(self, index: int) -> str:
         return f"{KEY_PREFIX}:{self.group}:{index}"
@@ -65,8 +74,7 @@ class WorkerPeers:
 
         try:
             report = await self.snapshot()
-            body = json.dumps({"index": self.index, "pid": os.getpid(), "time": time.time(), **report},
-                              separators=(",", ":"))
+            body = jsonio.dumps({"index": self.index, "pid": os.getpid(), "time": time.time(), **report})
             with trio.fail_after(self.timeout_s):
                 await self._client.set(self.key(self.index), body, px=int(self.ttl_s * 1000))
         except (RedisError, OSError, trio.TooSlowError) as exc:
@@ -93,16 +101,34 @@ class WorkerPeers:
             return []
         reports = []
         for index, value in zip(indexes, values, strict=True):
-            if value is None or len(value) > MAX_SNAPSHOT_BYTES:
-                continue
-            try:
-                report = json.loads(value)
-            except ValueError:
-                continue
-            if isinstance(report, dict) and report.get("index") == index:
+            if value is None:
+                continue  # not published within ttl_s: that worker is gone
+            report = self._read(index, value)
+            if report is not None:
                 reports.append(report)
         return reports
 
+    def _read(self, index: int, value: bytes) -> dict[str, Any] | None:
+        """Worker `index`'s report, or None (counted, logged once until it reads again) if it does not read."""
+        problem: str | None = None
+        report: Any = None
+        if len(value) > MAX_SNAPSHOT_BYTES:
+            problem = f"{len(value)} bytes, more than {MAX_SNAPSHOT_BYTES}"
+        else:
+            try:
+                report = jsonio.loads_bounded(value, max_depth=MAX_SNAPSHOT_DEPTH)
+            except ValueError as exc:
+                problem = f"not JSON nested at most {MAX_SNAPSHOT_DEPTH} deep ({exc})"[:200]
+        if problem is None and isinstance(report, dict) and report.get("index") == index:
+            self._bad_logged.discard(index)
+            return report
+        self.bad_reports += 1
+        if index not in self._bad_logged:
+            self._bad_logged.add(index)
+            log.warning("worker %d: the report of worker %d is skipped: %s", self.index, index,
+                        problem or "not a report of that worker")
+        return None
+
     def health(self) -> dict[str, Any]:
         return {"index": self.index, "count": self.count, "published": self.published,
-                "failures": self.failures, "last_error": self.last_error}
+                "failures": self.failures, "bad_reports": self.bad_reports, "last_error": self.last_error}

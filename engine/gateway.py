@@ -6,7 +6,7 @@ server stops accepting and in-flight requests finish, then miners still answerin
 are heard out; every later phase gets what is left of it. Past it, state is persisted within a fixed
 margin (`EXIT_MARGIN_S`): cut-short fan-outs hand their answers to scoring (`HANDOVER_S`), the scoring
 queue goes to the spool (at least `SCORING_FLUSH_MIN_S`), and the key store saves usage (the rest of the
-margin, at least 1 s). `serve_until_signalled` enforces the whole bound, a hung disk included: at
+margin but `PROCESS_END_S`, at most its own `SHUTDOWN_FLUSH_S`). `serve_until_signalled` enforces the whole bound, a hung disk included: at
 `drain deadline + EXIT_MARGIN_S` the process exits with status 1, whatever is still running.
 """
 
@@ -37,7 +37,7 @@ from actors.scoring.forwarder import ScoringForwarder
 from actors.subnet.actor import MetagraphSource, StaticSource, SubnetActor
 from config.settings import Settings
 from devnet.network import Devnet
-from engine.supervisor import StartupError, Supervisor
+from engine.supervisor import EXIT_MARGIN_S, StartupError, Supervisor
 from web import inbound
 from web.app import create_app
 from web.asgi import observe_requests
@@ -57,12 +57,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sn1_gateway")
 
-# After the drain deadline, the stop takes at most this much more: the parts below, and slack for the
-# process to end. Past it `serve_until_signalled` exits at once with EXIT_STUCK.
-EXIT_MARGIN_S = 2.5
+# After the drain deadline, the stop takes at most EXIT_MARGIN_S more: the parts below, and slack for
+# the process to end. Past it `serve_until_signalled` exits at once with EXIT_STUCK.
+PROCESS_END_S = 0.25  # of the margin, kept for the process to end after the key store's flush
 HANDOVER_S = 0.5  # cut-short fan-outs hand their answers to the scoring forwarder
 SCORING_FLUSH_MIN_S = 1.0  # the scoring queue's flush to the spool, when the drain left less
-# The key store's flush gets the rest: EXIT_MARGIN_S - HANDOVER_S - SCORING_FLUSH_MIN_S, at least.
+# The key store's flush gets the rest, less PROCESS_END_S: EXIT_MARGIN_S - HANDOVER_S - SCORING_FLUSH_MIN_S
+# - PROCESS_END_S at least, when the drain left the scoring flush no more than its minimum.
 EXIT_STUCK = 1
 
 
@@ -175,7 +176,8 @@ async def run(
     outbound = transport or outbound_transport(settings)
     async with (
         _set_on_exit(stopped, plan),  # exits last: wait_stopped() returns once every actor has persisted its state
-        open_keystore(settings) as keys,  # a corrupt keys file or unreachable Redis stops us here
+        # a corrupt keys file or unreachable Redis stops us here; its flush at exit ends before the stop's bound
+        open_keystore(settings, deadline=lambda: plan.exit_deadline - PROCESS_END_S) as keys,
         _open_jobs(settings) as job_store,  # so does an unusable jobs file
         _phase_on_exit(plan, "saving key usage"),
         make_http_client(settings, outbound) as http,

@@ -19,6 +19,10 @@ log = logging.getLogger("sn1_gateway.supervisor")
 
 A = TypeVar("A", bound=Actor)
 
+# After the drain deadline, a stop takes at most this much more (state saved, the process ended): the
+# gateway's one bound on its stop (`engine/gateway.py`), and what the workers' parent allows each.
+EXIT_MARGIN_S = 2.5
+
 class StartupError(Exception):
     """The gateway cannot start; the message is for the operator (one line, no traceback)."""
 

@@ -22,6 +22,7 @@ import trio
 
 from config.loading import ConfigError
 from config.settings import Settings
+from engine.supervisor import EXIT_MARGIN_S
 from wire.signals import SIGNAL_ECHO_S, absorb_signal_echoes
 
 log = logging.getLogger("sn1_gateway.workers")
@@ -72,7 +73,7 @@ async def run_workers(settings: Settings, config_path: str) -> int:
     worker could not start (or did not stop cleanly), 130 after a second signal (the workers killed)."""
     count = settings.server.workers
     workers = [Worker(i) for i in range(count)]
-    stop_bound_s = settings.server.drain_timeout_s + 2.5 + STOP_GRACE_S
+    stop_bound_s = settings.server.drain_timeout_s + EXIT_MARGIN_S + STOP_GRACE_S
     stopping, failed = trio.Event(), trio.Event()
     first_signal: list[float] = []
     killed = False

@@ -61,7 +61,8 @@ def large_organic(i: int, chunks: int, chunk_chars: int = 8192) -> OrganicResult
 @dataclass
 class Validators:
     """Scripted validators keyed by axon: "ok", a status ("500", "401", ...), "hang" (never answers),
-    "refuse" (connection refused), "big" (a 200 with a 100 KB body) or "odd_500" (500 for odd seeds)."""
+    "refuse" (connection refused), "big" (a 200 with a 100 KB body), "odd_500" (500 for odd seeds) or
+    "echo_422" (a 422 whose body echoes the payload)."""
 
     modes: dict[str, str] = field(default_factory=dict)
     default: str = "ok"
@@ -82,6 +83,8 @@ class Validators:
             raise httpx.ConnectError("connection refused", request=request)
         if mode == "odd_500":  # fails the payloads of odd seeds only
             mode = "500" if json.loads(request.content)["body"]["seed"] % 2 else "ok"
+        if mode == "echo_422":  # FastAPI's validation error: the refused body, prompts and all, echoed back
+            return httpx.Response(422, json={"detail": [{"type": "missing", "input": json.loads(request.content)}]})
         if mode == "big":  # a 200 with far more than a scoring answer
             return httpx.Response(200, content=b"[" + b"0," * 50_000 + b"0]")
         if mode != "ok":

@@ -39,6 +39,7 @@ from actors.keystore.records import (
     display_prefix,
     key_id_of,
 )
+from config.settings import Settings
 from tests.keys_support import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -525,3 +526,32 @@ def test_a_writer_killed_at_random_moments_always_leaves_a_loadable_file(tmp_pat
     # The next writer cleans up the temporary files of writers killed mid-write.
     keyfile.transact(path, lambda keys: None)
     assert list(tmp_path.glob(".keys.toml.*.tmp")) == []
+
+
+# -- the flush at exit stays within the stop's bound ----------------------------------------------------
+
+
+async def test_a_slow_usage_flush_at_exit_ends_within_the_stops_bound(
+        gateway_settings: Settings, nursery: trio.Nursery, stack_clock: trio.testing.MockClock,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from engine.gateway import run
+    from engine.supervisor import EXIT_MARGIN_S
+
+    flushing: list[float] = []
+
+    async def slow_flush(self: FileKeyStore) -> None:  # a disk that takes 10 s to save the usage
+        flushing.append(trio.current_time())
+        await trio.sleep(10)
+
+    settings = dataclasses.replace(gateway_settings,
+                                   server=dataclasses.replace(gateway_settings.server, drain_timeout_s=1.0))
+    with trio.fail_after(60):
+        gateway = await nursery.start(run, settings)
+        monkeypatch.setattr(FileKeyStore, "flush", slow_flush)
+        asked = trio.current_time()
+        gateway.shutdown()
+        await gateway.wait_stopped()
+    took = trio.current_time() - asked
+    assert flushing, "the usage was never flushed at exit"
+    assert took <= 1.0 + EXIT_MARGIN_S, took  # before: the flush had 5 s of its own past the margin
+    assert "no time left before the stop's deadline" in caplog.text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -312,3 +313,41 @@ async def test_a_limit_changed_by_another_process_rescales_the_shared_bucket(red
         assert (await serving.check(key)) == Denial("blocked", retry_after_s=60)
         await admin.modify(key, 12)
         assert await burst(serving, key) == 2
+
+
+# -- listing every key costs a few round trips, not one per key -------------------------------------------
+
+
+async def counting_proxy(nursery: trio.Nursery, port: int, writes: list[int]) -> int:
+    """A loopback TCP proxy to 127.0.0.1:`port`; each read of what a client sends is counted in `writes`."""
+
+    async def pipe(source: trio.SocketStream, sink: trio.SocketStream, counted: bool) -> None:
+        async with sink:
+            while data := await source.receive_some(65536):
+                if counted:
+                    writes.append(len(data))
+                await sink.send_all(data)
+
+    async def handle(client: trio.SocketStream) -> None:
+        async with client, await trio.open_tcp_stream("127.0.0.1", port) as server, trio.open_nursery() as both:
+            both.start_soon(pipe, client, server, True)
+            both.start_soon(pipe, server, client, False)
+
+    listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+    return int(listeners[0].socket.getsockname()[1])
+
+
+async def test_listing_1200_keys_takes_a_few_round_trips(
+        redis_server: RedisServer, redis_url: str, nursery: trio.Nursery) -> None:
+    async with RedisKeyStore.connect(redis_url) as direct:
+        created = [(await direct.create(7))[1] for _ in range(1200)]
+    writes: list[int] = []
+    port = await counting_proxy(nursery, redis_server.port, writes)
+    with trio.fail_after(20):
+        async with RedisKeyStore.connect(f"redis://127.0.0.1:{port}/0") as store:
+            before = len(writes)
+            listed = await store.list_keys()
+            sent = len(writes) - before
+    assert sorted(i.id for i in listed) == sorted(i.id for i in created)
+    assert all(i.rate_limit == 7 for i in listed)
+    assert sent <= 12, sent  # before: one request per key, 1201 round trips

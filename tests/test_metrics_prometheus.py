@@ -11,6 +11,7 @@ import trio
 from prometheus_client.exposition import generate_latest
 
 from tests import devnet_stack
+from tests.chat_stack import Stack
 from tests.metrics_support import scrape
 
 CHAT = "/v1/chat/completions"
@@ -114,6 +115,26 @@ async def test_a_number_no_family_declares_still_appears_under_its_exact_path(
     # Read afresh on every scrape.
     assert first.find("sn1_gateway_http_responses_total", route=CHAT) == []
     assert second.value("sn1_gateway_http_responses_total", route=CHAT, status="200") == 1
+
+
+async def test_each_scrape_reads_every_parts_report_once(stack: Stack) -> None:
+    class Counted:
+        """A part whose report costs something to build (here: it counts its reads)."""
+
+        name = "counted"
+        reads = 0
+
+        def health(self) -> dict[str, Any]:
+            self.reads += 1
+            return {"reads": self.reads}
+
+    part = Counted()
+    stack.gateway.services.actors.add(part)
+    for _ in range(3):
+        response = await stack.client.get("/metrics")
+        assert response.status_code == 200
+    assert part.reads == 3  # before: twice per scrape (readiness, then the parts again)
+    assert scrape(response.text).find("sn1_gateway_health_figure", part="counted", figure="reads")[0].value == 3
 
 
 def test_the_process_wide_registry_holds_none_of_the_gateways_metrics() -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import re
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -20,7 +22,7 @@ import pytest
 import trio
 from bittensor_core import Keypair
 
-from actors.scoring.forwarder import ScoringForwarder, encode_payload
+from actors.scoring.forwarder import ScoringForwarder
 from actors.scoring.spool import Spool, SpoolFiles
 from engine.supervisor import Supervisor
 from tests.scoring_support import (
@@ -294,7 +296,7 @@ async def test_shutdown_writes_queued_and_in_flight_payloads_to_the_spool(
     # The spooled bytes are exactly what would have been sent.
     spool = Spool(tmp_path / "spool", max_bytes=1 << 30)
     spool.open()
-    assert {r.payload for r in spool.read(100).records} == {encode_payload(organic(i)) for i in range(20)}
+    assert {r.payload for r in spool.read(100).records} == {organic(i).encode() for i in range(20)}
 
 
 async def test_a_spool_write_cut_short_by_shutdown_is_written_by_the_flush(
@@ -390,7 +392,7 @@ async def test_a_corrupt_spooled_record_is_skipped_counted_and_the_rest_delivere
         nursery: trio.Nursery, make: MakeForwarder, validators: Validators, tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool", max_bytes=1 << 20)
     spool.open()
-    spool.append([encode_payload(organic(i)) for i in range(3)])
+    spool.append([organic(i).encode() for i in range(3)])
     spool.close()
     (segment,) = (tmp_path / "spool").glob("*.seg")
     data = segment.read_bytes()
@@ -509,6 +511,19 @@ async def test_a_payload_refused_with_another_4xx_is_dropped_counted_by_status_a
     validators.default = "ok"
     forwarder.submit_nowait(organic(9))
     await until(lambda: len(validators.delivered) == 1)
+
+
+async def test_a_refusal_echoing_the_payload_logs_its_status_and_length_never_the_prompt(
+        nursery: trio.Nursery, make: MakeForwarder, validators: Validators, autojump_clock: trio.abc.Clock,
+        caplog: pytest.LogCaptureFixture) -> None:
+    validators.default = "echo_422"
+    forwarder = make(subnet_of(validator(1, 5000.0)), inline_io=True)
+    await nursery.start(forwarder.run)
+    forwarder.submit_nowait(organic(0))
+    await until(lambda: forwarder.health()["dropped"].get("http_422") == 1)
+    (line,) = [r.getMessage() for r in caplog.records if "HTTP 422" in r.getMessage()]
+    assert "question 0" not in caplog.text and "r0-m12" not in caplog.text  # before: 200 characters of it
+    assert re.search(r"HTTP 422 \(a body of [0-9]+ bytes\)", line), line
 
 
 async def test_429_is_retried_later_not_dropped(
@@ -777,7 +792,7 @@ async def test_a_replayed_batch_whose_requeue_cannot_be_written_holds_up_nothing
     never read again. (A requeue the disk refused used to hold up every later replay.)"""
     spool = Spool(tmp_path / "spool", max_bytes=1 << 20)
     spool.open()
-    spool.append([encode_payload(organic(i)) for i in range(20)])
+    spool.append([organic(i).encode() for i in range(20)])
     spool.close()
     validators.default = "odd_500"
     validators.gate = trio.Event()
@@ -914,3 +929,25 @@ async def test_a_stop_writes_all_that_memory_holds_within_the_flush_budget(
     assert dropped["flush_timeout"] == 0 and dropped["flush_failed"] == 0
     seeds = spooled_seeds(tmp_path / "spool")
     assert len(seeds) == len(set(seeds)) == kept, "every organic kept is on disk, once"
+
+
+async def test_the_spool_is_closed_at_shutdown_off_the_event_loop(
+        nursery: trio.Nursery, make: MakeForwarder, validators: Validators, tmp_path: Path) -> None:
+    loop_thread = threading.get_ident()
+    closed_on: list[int] = []
+
+    class Files(SpoolFiles):
+        def close(self, fd: int) -> None:  # a slow disk blocks here: never on the loop's thread
+            closed_on.append(threading.get_ident())
+            super().close(fd)
+
+    validators.gate = trio.Event()  # deliveries hang: the payload is in flight when the stop comes
+    with trio.fail_after(20):
+        forwarder = make(spool_files=Files())
+        async with trio.open_nursery() as running:
+            await running.start(forwarder.run)
+            forwarder.submit_nowait(organic(0))
+            await until(lambda: len(validators.attempts) == 1)
+            running.cancel_scope.cancel()
+    assert forwarder.health()["spool"]["pending"] == 1  # the flush at exit spooled it
+    assert closed_on and loop_thread not in closed_on, closed_on  # before: closed on the loop's thread

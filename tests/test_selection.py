@@ -204,6 +204,25 @@ async def test_miners_source_asks_each_miner(autojump_clock: Any, nursery: trio.
     assert snap.models() == [MODEL]
 
 
+async def test_miners_source_never_asks_a_validator(autojump_clock: Any, nursery: trio.Nursery) -> None:
+    asked: list[int] = []
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url.port or 0)
+        return httpx.Response(200, json={"task_availabilities": {"InferenceTask": True},
+                                         "llm_model_availabilities": {MODEL: True}})
+
+    validator = miner(4, 0.0, permit=True, stake=5e4)  # serving, with a permit and the stake of a validator
+    small = miner(5, 0.2, permit=True, stake=10.0)  # a permit under fanout.validator_stake_limit: a miner
+    actor = AvailabilityActor(settings_for("miners"),
+                              SnapshotCell(SubnetSnapshot.of(1, [miner(1, 0.5), validator, small])),
+                              httpx.AsyncClient(transport=httpx.MockTransport(handle)),
+                              Signer(Keypair.create_from_uri("//G")))
+    await actor.poll_miners(spread_s=1.0)
+    assert sorted(asked) == [9001, 9005]  # before: the validator's axon was asked too
+    assert sorted(uid for uid, found in actor.cell.get().miners.items() if found is not None) == [1, 5]
+
+
 def test_the_configured_validator_is_asked_under_its_metagraph_hotkey() -> None:
     settings = dataclasses.replace(Settings(), scoring=ScoringSettings(validator="127.0.0.1:8999"))
     listed = Neuron(uid=9, hotkey="hk-validator", axon="127.0.0.1:8999", validator_permit=True, stake=5e4)

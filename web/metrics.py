@@ -209,6 +209,8 @@ PARTS: dict[str, tuple[Spec, ...]] = {
         gauge("count", "workers", "serving processes (server.workers)"),
         counter("published", "worker_reports_published", "reports this worker published for the others"),
         counter("failures", "worker_report_failures", "reports that could not be published or read"),
+        counter("bad_reports", "worker_reports_bad", "other workers' reports skipped: too large, too deep or "
+                "not JSON"),
     ),
     "connections": (
         gauge("open", "connections_open", "client connections open"),
@@ -332,7 +334,8 @@ class GatewayCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         services = self.services
         families = Families()
-        report = services.readiness()
+        parts = services.actors.health()  # once per scrape: some parts count or sum to report
+        report = services.readiness(parts)
         families.add("gauge", "ready", "1 when every actor runs and the gateway is not draining", {},
                      float(report["ready"]))
         families.add("gauge", "draining", "1 while the gateway stops (SIGINT/SIGTERM)", {}, float(report["draining"]))
@@ -342,7 +345,7 @@ class GatewayCollector(Collector):
                          float(state["status"] == "running"))
             families.add("counter", "actor_restarts", "times the supervisor restarted the actor", labels,
                          float(state["restarts"]))
-        for part, health in services.actors.health().items():
+        for part, health in parts.items():
             read_part(families, part, health, PARTS.get(part, ()))
         self._miners(families)
         yield from families.by_name.values()

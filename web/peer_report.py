@@ -1,5 +1,10 @@
 """What one worker publishes for the others (`actors/peers.py`): its metrics text and its status figures,
-exactly as it would answer `/metrics` and `/status/data` alone."""
+as it would answer `/metrics` and `/status/data` alone, but the keys.
+
+Only figures at hand go in, since a report is built every few seconds whether anyone asks or not: the
+key summary (a read of the whole key store) is left to `/status/data`, which reads it once, when asked,
+from the store all workers share.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +13,13 @@ from typing import Any
 
 from web.metrics import metrics_registry, render
 from web.services import Services
-from web.status import KeySummary, status_data
+from web.status import status_figures
 
 
 def worker_report(services: Services) -> Callable[[], Awaitable[dict[str, Any]]]:
     registry = metrics_registry(services)
-    keys = KeySummary()
 
     async def report() -> dict[str, Any]:
-        return {"metrics": render(registry).decode(), "status": await status_data(services, keys)}
+        return {"metrics": render(registry).decode(), "status": status_figures(services)}
 
     return report

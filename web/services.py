@@ -43,11 +43,12 @@ class Services:
     peers: WorkerPeers | None = None  # the other workers, when `server.workers` > 1
     draining: bool = False
 
-    def readiness(self) -> dict[str, Any]:
+    def readiness(self, health: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+        """`/health/ready`: `health`, the parts' reports, when the caller has read them already."""
         return {
             "ready": self.actors.ready() and not self.draining,
             "draining": self.draining,
             "worker": self.settings.worker,
             "actors": self.actors.report(),
-            **self.actors.health(),
+            **(self.actors.health() if health is None else health),
         }

@@ -30,7 +30,7 @@ from web.services import Services
 from web.whole import merge_status
 
 PAGE_FILES = ("status.html", "status.css", "status.js")
-KEYS_REFRESH_S = 5.0  # the key summary is read again at most this often (Redis: a round trip per key)
+KEYS_REFRESH_S = 5.0  # the key summary is read again at most this often (Redis: one pipelined read)
 KEYS_TIMEOUT_S = 3.0
 TOP_KEYS = 5
 CHART_SECONDS = 300
@@ -168,6 +168,11 @@ class KeySummary:
 
 
 async def status_data(services: Services, keys: KeySummary) -> dict[str, Any]:
+    return {**status_figures(services), "keys": await keys.get(services)}
+
+
+def status_figures(services: Services) -> dict[str, Any]:
+    """What `/status/data` shows but the keys: figures at hand, no I/O (what each worker publishes)."""
     report = services.readiness()
     actors = [{"name": name, **state} for name, state in report["actors"].items()]
     return {
@@ -180,7 +185,6 @@ async def status_data(services: Services, keys: KeySummary) -> dict[str, Any]:
         "chart": services.telemetry.chart(seconds=CHART_SECONDS, step=CHART_STEP_S),
         "miners": miners_table(services),
         "scoring": scoring_summary(report.get("scoring")),
-        "keys": await keys.get(services),
         "actors": actors,
     }
 

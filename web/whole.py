@@ -5,7 +5,8 @@ the others' reports into its own:
 - metrics: every worker's families, each sample labelled `worker="N"` (Prometheus sums them);
 - status figures: counts summed, each miner's row summed over the workers (its breaker the worst
   state any worker holds, time to first token the mean), the chart summed per point (time to first
-  token: p50 weighted by requests, p99 the highest), actors listed per worker, and which workers answer.
+  token: p50 weighted by requests, p99 the highest), actors listed per worker, and which workers answer;
+- keys: the answering worker's own read of the store all workers share (reports carry none).
 """
 
 from __future__ import annotations

@@ -57,6 +57,7 @@ log = logging.getLogger("sn1_gateway.keys")
 
 NAMESPACE = "sn1gw"
 MAX_PENDING_KEYS = 65_536  # distinct keys with unflushed token usage; beyond it usage is dropped, counted
+LIST_BATCH = 500  # key hashes read per round trip when listing: a bounded reply, few round trips
 BATCH_MARKER_TTL_MS = 86_400_000  # a batch resent later than this (a day-long outage) could count twice
 
 # KEYS[1]: the batch's marker; KEYS[2..]: key hashes. ARGV[1]: the marker's lifetime (ms); ARGV[2..]:
@@ -168,8 +169,11 @@ class RedisKeyStore:
         flush_interval_s: float = 1.0,
         wall_clock: Callable[[], float] = time.time,
         failed_auth_per_minute: int = DEFAULT_PER_MINUTE,
+        exit_deadline: Callable[[], float] | None = None,
     ) -> None:
+        """`exit_deadline()`: the trio time by which the flush at exit (see `connect`) must end."""
         self.client = client
+        self.exit_deadline = exit_deadline
         self.url = describe_url(url)
         self.timeout_s = timeout_s
         self.flush_interval_s = flush_interval_s
@@ -220,11 +224,17 @@ class RedisKeyStore:
                 try:
                     yield store
                 finally:
-                    with trio.CancelScope(shield=True), trio.move_on_after(timeout_s):
+                    end = trio.current_time() + timeout_s
+                    if store.exit_deadline is not None:
+                        end = min(end, store.exit_deadline())
+                    with trio.CancelScope(deadline=end, shield=True) as scope:
                         try:
                             await store.flush()
                         except KeyStoreUnavailable as exc:
                             log.warning("key store: usage not saved at shutdown: %s", exc)
+                    if scope.cancelled_caught:
+                        log.warning("key store: usage not saved at shutdown: no time left before the stop's "
+                                    "deadline")
         if problem is not None:
             raise KeyStoreError(f"auth.redis_url: cannot reach Redis at {describe_url(url)} ({problem})")
 
@@ -307,22 +317,39 @@ class RedisKeyStore:
                 fields = await self.client.hgetall(self._key(key_id))
         except (RedisError, OSError, trio.TooSlowError) as exc:
             raise self._unavailable(exc) from exc
-        info = _info(key_id, dict(fields), self.usage)
-        pending = self._pending.get(key_id, 0) + (self._batch[1].get(key_id, 0) if self._batch else 0)
-        if info is not None and pending:
-            info = KeyInfo(info.id, info.prefix, info.rate_limit, info.created_at, info.requests,
-                           saturating_add(info.tokens, pending), info.last_used_at)
-        return info
+        return self._with_pending(_info(key_id, dict(fields), self.usage))
+
+    def _with_pending(self, info: KeyInfo | None) -> KeyInfo | None:
+        """`info` with the token usage counted here and not yet in Redis."""
+        if info is None:
+            return None
+        pending = self._pending.get(info.id, 0) + (self._batch[1].get(info.id, 0) if self._batch else 0)
+        if not pending:
+            return info
+        return KeyInfo(info.id, info.prefix, info.rate_limit, info.created_at, info.requests,
+                       saturating_add(info.tokens, pending), info.last_used_at)
 
     async def list_keys(self) -> list[KeyInfo]:
+        """Every key, read `LIST_BATCH` hashes per round trip (one pipeline each, bounded in time)."""
         from coredis.exceptions import RedisError
 
         try:
             with trio.fail_after(self.timeout_s):
                 ids = sorted(await self.client.smembers(self._ids))
+            found: list[KeyInfo] = []
+            for start in range(0, len(ids), LIST_BATCH):
+                chunk = ids[start:start + LIST_BATCH]
+                with trio.fail_after(self.timeout_s):
+                    async with self.client.pipeline(transaction=False) as pipe:
+                        for key_id in chunk:
+                            pipe.hgetall(self._key(key_id))
+                replies = pipe.results or ()
+                for key_id, fields in zip(chunk, replies, strict=True):
+                    info = self._with_pending(_info(key_id, dict(fields), self.usage))
+                    if info is not None:
+                        found.append(info)
         except (RedisError, OSError, trio.TooSlowError) as exc:
             raise self._unavailable(exc) from exc
-        found = [info for key_id in ids if (info := await self.info(key_id)) is not None]
         return sorted(found, key=lambda i: (i.created_at, i.id))
 
     # -- changes --------------------------------------------------------------------------------------

@@ -91,11 +91,6 @@ class RunSync(Protocol):
     def __call__(self, sync_fn: Callable[..., T], *args: Any) -> Awaitable[T]: ...
 
 
-def encode_payload(result: OrganicResult) -> bytes:
-    """The `/scoring` body as the exact bytes that are signed, sent and spooled."""
-    return result.encode()
-
-
 class Outcome(enum.Enum):
     DELIVERED = "delivered"  # a 200
     REJECTED = "rejected"  # a 4xx that no retry can change: dropped, counted
@@ -555,7 +550,7 @@ class ScoringForwarder:
                       len(left), self.flush_deadline_s)
         if total:
             log.info("scoring: %d payloads written to the spool for the next start", total)
-        self.spool.close()  # closing a file: no fsync, nothing to wait for
+        await self._run_sync(self.spool.close)  # it takes the spool's lock and may cut a torn tail: off the loop
 
     def _take_all_in_memory(self) -> list[Item]:
         items: list[Item] = [*self._writing, *self._inflight.values(), *self._overflow.take_all()]
@@ -580,7 +575,7 @@ class ScoringForwarder:
         else:
             result, created_at = item.result, item.created_at
             try:
-                pending = Pending(encode_payload(result), created_at)
+                pending = Pending(result.encode(), created_at)  # the bytes signed, sent and spooled
             except (TypeError, ValueError) as exc:
                 stored.unencodable += 1
                 log.error("scoring: request %s cannot be encoded (%s); dropped", result.request_id, exc)
@@ -731,9 +726,10 @@ class ScoringForwarder:
             self.dropped[name] = self.dropped.get(name, 0) + 1
             self.picker.rejected(validator, status)
             if self.log_every.due(("rejected", status), now):
-                log.error("scoring: validator %s at %s refused a payload with HTTP %d (%s); such payloads "
-                          "are dropped (counted in dropped.%s)", validator.hotkey, validator.axon, status,
-                          answer[:200].decode("utf-8", "replace"), name)
+                # Its body is not logged: a validator's error may echo the payload, prompts included.
+                log.error("scoring: validator %s at %s refused a payload with HTTP %d (a body of %d bytes); "
+                          "such payloads are dropped (counted in dropped.%s)", validator.hotkey, validator.axon,
+                          status, len(answer), name)
             return Outcome.REJECTED
         self.attempts_failed += 1
         self.picker.failed(validator, reason or f"HTTP {status}", now)

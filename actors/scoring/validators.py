@@ -33,6 +33,28 @@ class Validator:
     stake: float = 0.0
 
 
+def eligible_validators(settings: ScoringSettings, snapshot: SubnetSnapshot) -> tuple[tuple[Validator, ...], str | None]:
+    """The validators scoring (and the availability poll) may use, and why there is none when there is
+    none: the configured one (`scoring.validator`, with `scoring.validator_hotkey` or the hotkey the
+    metagraph lists at that axon), else every neuron with a validator permit, at least
+    `scoring.min_validator_stake` and a serving axon."""
+    if settings.validator:
+        hotkey = settings.validator_hotkey or snapshot.hotkey_at(settings.validator)
+        if not hotkey:
+            return (), (f"scoring.validator_hotkey is empty and no neuron in the metagraph "
+                        f"serves {settings.validator}")
+        return (Validator(hotkey, settings.validator),), None
+    found = tuple(
+        Validator(n.hotkey, n.axon, n.stake)
+        for n in snapshot.neurons
+        if n.validator_permit and n.axon and n.stake >= settings.min_validator_stake
+    )
+    if found:
+        return found, None
+    return (), (f"no neuron in the metagraph has a validator permit, stake >= {settings.min_validator_stake:g} "
+                f"and a serving axon (or set scoring.validator)")
+
+
 class LogEvery:
     """At most one log line per key per `period_s` of trio time, for problems that last."""
 
@@ -91,24 +113,7 @@ class ValidatorPicker:
         return self._cached[1]
 
     def _read(self, snapshot: SubnetSnapshot) -> tuple[Validator, ...]:
-        s = self.settings
-        if s.validator:
-            hotkey = s.validator_hotkey or snapshot.hotkey_at(s.validator)
-            if not hotkey:
-                self.problem = (f"scoring.validator_hotkey is empty and no neuron in the metagraph "
-                                f"serves {s.validator}")
-                return ()
-            self.problem = None
-            return (Validator(hotkey, s.validator),)
-        found = tuple(
-            Validator(n.hotkey, n.axon, n.stake)
-            for n in snapshot.neurons
-            if n.validator_permit and n.axon and n.stake >= s.min_validator_stake
-        )
-        self.problem = None if found else (
-            f"no neuron in the metagraph has a validator permit, stake >= {s.min_validator_stake:g} "
-            f"and a serving axon (or set scoring.validator)"
-        )
+        found, self.problem = eligible_validators(self.settings, snapshot)
         return found
 
     def available(self, now: float) -> bool:
