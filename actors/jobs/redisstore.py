@@ -32,7 +32,7 @@ from actors.jobs.records import (
     error_of,
     error_text,
 )
-from actors.keystore.redisstore import describe_url
+from actors.keystore.redisstore import RedisUnreachable, describe_url, pinged_client
 
 if TYPE_CHECKING:
     from coredis import Redis
@@ -159,26 +159,11 @@ class RedisJobStore:
     @asynccontextmanager
     async def connect(cls, url: str, **kw: Any) -> AsyncIterator[RedisJobStore]:
         """A store on `url`, checked with a PING (a JobStoreError at once if Redis cannot be reached)."""
-        import coredis
-        from coredis.exceptions import RedisError
-
-        timeout_s = kw.get("timeout_s", 5.0)
         try:
-            client = coredis.Redis.from_url(url, decode_responses=True, connect_timeout=timeout_s,
-                                            stream_timeout=timeout_s)
-        except ValueError as exc:
-            raise JobStoreError(f"auth.redis_url: not a usable Redis URL ({exc})") from None
-        problem: str | None = None
-        async with client:
-            try:
-                with trio.fail_after(timeout_s):
-                    await client.ping()
-            except (RedisError, OSError, trio.TooSlowError) as exc:
-                problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            else:
+            async with pinged_client(url, kw.get("timeout_s", 5.0)) as client:
                 yield cls(client, url=url, **kw)
-        if problem is not None:
-            raise JobStoreError(f"jobs: cannot reach Redis at {describe_url(url)} ({problem})")
+        except RedisUnreachable as exc:
+            raise JobStoreError(f"jobs: {exc}") from None
 
     async def close(self) -> None:
         """The client is closed by `connect`."""

@@ -114,6 +114,38 @@ return 1
 """
 
 
+class RedisUnreachable(Exception):
+    """The Redis at a URL did not answer a PING, or the URL names none; the message says which."""
+
+
+@asynccontextmanager
+async def pinged_client(url: str, timeout_s: float) -> AsyncIterator[Redis[str]]:
+    """A client of the Redis at `url` (answers decoded) that answered a PING within `timeout_s`,
+    closed on exit. Shared by the key store and the job store, which live in the same Redis."""
+    import coredis
+    from coredis.exceptions import RedisError
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+        raise RedisUnreachable(f"expected redis://host:port/db (or rediss://, unix://), found {describe_url(url)!r}")
+    try:
+        client = coredis.Redis.from_url(url, decode_responses=True, connect_timeout=timeout_s,
+                                        stream_timeout=timeout_s)
+    except ValueError as exc:
+        raise RedisUnreachable(f"not a usable Redis URL ({exc})") from None
+    problem: str | None = None
+    async with client:
+        try:
+            with trio.fail_after(timeout_s):
+                await client.ping()
+        except (RedisError, OSError, trio.TooSlowError) as exc:
+            problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        else:
+            yield client
+    if problem is not None:
+        raise RedisUnreachable(f"cannot reach Redis at {describe_url(url)} ({problem})")
+
+
 def describe_url(url: str) -> str:
     """The URL without credentials, for logs and health reports."""
     parts = urlsplit(url)
@@ -196,30 +228,9 @@ class RedisKeyStore:
     @asynccontextmanager
     async def connect(cls, url: str, **kw: Any) -> AsyncIterator[RedisKeyStore]:
         """A store on `url`, checked with a PING (failing at once with a KeyStoreError if unreachable)."""
-        import coredis
-        from coredis.exceptions import RedisError
-
         timeout_s = kw.get("timeout_s", 2.0)
-        parts = urlsplit(url)
-        if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
-            raise KeyStoreError(
-                f"auth.redis_url: expected redis://host:port/db (or rediss://, unix://), found "
-                f"{describe_url(url)!r}"
-            )
         try:
-            client = coredis.Redis.from_url(
-                url, decode_responses=True, connect_timeout=timeout_s, stream_timeout=timeout_s
-            )
-        except ValueError as exc:
-            raise KeyStoreError(f"auth.redis_url: not a usable Redis URL ({exc})") from None
-        problem: str | None = None
-        async with client:
-            try:
-                with trio.fail_after(timeout_s):
-                    await client.ping()
-            except (RedisError, OSError, trio.TooSlowError) as exc:
-                problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            else:
+            async with pinged_client(url, timeout_s) as client:
                 store = cls(client, url=url, **kw)
                 try:
                     yield store
@@ -235,8 +246,8 @@ class RedisKeyStore:
                     if scope.cancelled_caught:
                         log.warning("key store: usage not saved at shutdown: no time left before the stop's "
                                     "deadline")
-        if problem is not None:
-            raise KeyStoreError(f"auth.redis_url: cannot reach Redis at {describe_url(url)} ({problem})")
+        except RedisUnreachable as exc:
+            raise KeyStoreError(f"auth.redis_url: {exc}") from None
 
     # -- naming ---------------------------------------------------------------------------------------
 
