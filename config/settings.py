@@ -230,6 +230,13 @@ class ResearchSettings:
         10, "deep research: miners asked per web search (as GET /web_retrieval's n_miners)", min=1, max=64)
     search_timeout_s: int = setting(
         30, "deep research: seconds a web search waits for its miners", min=1, max=120)
+    max_running: int = setting(
+        32, "deep-research runs this gateway works on at once, all keys together (streamed, answered whole or "
+        "as jobs); more get 503 research_busy. Each run makes a fan-out at a time (two web searches at most)",
+        min=1, max=10_000)
+    max_running_per_key: int = setting(
+        4, "deep-research runs one API key may have under way at once; more get 429 too_many_research_runs",
+        min=1, max=10_000)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from web import inbound
 from web.app import create_app
 from web.asgi import observe_requests
 from web.peer_report import worker_report
+from web.research.running import ResearchRuns
 from web.server import serve
 from web.services import Services
 from web.telemetry import RequestFanoutPool
@@ -215,10 +216,12 @@ async def run(
         registry.add(connections)
         if isinstance(outbound, KeepAliveTransport):
             registry.add(outbound)
+        research = ResearchRuns()  # deep-research runs under way, within research.max_running(_per_key)
+        registry.add(research)
         services = Services(
             settings=settings, actors=registry, subnet=subnet_cell, signer=signer, http=http,
             availability=availability.cell, miner_health=miner_health, selector=selector, fanout=fanout,
-            keys=keys, scoring=scoring, jobs=jobs,
+            keys=keys, scoring=scoring, jobs=jobs, research=research,
         )
         if settings.worker is not None and settings.server.workers > 1:  # one of several: report for all
             services.peers = await supervisor.start(actors, WorkerPeers(

@@ -204,6 +204,13 @@ PARTS: dict[str, tuple[Spec, ...]] = {
         counter("defects", "jobs_defects", "jobs that ended on an unexpected error"),
         counter("store.failures", "jobs_store_failures", "calls to the jobs store that failed"),
     ),
+    "research": (
+        gauge("running", "research_runs_running", "deep-research runs under way (research.max_running)"),
+        gauge("keys_running", "research_keys_running", "API keys with a deep-research run under way"),
+        counter("started", "research_runs_started", "deep-research runs started"),
+        counter("refused", "research_runs_refused", "deep-research runs refused by a limit (running: the "
+                "gateway's, 503; running_per_key: the key's, 429)", label="reason"),
+    ),
     "workers": (
         gauge("index", "worker_index", "this worker's index, of server.workers"),
         gauge("count", "workers", "serving processes (server.workers)"),

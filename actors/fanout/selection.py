@@ -29,7 +29,6 @@ from actors.fanout.breaker import MinerHealth
 from wire.metagraph import Neuron, SubnetSnapshot
 from wire.snapshot import SnapshotCell
 
-
 MAX_EXPLICIT_UIDS = 64  # the most miners one request may name (web retrieval's n_miners bound)
 NAMED_IN_ERRORS = 3  # uids an error message lists; the rest are counted
 
