@@ -206,7 +206,7 @@ async def run(
         fanout = await supervisor.start(actors, RequestFanoutPool(  # each fan-out noted on its request
             http, signer, miner_health, submit=scoring.submit_nowait,
             max_serving=settings.fanout.max_inflight, max_jobs=settings.fanout.max_background,
-            stall_s=settings.fanout.stall_timeout_s,
+            stall_s=settings.fanout.stall_timeout_s, answers_max_bytes=settings.fanout.answers_max_bytes,
         ))
         jobs = await supervisor.start(actors, JobsActor(job_store, settings.jobs))
         connections = inbound.Connections(settings.server.max_connections,

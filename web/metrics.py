@@ -186,6 +186,13 @@ PARTS: dict[str, tuple[Spec, ...]] = {
         counter("unscored", "fanout_unscored", "results with nowhere to go (no scoring forwarder)"),
         counter("miner_failures", "fanout_miner_failures", "miner answers that failed, by kind", label="kind"),
         counter("gateway_errors", "fanout_gateway_errors", "asks that failed on the gateway's side"),
+        gauge("answers_bytes", "fanout_answers_bytes", "bytes the miners of every running fan-out have sent, "
+              "together"),
+        gauge("answers_max_bytes", "fanout_answers_max_bytes", "most bytes of answers held together before "
+              "answers past their share are cut (fanout.answers_max_bytes)"),
+        gauge("miner_streams", "fanout_miner_streams", "miners being asked now, over every fan-out"),
+        counter("answers_cut", "fanout_answers_cut", "answers cut because the running fan-outs held more than "
+                "fanout.answers_max_bytes"),
     ),
     "jobs": (
         gauge("running", "jobs_running", "chat jobs running in this gateway"),
