@@ -156,6 +156,14 @@ class FanoutSettings:
     max_background: int = setting(
         4096, "fan-outs kept running, collection for scoring included; beyond it the oldest collection "
         "whose client is served is cut short (counted)", min=1)
+    answers_max_bytes: int = setting(
+        512 * 1024 * 1024, "what the miners' answers of every fan-out running (collections for scoring included) "
+        "may hold together, as received. While they hold more, an answer past its share (this over the miner "
+        "streams open) is cut at its next read: the miner's failure when it is also past what its request "
+        "typically takes (64 KiB and 600 bytes a token), else the gateway's own limit (cut_at_pool_budget); a "
+        "client whose winner is cut gets a successor or an error event. Memory held stays under about twice "
+        "this. 512 MiB: about 500 requests of 5 miners' 300-token answers, or 150 at 1,024 tokens in full",
+        min=1024 * 1024, max=1 << 40)
     failure_threshold: int = setting(
         3, "consecutive failures that open a miner's circuit breaker", min=1, max=1000
     )
@@ -232,6 +240,13 @@ class ResearchSettings:
         10, "deep research: miners asked per web search (as GET /web_retrieval's n_miners)", min=1, max=64)
     search_timeout_s: int = setting(
         30, "deep research: seconds a web search waits for its miners", min=1, max=120)
+    max_running: int = setting(
+        32, "deep-research runs this gateway works on at once, all keys together (streamed, answered whole or "
+        "as jobs); more get 503 research_busy. Each run makes a fan-out at a time (two web searches at most)",
+        min=1, max=10_000)
+    max_running_per_key: int = setting(
+        4, "deep-research runs one API key may have under way at once; more get 429 too_many_research_runs",
+        min=1, max=10_000)
 
 
 @dataclass(frozen=True)

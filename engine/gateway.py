@@ -42,6 +42,7 @@ from web import inbound
 from web.app import create_app
 from web.asgi import observe_requests
 from web.peer_report import worker_report
+from web.research.running import ResearchRuns
 from web.server import serve
 from web.services import Services
 from web.telemetry import RequestFanoutPool
@@ -207,7 +208,7 @@ async def run(
         fanout = await supervisor.start(actors, RequestFanoutPool(  # each fan-out noted on its request
             http, signer, miner_health, submit=scoring.submit_nowait,
             max_serving=settings.fanout.max_inflight, max_jobs=settings.fanout.max_background,
-            stall_s=settings.fanout.stall_timeout_s,
+            stall_s=settings.fanout.stall_timeout_s, answers_max_bytes=settings.fanout.answers_max_bytes,
         ))
         jobs = await supervisor.start(actors, JobsActor(job_store, settings.jobs))
         connections = inbound.Connections(settings.server.max_connections,
@@ -217,10 +218,12 @@ async def run(
         registry.add(connections)
         if isinstance(outbound, KeepAliveTransport):
             registry.add(outbound)
+        research = ResearchRuns()  # deep-research runs under way, within research.max_running(_per_key)
+        registry.add(research)
         services = Services(
             settings=settings, actors=registry, subnet=subnet_cell, signer=signer, http=http,
             availability=availability.cell, miner_health=miner_health, selector=selector, fanout=fanout,
-            keys=keys, scoring=scoring, jobs=jobs,
+            keys=keys, scoring=scoring, jobs=jobs, research=research,
         )
         if settings.worker is not None and settings.server.workers > 1:  # one of several: report for all
             services.peers = await supervisor.start(actors, WorkerPeers(

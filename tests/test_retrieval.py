@@ -124,6 +124,8 @@ async def test_items_need_an_http_url_with_a_host_and_content(stack: Stack) -> N
         {"url": "https://[::1", "content": "unparseable"},
         {"url": "https://ok/with space", "content": "a space"},
         {"url": "https://ok/\nheader", "content": "a newline"},
+        {"url": "https://ok/<script>", "content": "angle brackets (never valid unencoded)"},
+        {"url": "https://ok/a>b", "content": "a closing bracket would end a research report's <url> link"},
         {"url": "https://ok/" + "x" * 2048, "content": "too long"},
         {"url": ["https://ok/5"], "content": "a list"},
         "https://ok/6",

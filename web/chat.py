@@ -42,6 +42,7 @@ from web.completion_format import ChatStream, completion_body, usage_of
 from web.errors import ApiError, json_response
 from web.mixture import mixture_job
 from web.research import ResearchFailure, ResearchOutcome, run_research
+from web.research.running import ResearchSlot
 from web.research.tools import FanoutTools, research_limits
 from web.services import Services
 from wire.sse import DONE_EVENT, encode_event
@@ -243,23 +244,48 @@ def research_error(outcome: ResearchOutcome) -> ApiError:
     return ApiError(502, message, code="research_call_failed")
 
 
+def admit_research(services: Services, grant: Grant) -> ResearchSlot:
+    """A place for one more run of the key (`research.max_running_per_key`, `research.max_running`), or
+    the ApiError (429, 503) saying which limit it is over."""
+    if services.research is None:
+        raise ApiError(503, "Deep research is not available in this gateway.", code="research_unavailable")
+    return services.research.admit(grant.key_id, services.settings.research)
+
+
 async def produce_research(services: Services, grant: Grant, request: ChatRequest,
-                           send: trio.MemorySendChannel[Batch]) -> None:
+                           send: trio.MemorySendChannel[Batch], slot: ResearchSlot | None = None) -> None:
     """Run deep research on the request's messages, sending its Markdown as it comes, then its Finish
     (usage: every call's) or its Fault. The run is one request against the key; its calls' completion
-    tokens are added to the key's usage however the run ends (see `web.research.tools`)."""
+    tokens are added to the key's usage however the run ends (see `web.research.tools`). It holds `slot`
+    (taken here when none is given: a job's run) until it ends, however it ends."""
+    try:
+        async with send:
+            if slot is None:
+                try:
+                    slot = admit_research(services, grant)
+                except ApiError as exc:
+                    await send.send((Fault(exc),))
+                    return
+            await _research_into(services, grant, request, send)
+    finally:
+        if slot is not None:
+            slot.release()
+
+
+async def _research_into(services: Services, grant: Grant, request: ChatRequest,
+                         send: trio.MemorySendChannel[Batch]) -> None:
+    """The run itself, into `send`."""
     tools = FanoutTools(services)
-    async with send:
 
-        async def emit(piece: str) -> None:
-            await send.send((Chunk(piece),))
+    async def emit(piece: str) -> None:
+        await send.send((Chunk(piece),))
 
-        try:
-            outcome = await run_research(request.messages, tools, emit, research_limits(services.settings.research),
-                                         today=today())
-        finally:
-            record_usage(services, grant, tools.usage)
-        await send.send((Finish("stop", dict(tools.usage)),) if outcome.completed else (Fault(research_error(outcome)),))
+    try:
+        outcome = await run_research(request.messages, tools, emit, research_limits(services.settings.research),
+                                     today=today())
+    finally:
+        record_usage(services, grant, tools.usage)
+    await send.send((Finish("stop", dict(tools.usage)),) if outcome.completed else (Fault(research_error(outcome)),))
 
 
 def is_research(request: ChatRequest) -> bool:
@@ -354,9 +380,11 @@ async def research_stream(services: Services, grant: Grant, request: ChatRequest
     send, receive = research_channel()
     if services.jobs is None:
         raise ApiError(503, "Deep research is not available in this gateway.", code="research_unavailable")
+    slot = admit_research(services, grant)
     try:
-        scope = services.jobs.start_run(partial(produce_research, services, grant, request, send))
+        scope = services.jobs.start_run(partial(produce_research, services, grant, request, send, slot))
     except JobsUnavailable as exc:
+        slot.release()
         raise ApiError(503, "Deep research cannot start now; retry shortly.", code="research_unavailable",
                        headers={"Retry-After": "1"}) from exc
     on_close(scope.cancel)
@@ -371,11 +399,12 @@ async def research_complete(services: Services, grant: Grant, request: ChatReque
     async def emit(piece: str) -> None:
         """Progress is for streams."""
 
-    try:
-        outcome = await run_research(request.messages, tools, emit, research_limits(services.settings.research),
-                                     today=today())
-    finally:
-        record_usage(services, grant, tools.usage)
+    with admit_research(services, grant):
+        try:
+            outcome = await run_research(request.messages, tools, emit,
+                                         research_limits(services.settings.research), today=today())
+        finally:
+            record_usage(services, grant, tools.usage)
     if not outcome.completed:
         raise research_error(outcome)
     body = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),

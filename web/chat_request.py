@@ -61,6 +61,7 @@ MAX_TOOLS = 128
 MAX_STOP = 4
 MAX_STOP_CHARS = 256
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound
+MAX_UIDS = 16  # miners a chat request may name: every one is asked, each a stream and a scoring answer
 
 
 def bad(param: str, message: str) -> ApiError:
@@ -238,9 +239,11 @@ def parse_chat_request(data: Any, *, default_model: str, rng: random.Random | No
         seed = (rng or random.Random()).randint(0, MAX_SEED)
     uids = data.get("uids")
     if uids is not None:
-        if (not isinstance(uids, list) or not uids or len(uids) > 256
-                or not all(isinstance(u, int) and not isinstance(u, bool) and u >= 0 for u in uids)):
-            raise bad("uids", "'uids' must be a non-empty array of at most 256 non-negative integers.")
+        if not isinstance(uids, list) or not uids or len(uids) > MAX_UIDS:
+            raise bad("uids", f"'uids' must be a non-empty array of at most {MAX_UIDS} non-negative integers"
+                      + (f" ({len(uids)} given)." if isinstance(uids, list) and uids else "."))
+        if not all(isinstance(u, int) and not isinstance(u, bool) and u >= 0 for u in uids):
+            raise bad("uids", f"'uids' must be a non-empty array of at most {MAX_UIDS} non-negative integers.")
         uids = tuple(uids)
     options = data.get("stream_options")
     if options is not None and not isinstance(options, dict):

@@ -186,6 +186,13 @@ PARTS: dict[str, tuple[Spec, ...]] = {
         counter("unscored", "fanout_unscored", "results with nowhere to go (no scoring forwarder)"),
         counter("miner_failures", "fanout_miner_failures", "miner answers that failed, by kind", label="kind"),
         counter("gateway_errors", "fanout_gateway_errors", "asks that failed on the gateway's side"),
+        gauge("answers_bytes", "fanout_answers_bytes", "bytes the miners of every running fan-out have sent, "
+              "together"),
+        gauge("answers_max_bytes", "fanout_answers_max_bytes", "most bytes of answers held together before "
+              "answers past their share are cut (fanout.answers_max_bytes)"),
+        gauge("miner_streams", "fanout_miner_streams", "miners being asked now, over every fan-out"),
+        counter("answers_cut", "fanout_answers_cut", "answers cut because the running fan-outs held more than "
+                "fanout.answers_max_bytes"),
     ),
     "jobs": (
         gauge("running", "jobs_running", "chat jobs running in this gateway"),
@@ -203,6 +210,13 @@ PARTS: dict[str, tuple[Spec, ...]] = {
         counter("lost_writes", "jobs_lost_writes", "result chunks the store could not keep"),
         counter("defects", "jobs_defects", "jobs that ended on an unexpected error"),
         counter("store.failures", "jobs_store_failures", "calls to the jobs store that failed"),
+    ),
+    "research": (
+        gauge("running", "research_runs_running", "deep-research runs under way (research.max_running)"),
+        gauge("keys_running", "research_keys_running", "API keys with a deep-research run under way"),
+        counter("started", "research_runs_started", "deep-research runs started"),
+        counter("refused", "research_runs_refused", "deep-research runs refused by a limit (running: the "
+                "gateway's, 503; running_per_key: the key's, 429)", label="reason"),
     ),
     "workers": (
         gauge("index", "worker_index", "this worker's index, of server.workers"),

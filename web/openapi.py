@@ -16,6 +16,7 @@ from typing import Any
 from werkzeug.routing import Rule
 
 from actors.availability import KNOWN_MODELS, KNOWN_TASKS
+from actors.fanout.selection import MAX_EXPLICIT_UIDS
 from actors.keystore.records import RATE_LIMIT_MAX
 from web.availability import MAX_UIDS
 from web.chat import RESEARCH_MODE
@@ -32,6 +33,7 @@ from web.chat_request import (
     SAMPLING_FIELDS,
     SAMPLING_SPEC,
 )
+from web.chat_request import MAX_UIDS as MAX_CHAT_UIDS
 from web.completion_format import FINISH_REASONS
 from web.errors import ERROR_TYPES
 from web.retrieval import DEFAULT_RESPONSE_TIME_S, MAX_QUERY_CHARS, MAX_RESPONSE_TIME_S
@@ -265,7 +267,7 @@ def chat_schemas() -> dict[str, Any]:
         "mixture": {"type": ["boolean", "null"], "default": False,
                     "description": "Mixture of miners: several miners answer, one more combines their answers."},
         "sampling_parameters": nullable(ref("SamplingParameters")),
-        "uids": {"type": ["array", "null"], "minItems": 1, "maxItems": 256,
+        "uids": {"type": ["array", "null"], "minItems": 1, "maxItems": MAX_CHAT_UIDS,
                  "items": {"type": "integer", "minimum": 0},
                  "description": "Ask exactly these miners (a uid not in the metagraph, or with no axon, is a "
                                 "400). Deprecated and ignored upstream."},
@@ -518,7 +520,8 @@ def other_schemas() -> dict[str, Any]:
                 "n_results": {"type": ["integer", "string", "null"], "minimum": 1, "maximum": 100, "default": 5},
                 "max_response_time": {"type": ["integer", "string", "null"], "minimum": 1,
                                       "maximum": MAX_RESPONSE_TIME_S, "default": DEFAULT_RESPONSE_TIME_S},
-                "uids": {"type": ["array", "null"], "items": {"type": "integer", "minimum": 0}},
+                "uids": {"type": ["array", "null"], "maxItems": MAX_EXPLICIT_UIDS,
+                         "items": {"type": "integer", "minimum": 0}},
             },
         },
         "WebRetrievalResult": {
@@ -828,7 +831,7 @@ def retrieval_paths() -> dict[str, Any]:
               "Results wanted (and asked of each miner)."),
         query("max_response_time", {"type": "integer", "minimum": 1, "maximum": MAX_RESPONSE_TIME_S,
                                      "default": DEFAULT_RESPONSE_TIME_S}, "Seconds to wait for miners."),
-        query("uids", {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        query("uids", {"type": "array", "maxItems": MAX_EXPLICIT_UIDS, "items": {"type": "integer", "minimum": 0}},
               "Ask exactly these miners; repeated (`uids=1&uids=2`) or comma-separated.",
               style="form", explode=True),
     ]

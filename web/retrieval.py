@@ -27,6 +27,7 @@ import trio
 from quart import Blueprint, Response, request
 
 from actors.fanout.job import FanoutJob
+from actors.fanout.selection import MAX_EXPLICIT_UIDS
 from web.auth import Grant, authorize, rate_limit_headers_on_errors
 from web.body import int_arg, json_body
 from web.errors import ApiError, fanout_errors, json_response
@@ -72,8 +73,10 @@ def result_item(item: Any) -> dict[str, Any] | None:
 
 
 def usable_url(url: str) -> bool:
-    """An absolute http(s) URL with a host, at most MAX_URL_CHARS, without spaces or control characters."""
-    if not url or len(url) > MAX_URL_CHARS or any(c <= " " or c == "\x7f" for c in url):
+    """An absolute http(s) URL with a host, at most MAX_URL_CHARS, without spaces, control characters or
+    angle brackets (never valid unencoded, and they would break the `<url>` links deep research writes).
+    Every URL a miner names, for retrieval or deep research, is checked here."""
+    if not url or len(url) > MAX_URL_CHARS or any(c <= " " or c in "\x7f<>" for c in url):
         return False
     try:
         parts = urlsplit(url)
@@ -134,6 +137,7 @@ def merge_results(answers: Sequence[MinerAnswer], n_results: int) -> Merged:
 
 
 def parse_uids(values: list[Any]) -> list[int] | None:
+    """The uids a client named (repeated or comma-separated), at most MAX_EXPLICIT_UIDS."""
     uids: list[int] = []
     for value in values:
         parts = value.split(",") if isinstance(value, str) else [value]
@@ -152,6 +156,9 @@ def parse_uids(values: list[Any]) -> list[int] | None:
             if uid < 0:
                 raise ApiError(400, "'uids' must be non-negative.", param="uids", code="invalid_parameter")
             uids.append(uid)
+            if len(uids) > MAX_EXPLICIT_UIDS:
+                raise ApiError(400, f"'uids' may name at most {MAX_EXPLICIT_UIDS} miners.", param="uids",
+                               code="too_many_uids")
     return uids or None
 
 

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -23,6 +23,9 @@ from wire.epistula import Signer
 from wire.metagraph import SubnetSnapshot
 from wire.snapshot import SnapshotCell
 
+if TYPE_CHECKING:  # web.research imports this module
+    from web.research.running import ResearchRuns
+
 
 @dataclass
 class Services:
@@ -40,6 +43,7 @@ class Services:
     keys: KeyStore = field(default_factory=FileKeyStore)
     telemetry: Telemetry = field(default_factory=Telemetry)  # what requests did (`web/asgi.py` records it)
     jobs: JobsActor | None = None  # chat jobs, and work that outlives its request (streamed deep research)
+    research: ResearchRuns | None = None  # deep-research runs under way, bounded (none: research is off)
     peers: WorkerPeers | None = None  # the other workers, when `server.workers` > 1
     draining: bool = False
 

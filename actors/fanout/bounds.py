@@ -40,6 +40,7 @@ TYPICAL_BYTES_PER_TOKEN = 600  # a token's chunk with its logprobs, as vLLM stre
 MAX_BYTES_PER_TOKEN = 2048  # what one miner may send, with room for long top_logprobs lists
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
 RETRIEVAL_TYPICAL_BYTES = 512 * 1024
+REQUEST_MAX_BYTES = 16 * 1024 * 1024  # one request's answers together, at least (scoring.max_payload_bytes' default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +48,9 @@ class AnswerBounds:
     """What one miner's answer may hold, derived from the token budget with a generous margin (a
     Subnet 1 miner streams a token per chunk, a few hundred bytes with its logprobs), and what one
     request's answers may hold together: each miner a typical answer's worth, and two of them their
-    whole bound. Bytes count as received, chunk framing included."""
+    whole bound, but never more than REQUEST_MAX_BYTES or two whole answers, whichever is more (a
+    request naming many miners at a large token budget would otherwise be allowed gigabytes). Bytes
+    count as received, chunk framing included."""
 
     max_bytes: int
     max_events: int
@@ -67,4 +70,5 @@ class AnswerBounds:
 
     def request_bytes(self, miners: int) -> int:
         """What the answers of one request's `miners` may hold together."""
-        return miners * self.typical_bytes + 2 * max(0, self.max_bytes - self.typical_bytes)
+        wanted = miners * self.typical_bytes + 2 * max(0, self.max_bytes - self.typical_bytes)
+        return min(wanted, max(REQUEST_MAX_BYTES, 2 * self.max_bytes))

@@ -13,7 +13,14 @@ Modes:
 Miners asked only for scoring (`scoring_only`) are never a winner nor a successor.
 
 Every miner's answer is bounded (`AnswerBounds`, from the request's token budget): bytes, events, one
-event's size, and time. Going over is that miner's failure; its connection is closed.
+event's size, and time. Going over is that miner's failure; its connection is closed. One request's
+answers together are bounded too (the largest still coming gives way), and so are the answers of every
+fan-out running, together (`answers_max_bytes`): while they hold more, an answer still coming that is
+past its share of the budget (the budget over the miner streams open) is cut at its next read; the
+miner's failure when its answer is also past what its request typically takes (more than an honest
+miner sends), else the gateway's own limit (`cut_at_pool_budget`, no breaker moves). A cut winner is
+handled as any winner that breaks (a successor, or an error event). Counted with integer updates per
+read, so memory held stays near the budget (at most about twice it: answers under their share go on).
 """
 
 from __future__ import annotations
@@ -58,6 +65,11 @@ class OverBounds(MinerFailure):
     """The miner's answer went over its bounds (`AnswerBounds`): its connection is closed."""
 
 
+class PoolBudgetCut(MinerFailure):
+    """The gateway held too much of its miners' answers and this answer, of an ordinary size, was past
+    its share: cut for the gateway's own limit, not held against the miner."""
+
+
 class TimeBudgetSpent(MinerFailure):
     """The request's time budget ended while the miner was still sending text: its answer is cut, but
     a long answer at an honest pace is not held against the miner."""
@@ -84,6 +96,7 @@ class FanoutPool:
         max_serving: int = 512,
         max_jobs: int = 4096,
         stall_s: float = 1.5,
+        answers_max_bytes: int = 512 * 1024 * 1024,
     ) -> None:
         self.http = http
         self.signer = signer
@@ -92,6 +105,10 @@ class FanoutPool:
         self.max_serving = max_serving
         self.max_jobs = max_jobs
         self.stall_s = stall_s
+        self.answers_max_bytes = answers_max_bytes
+        self.answers_bytes = 0  # what the miners of every running fan-out have sent, together
+        self.miner_streams = 0  # miners being asked now, over every fan-out
+        self.answers_cut = 0  # answers cut because the running fan-outs held more than answers_max_bytes
         self._jobs: dict[int, FanoutJob] = {}  # running jobs, oldest first
         self.jobs_serving = 0
         self.jobs_evicted = 0
@@ -100,7 +117,8 @@ class FanoutPool:
         self.jobs_total = 0
         self.jobs_refused = 0
         self.results_unscored = 0  # results with nowhere to go (no scoring forwarder)
-        self.miner_failures: dict[str, int] = {"failed": 0, "client_caused": 0, "over_bounds": 0, "cut_at_budget": 0}
+        self.miner_failures: dict[str, int] = {"failed": 0, "client_caused": 0, "over_bounds": 0, "cut_at_budget": 0,
+                                               "cut_at_pool_budget": 0}
         self.gateway_errors = 0  # asks that failed on the gateway's side (not held against the miner)
         self._idle = trio.Event()
         self._idle.set()
@@ -198,6 +216,7 @@ class FanoutPool:
                         answer.error = job.cut_reason or "collection cut short"
         finally:
             del self._jobs[id(job)]
+            self.answers_bytes -= job.bytes_held
             if not job.released:  # the pool is stopping under a handler still attached
                 job.released = True
                 self.jobs_serving -= 1
@@ -219,6 +238,7 @@ class FanoutPool:
         # "ok" and "failed" are the miner's doing; "neutral" (the client's input, the gateway's own
         # failure, a cancelled request) moves no breaker.
         outcome = "neutral"
+        self.miner_streams += 1
         try:
             with trio.move_on_after(job.timeout_s) as scope:
                 await self._stream(job, i, body_bytes, headers)
@@ -238,6 +258,9 @@ class FanoutPool:
         except TimeBudgetSpent as exc:
             answer.error = str(exc)
             self.miner_failures["cut_at_budget"] += 1
+        except PoolBudgetCut as exc:
+            answer.error = str(exc)
+            self.miner_failures["cut_at_pool_budget"] += 1
         except MinerFailure as exc:
             answer.error, outcome = str(exc), "failed"
             self.miner_failures["over_bounds" if isinstance(exc, OverBounds) else "failed"] += 1
@@ -252,6 +275,7 @@ class FanoutPool:
             answer.error = f"gateway error: {type(exc).__name__}"
             self.gateway_errors += 1
         finally:
+            self.miner_streams -= 1
             trial, moves = job.trials.get(i), job.moves_breakers
             if outcome == "ok":
                 self.miner_health.succeeded(neuron.uid, answer.timings[0] if answer.timings else None, trial, moves=moves)
@@ -293,10 +317,14 @@ class FanoutPool:
         answers hold too much together, the largest one still coming gives way (most likely the
         miner making it so), never the first to have a byte over."""
         answer, bounds = job.answers[i], job.bounds
-        job.bytes_held += wire_bytes - answer.received_bytes
+        grown = wire_bytes - answer.received_bytes
+        job.bytes_held += grown
+        self.answers_bytes += grown
         answer.received_bytes = wire_bytes
         if wire_bytes > bounds.max_bytes:
             raise OverBounds(f"answer over {bounds.max_bytes} bytes")
+        if self.answers_bytes > self.answers_max_bytes and wire_bytes * self.miner_streams > self.answers_max_bytes:
+            self._cut_for_the_pool(bounds, wire_bytes)
         if i in job.over_budget:
             raise OverBounds(f"the request's answers over {job.max_bytes_held} bytes together; this one the largest")
         if job.bytes_held > job.max_bytes_held:
@@ -306,6 +334,16 @@ class FanoutPool:
             if largest == i:
                 raise OverBounds(f"the request's answers over {job.max_bytes_held} bytes together; "
                                  "this one the largest")
+
+    def _cut_for_the_pool(self, bounds: AnswerBounds, wire_bytes: int) -> None:
+        """Every running fan-out's answers hold more than `answers_max_bytes`, and this one is past its
+        share: it stops here. Past its request's typical size too, it is the miner's doing."""
+        self.answers_cut += 1
+        if wire_bytes > bounds.typical_bytes:
+            raise OverBounds(f"answer of {wire_bytes} bytes, over the {bounds.typical_bytes} typical of this "
+                             f"request, while the gateway held over {self.answers_max_bytes} bytes of answers")
+        raise PoolBudgetCut(f"cut at {wire_bytes} bytes: the gateway held over {self.answers_max_bytes} bytes "
+                            "of miners' answers")
 
     async def _take(self, job: FanoutJob, i: int, events: list[bytes]) -> bool:
         """The events one read brought (so they arrived at one time); True once [DONE] has come."""
@@ -366,7 +404,9 @@ class FanoutPool:
         return {"running": self.jobs_running, "serving": self.jobs_serving, "total": self.jobs_total,
                 "refused": self.jobs_refused, "collections_cut_short": self.jobs_evicted,
                 "unscored": self.results_unscored, "miner_failures": dict(self.miner_failures),
-                "gateway_errors": self.gateway_errors}
+                "gateway_errors": self.gateway_errors, "answers_bytes": self.answers_bytes,
+                "answers_max_bytes": self.answers_max_bytes, "miner_streams": self.miner_streams,
+                "answers_cut": self.answers_cut}
 
 
 class PoolBusy(Exception):

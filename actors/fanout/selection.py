@@ -29,6 +29,16 @@ from actors.fanout.breaker import MinerHealth
 from wire.metagraph import Neuron, SubnetSnapshot
 from wire.snapshot import SnapshotCell
 
+MAX_EXPLICIT_UIDS = 64  # the most miners one request may name (web retrieval's n_miners bound)
+NAMED_IN_ERRORS = 3  # uids an error message lists; the rest are counted
+
+
+def some_uids(uids: Sequence[int]) -> str:
+    """A few of `uids` for an error message, the rest counted: a client naming thousands of unknown
+    uids gets a short answer, not its list echoed back."""
+    shown = ", ".join(map(str, uids[:NAMED_IN_ERRORS]))
+    return shown if len(uids) <= NAMED_IN_ERRORS else f"{shown} and {len(uids) - NAMED_IN_ERRORS} more"
+
 
 class SelectionError(Exception):
     """No usable miner; `status` tells the client why (400 bad uids, 404 unknown model, 503 none now)."""
@@ -244,14 +254,20 @@ class Selector:
         return next((n for n in healthy if n.uid not in skip), healthy[0])
 
     def explicit(self, uids: Sequence[int]) -> list[Neuron]:
-        """The miners a client named; a uid not in the metagraph, or not serving, is a 400."""
+        """The miners a client named (at most MAX_EXPLICIT_UIDS); a uid not in the metagraph, or not
+        serving, is a 400 naming a few of them."""
+        if len(uids) > MAX_EXPLICIT_UIDS:
+            raise SelectionError(400, f"'uids' names {len(uids)} miners; at most {MAX_EXPLICIT_UIDS} may be named.",
+                                 code="too_many_uids", param="uids")
         by_uid = self.subnet.get().by_uid
-        unknown = [u for u in uids if u not in by_uid]
+        unknown = list(dict.fromkeys(u for u in uids if u not in by_uid))
         if unknown:
-            raise SelectionError(400, f"uids not in the metagraph: {unknown}", code="unknown_uid", param="uids")
-        silent = [u for u in uids if not by_uid[u].axon]
+            raise SelectionError(400, f"uids not in the metagraph: {some_uids(unknown)}.", code="unknown_uid",
+                                 param="uids")
+        silent = list(dict.fromkeys(u for u in uids if not by_uid[u].axon))
         if silent:
-            raise SelectionError(400, f"uids that serve no axon: {silent}", code="uid_not_serving", param="uids")
+            raise SelectionError(400, f"uids that serve no axon: {some_uids(silent)}.", code="uid_not_serving",
+                                 param="uids")
         return [by_uid[u] for u in dict.fromkeys(uids)]
 
     def _none_error(self, index: SelectionIndex, task: str, model: str | None) -> SelectionError:

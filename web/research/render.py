@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from web.research.steps import MAX_SOURCES, FinalAnswer, Thought, ToolCall, usable_url
+from web.research.steps import MAX_SOURCES, FinalAnswer, Thought, ToolCall
+from web.retrieval import usable_url
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 from web.research.extract import Malformed
+from web.retrieval import usable_url
 
 MAX_TEXT_CHARS = 16_000  # a direct answer or the final explanation
 MAX_FIELD_CHARS = 6_000  # thoughts, a search answer
@@ -25,7 +25,6 @@ MAX_QUERY_CHARS = 300  # the search query line
 MAX_REFERENCES = 10  # per search answer
 MAX_SOURCES = 20  # evidence items of the final answer
 MAX_LIMITATIONS = 10
-MAX_URL_CHARS = 2_048
 MAX_RESULT_CHARS = 4_000  # one search result's content, as the search-answer step sees it
 
 WEB_SEARCH = "web_search"
@@ -37,18 +36,6 @@ def clip(text: str, limit: int) -> str:
     """`text` stripped and cut to at most `limit` characters (an ellipsis marks a cut)."""
     text = text.strip()
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
-
-
-def usable_url(url: str) -> bool:
-    """An absolute http(s) URL with a host, without spaces or control characters, not too long."""
-    if not url or len(url) > MAX_URL_CHARS or any(c <= " " or c in "\x7f<>" for c in url):
-        return False
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname
-    except ValueError:
-        return False
-    return parts.scheme.lower() in ("http", "https") and bool(host)
 
 
 def _object(value: object, what: str) -> Mapping[str, Any]:
