@@ -157,12 +157,13 @@ class FanoutSettings:
         4096, "fan-outs kept running, collection for scoring included; beyond it the oldest collection "
         "whose client is served is cut short (counted)", min=1)
     answers_max_bytes: int = setting(
-        512 * 1024 * 1024, "what the miners' answers of every fan-out running (collections for scoring included) "
+        1024 * 1024 * 1024, "what the miners' answers of every fan-out running (collections for scoring included) "
         "may hold together, as received. While they hold more, an answer past its share (this over the miner "
         "streams open) is cut at its next read: the miner's failure when it is also past what its request "
         "typically takes (64 KiB and 600 bytes a token), else the gateway's own limit (cut_at_pool_budget); a "
         "client whose winner is cut gets a successor or an error event. Memory held stays under about twice "
-        "this. 512 MiB: about 500 requests of 5 miners' 300-token answers, or 150 at 1,024 tokens in full",
+        "this. 1 GiB: 512 requests of 5 miners' whole answers at 1,024 tokens (about 300 KB each as vLLM "
+        "streams them with logprobs, 770 MB in all), with room for collections for scoring",
         min=1024 * 1024, max=1 << 40)
     failure_threshold: int = setting(
         3, "consecutive failures that open a miner's circuit breaker", min=1, max=1000

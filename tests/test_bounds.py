@@ -265,6 +265,6 @@ def test_one_requests_budget_is_capped_however_many_miners_it_names() -> None:
 
 async def test_the_pools_answer_bytes_are_on_metrics(stack: Stack) -> None:
     text = (await stack.client.get("/metrics")).text
-    assert "sn1_gateway_fanout_answers_max_bytes 5.36870912e+08" in text
+    assert "sn1_gateway_fanout_answers_max_bytes 1.073741824e+09" in text
     assert "sn1_gateway_fanout_answers_bytes 0.0" in text
     assert 'sn1_gateway_fanout_miner_failures_total{kind="cut_at_pool_budget"} 0.0' in text
