@@ -44,13 +44,11 @@ def research_limits(settings: ResearchSettings) -> ResearchLimits:
 
 
 class FanoutTools:
-    """ResearchTools for one run; `calls`, `searches` and `usage` say what the run cost."""
+    """ResearchTools for one run; `usage` sums the tokens of its model calls, billed to the run's key."""
 
     def __init__(self, services: Services, *, rng: random.Random | None = None) -> None:
         self.services = services
         self.rng = rng or random.Random()
-        self.calls = 0
-        self.searches = 0
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
 
     async def complete(self, messages: list[dict[str, str]], *, step: str) -> str:
@@ -59,7 +57,6 @@ class FanoutTools:
             {"messages": messages, "model": default_model, "stream": True, "temperature": TEMPERATURE,
              "max_tokens": MAX_NEW_TOKENS, "timeout": CALL_TIMEOUT_S, "seed": self.rng.randint(0, MAX_SEED)},
             default_model=default_model)
-        self.calls += 1
         try:
             job = start_job(self.services, request, request.miner_body, mode="stream")
         except ApiError as exc:
@@ -93,7 +90,6 @@ class FanoutTools:
 
     async def search(self, query: str, *, n_results: int) -> list[dict[str, Any]]:
         settings = self.services.settings.research
-        self.searches += 1
         try:
             merged, _ = await retrieval.search(self.services, query, n_miners=settings.search_miners,
                                                n_results=n_results, max_time=settings.search_timeout_s)
