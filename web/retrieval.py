@@ -192,8 +192,7 @@ async def retrieve_for(services: Services, grant: Grant, params: Mapping[str, An
         reasons = {**merged.failures, **job.errors()}
         raise ApiError(502, "No miner returned usable search results.", code="miners_failed",
                        details={str(a.uid): reasons[a.uid] for a in job.answers if a.uid in reasons} or None)
-    return json_response({"results": merged.results},
-                         headers={**grant.headers, "X-Request-Id": job.request_id})
+    return json_response({"results": merged.results}, headers=grant.headers)
 
 
 async def search(services: Services, query: str, *, n_miners: int, n_results: int, max_time: int,
