@@ -269,9 +269,10 @@ def workers_document(phases: Sequence[tuple[int, Measured]], *, pinned: bool, sk
                 "startup_s": round(startups[i], 3) if i < len(startups) else None}
                for i, (n, m) in enumerate(phases)]
     by_count = {e["workers"]: e["rps"] for e in entries}
-    one, most = by_count.get(1), by_count.get(max(by_count, default=0))
-    ratio = None if not one or most is None or len(by_count) < 2 else round(most / one, 3)
-    return {"what": WORKERS_NOTE, "phases": entries, "ratio": ratio, "skipped": skipped}
+    most = max(by_count, default=1)
+    one, many = by_count.get(1), by_count.get(most)
+    ratio = None if not one or many is None or most == 1 else round(many / one, 3)
+    return {"what": WORKERS_NOTE, "phases": entries, "ratio": ratio, "ratio_workers": most, "skipped": skipped}
 
 
 def peak_rps(entries: Sequence[dict[str, Any]], key: str = "gateway") -> float | None:
@@ -331,7 +332,7 @@ def _floor_rows(floor: dict[str, Any] | None) -> list[str]:
     return rows
 
 
-def _workers_rows(workers: dict[str, Any] | None) -> list[str]:
+def workers_rows(workers: dict[str, Any] | None) -> list[str]:
     if not workers:
         return []
     if workers["skipped"]:
@@ -343,7 +344,7 @@ def _workers_rows(workers: dict[str, Any] | None) -> list[str]:
     rows += [_row([f"{p['workers']}, c={p['concurrency']}", _fmt(p["rps"], 0), _fmt(p["p50_ms"]), _fmt(p["p99_ms"]),
                    _fmt(p["gateway_cpu_ms_per_completion"], 3), _fmt(p["gateway_cores_used"]), p["cores"]])
              for p in workers["phases"]]
-    rows.append(_row([f"ratio, {workers['phases'][-1]['workers']} workers / 1", _fmt(workers["ratio"]), "", "", "",
+    rows.append(_row([f"ratio, {workers['ratio_workers']} workers / 1", _fmt(workers["ratio"]), "", "", "",
                       "", "the figure with more workers uses both cores, shared with the peers"]))
     return rows
 
@@ -403,7 +404,7 @@ def table(document: dict[str, Any]) -> str:
         _row(["machine: load average at start / end",
               f"{document['machine']['load_average']['start'][0]} / {document['machine']['load_average']['end'][0]}"]),
         *_floor_rows(document.get("stack_floor")),
-        *_workers_rows(document.get("workers")),
+        *workers_rows(document.get("workers")),
         "",
         *_pace_rows(document),
         "",

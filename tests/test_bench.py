@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import trio
 
-from bench.load import Endpoint, Exchange, SseScanner
-from bench.report import compared, percentile
+from bench.load import Endpoint, Exchange, LoadResult, SseScanner
+from bench.report import Measured, compared, percentile, workers_document, workers_rows
 
 COMPARED = {"gateway", "direct", "ratio"}
 
@@ -162,7 +162,7 @@ def test_quick_bench_measures_one_and_two_workers(quick_run: QuickRun) -> None:
     one, two = workers["phases"]
     assert one["cores"].startswith("core 0 alone") if doc["machine"]["cores"] >= 2 else True
     assert two["cores"].startswith("every core, shared with")
-    assert workers["ratio"] == pytest.approx(two["rps"] / one["rps"], abs=0.002)
+    assert workers["ratio"] == pytest.approx(two["rps"] / one["rps"], abs=0.002) and workers["ratio_workers"] == 2
     names = [run["name"] for run in doc["gateway_process"]["runs"]]
     assert names[-2:] == ["gateway-workers-1", "gateway-workers-2"]
     assert all(run["exit_code"] == 0 for run in doc["gateway_process"]["runs"][-2:])
@@ -341,3 +341,18 @@ async def test_quick_subnet_scenario_writes_complete_results(tmp_path: Path) -> 
         assert 0 < fair["max_gap_s_serving"] <= doc["config"]["duration_s"], name
     assert [t["met"] is not None for t in doc["targets"]] == [True] * 4  # each target was measured
     assert "| choice | window s | requests | success |" in stdout and f"wrote {out}" in stdout
+
+
+def test_the_workers_ratio_is_of_the_most_workers_to_one_whatever_the_order() -> None:
+    def phase(completed: int) -> Measured:
+        load = LoadResult(concurrency=64, latencies=[0.01] * completed, wall_s=2.0)
+        return Measured(load, gateway_cpu_s=0.002 * completed, gateway_cpu_load_s=0.002 * completed)
+
+    doc = workers_document([(2, phase(900)), (1, phase(600))], pinned=True, skipped=None, startups=[1.5, 0.7])
+    assert doc["ratio"] == 1.5 and doc["ratio_workers"] == 2
+    two, one = doc["phases"]
+    assert (two["rps"], one["rps"]) == (450.0, 300.0) and (two["startup_s"], one["startup_s"]) == (1.5, 0.7)
+    assert one["cores"].startswith("core 0 alone") and two["cores"].startswith("every core, shared")
+    assert two["gateway_cpu_ms_per_completion"] == 2.0 and two["gateway_cores_used"] == 0.9
+    assert workers_document([(1, phase(600))], pinned=True, skipped=None)["ratio"] is None  # nothing to compare
+    assert "| ratio, 2 workers / 1 | 1.50 |" in "\n".join(workers_rows(doc))
