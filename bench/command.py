@@ -60,7 +60,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     }
     if args.signer_uri:
         chosen["signer_uri"] = args.signer_uri
-    for name in ("duration_s", "max_requests", "concurrencies", "fanouts", "stream_concurrency", "open_streams"):
+    for name in ("duration_s", "max_requests", "concurrencies", "fanouts", "stream_concurrency", "open_streams",
+                 "workers"):
         value = getattr(args, name)
         if value is not None:
             chosen[name] = value
@@ -145,6 +146,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--open-streams", dest="open_streams", type=_counts, metavar="LIST",
                    help="streams held open while the gateway's RSS is sampled, one figure per count "
                         "(default 1000,5000; 0 skips)")
+    p.add_argument("--workers", type=_counts, metavar="LIST",
+                   help="server.workers of the workers phases, comma-separated (default 1,2; 0 skips): fanout 1 "
+                        "at the highest concurrency, keys in a redis-server the run starts (skipped without one); "
+                        "more than one worker is not pinned and shares every core with the peers")
     p.add_argument("--no-scoring", action="store_true", help="gateways forward nothing to the validator")
     p.add_argument("--target-gateway", metavar="URL", help="a running gateway instead of starting ones")
     p.add_argument("--target-fanout", type=_positive_int, metavar="N", help="that gateway's [fanout] miners")

@@ -43,6 +43,37 @@ def sample(pid: int) -> ProcessSample:
                          peak_rss_mb=int(found.get("VmHWM", 0)) / 1024)
 
 
+def descendants(pid: int) -> list[int]:
+    """`pid`'s live child processes, and theirs, from /proc (empty when it has none or has ended)."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as f:
+                children = [int(c) for c in f.read().split()]
+        except OSError:
+            continue
+        for child in children:
+            found += [child, *descendants(child)]
+    return found
+
+
+def sample_tree(pid: int) -> ProcessSample:
+    """`sample` summed over a process and its live descendants (a supervisor and its workers): RSS and
+    peak RSS are the sums of each process's own."""
+    samples = [sample(pid)]
+    for child in descendants(pid):
+        try:
+            samples.append(sample(child))
+        except OSError:  # it ended meanwhile
+            continue
+    return ProcessSample(cpu_s=sum(s.cpu_s for s in samples), rss_mb=sum(s.rss_mb for s in samples),
+                         peak_rss_mb=sum(s.peak_rss_mb for s in samples))
+
+
 @dataclass
 class Child(Generic[T]):
     """A running child: its process, what it announced when ready, and its log file."""

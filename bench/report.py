@@ -238,6 +238,43 @@ def floor_document(phases: Sequence[Measured]) -> dict[str, Any]:
             "p50_ms_at_c1": rounded(ms(percentile(c1.load.latencies, 50))) if c1 is not None else None}
 
 
+WORKERS_PINNED = "core 0 alone, as every other gateway of the run"
+WORKERS_SHARED = "every core, shared with the devnet, the validator, Redis and the load generator"
+WORKERS_NOTE = ("fanout 1 at the run's highest concurrency, keys in a Redis of the run's own (auth.store = "
+                "\"redis\", as more than one worker needs); one worker is pinned to the gateway's core, more "
+                "than one cannot be: they use every core, shared with the peers, so the ratio is what one "
+                "machine of this size gains from a second worker, not a per-core figure. CPU is that of the "
+                "supervisor and every worker over the load (scoring's work after it is not waited for)")
+
+
+def workers_entry(workers: int, measured: Measured, *, pinned: bool) -> dict[str, Any]:
+    """One workers phase: requests/s and latency, and the CPU of every process of the gateway (the
+    supervisor and its workers) over the load."""
+    load = measured.load
+    return {"workers": workers, "fanout": 1, "concurrency": load.concurrency,
+            "cores": WORKERS_PINNED if pinned else WORKERS_SHARED,
+            "requests": load.completed, "errors": load.errors, "statuses": _statuses(load),
+            "rps": rounded(rps(load), 1), "p50_ms": rounded(ms(percentile(load.latencies, 50))),
+            "p99_ms": rounded(ms(percentile(load.latencies, 99))),
+            "gateway_cpu_ms_per_completion": rounded(per_request_ms(measured.gateway_cpu_s, load.completed)),
+            "gateway_cores_used": rounded(measured.gateway_cpu_load_s / load.wall_s
+                                          if measured.gateway_cpu_load_s is not None and load.wall_s > 0 else None),
+            **_scoring_drain(measured)}
+
+
+def workers_document(phases: Sequence[tuple[int, Measured]], *, pinned: bool, skipped: str | None,
+                     startups: Sequence[float] = ()) -> dict[str, Any]:
+    """The workers phases, and requests/s of the most workers over that of one (None when either is missing)."""
+    entries = [{**workers_entry(n, m, pinned=pinned and n == 1),
+                "startup_s": round(startups[i], 3) if i < len(startups) else None}
+               for i, (n, m) in enumerate(phases)]
+    by_count = {e["workers"]: e["rps"] for e in entries}
+    most = max(by_count, default=1)
+    one, many = by_count.get(1), by_count.get(most)
+    ratio = None if not one or many is None or most == 1 else round(many / one, 3)
+    return {"what": WORKERS_NOTE, "phases": entries, "ratio": ratio, "ratio_workers": most, "skipped": skipped}
+
+
 def peak_rps(entries: Sequence[dict[str, Any]], key: str = "gateway") -> float | None:
     """The highest requests/s over a set of phases (the figure of the concurrency that saturated)."""
     values = [e["rps"][key] if isinstance(e["rps"], dict) else e["rps"] for e in entries]
@@ -292,6 +329,23 @@ def _floor_rows(floor: dict[str, Any] | None) -> list[str]:
                       "CPU ms/req"]), _row(["---", "---:", "---:", "---:", "---:"])]
     rows += [_row([f"c={p['concurrency']}", _fmt(p["rps"], 0), _fmt(p["p50_ms"]), _fmt(p["p99_ms"]),
                    _fmt(p["cpu_ms_per_request"], 3)]) for p in floor["phases"]]
+    return rows
+
+
+def workers_rows(workers: dict[str, Any] | None) -> list[str]:
+    if not workers:
+        return []
+    if workers["skipped"]:
+        return ["", f"workers: not measured, {workers['skipped']}"]
+    if not workers["phases"]:
+        return []
+    rows = ["", _row(["server.workers (fanout 1)", "requests/s", "p50 ms", "p99 ms", "CPU ms/req (all processes)",
+                      "cores used", "on"]), _row(["---", "---:", "---:", "---:", "---:", "---:", "---"])]
+    rows += [_row([f"{p['workers']}, c={p['concurrency']}", _fmt(p["rps"], 0), _fmt(p["p50_ms"]), _fmt(p["p99_ms"]),
+                   _fmt(p["gateway_cpu_ms_per_completion"], 3), _fmt(p["gateway_cores_used"]), p["cores"]])
+             for p in workers["phases"]]
+    rows.append(_row([f"ratio, {workers['ratio_workers']} workers / 1", _fmt(workers["ratio"]), "", "", "",
+                      "", "the figure with more workers uses both cores, shared with the peers"]))
     return rows
 
 
@@ -350,6 +404,7 @@ def table(document: dict[str, Any]) -> str:
         _row(["machine: load average at start / end",
               f"{document['machine']['load_average']['start'][0]} / {document['machine']['load_average']['end'][0]}"]),
         *_floor_rows(document.get("stack_floor")),
+        *workers_rows(document.get("workers")),
         "",
         *_pace_rows(document),
         "",

@@ -18,6 +18,7 @@ import os
 import platform
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -59,6 +60,7 @@ from bench.processes import (
     raise_fd_limit,
     run_command,
     sample,
+    sample_tree,
     start_child,
 )
 from bench.report import Measured, ProcessSample
@@ -95,6 +97,7 @@ class BenchOptions:
     signer_uri: str = DEVNET_GATEWAY_URI
     keep_dir: Path | None = None  # keep configs and logs here (else a temporary folder)
     profile: bool = False  # record the gateway with py-spy during the fan-out phases
+    workers: tuple[int, ...] = (1, 2)  # `server.workers` of the workers phases (fanout 1); empty: skipped
 
     @classmethod
     def quick_run(cls, **kw: Any) -> BenchOptions:
@@ -162,14 +165,18 @@ def gateway_ready(text: str) -> str | None:
 
 
 def gateway_config(devnet: Devnet, *, uids: set[int], fanout: int, scoring: bool, workdir: Path, name: str,
-                   streams: int = 0) -> str:
+                   streams: int = 0, workers: int | None = None, port: int = 0, redis_url: str = "") -> str:
     """A gateway config for the devnet: the miners `uids` (and the validator), fan-out `fanout`; a spool of
     its own (one gateway never replays another's organics while it is measured). `streams`: room for
-    that many client requests open at once."""
+    that many client requests open at once. `workers`: `server.workers`, on `port`, with the key store
+    (and what workers share) in the Redis at `redis_url`."""
     neurons = [n for n in devnet.miners() if n["uid"] in uids] + devnet.validators()
     room = max(4096, 2 * streams)
-    config = {
-        "server": {"host": "127.0.0.1", "port": 0, "max_connections": max(2048, streams + 256)},
+    server: dict[str, Any] = {"host": "127.0.0.1", "port": port, "max_connections": max(2048, streams + 256)}
+    if workers is not None:
+        server["workers"] = workers
+    config: dict[str, Any] = {
+        "server": server,
         "auth": {"store": "file", "keys_file": str(workdir / "keys.toml"), "admin_key": ""},
         "wallet": {"uri": devnet.config.get("wallet", {}).get("uri", DEVNET_GATEWAY_URI)},
         "subnet": {"source": "static", "netuid": devnet.config["subnet"].get("netuid", 1), "neurons": neurons},
@@ -180,7 +187,34 @@ def gateway_config(devnet: Devnet, *, uids: set[int], fanout: int, scoring: bool
                                            if k in ("validator", "validator_hotkey")},
                     "spool_dir": str(workdir / f"spool-{name}")},
     }
+    if workers is not None:
+        config["auth"] = {"store": "redis", "redis_url": redis_url, "admin_key": ""}
     return tomlkit.dumps(config)
+
+
+def listening_count(count: int) -> Callable[[str], str | None]:
+    """Ready once `count` serving processes have said where they listen (each worker says it)."""
+
+    def ready(text: str) -> str | None:
+        found = _LISTENING.findall(text)
+        return found[0] if len(found) >= count else None
+
+    return ready
+
+
+_REDIS_READY = re.compile(r"ready to accept connections", re.IGNORECASE)
+
+
+def redis_ready(text: str) -> bool | None:
+    return True if _REDIS_READY.search(text) else None
+
+
+def free_port() -> int:
+    """A loopback port free just now (for the processes that need a fixed one: workers, redis)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 @dataclass
@@ -207,6 +241,10 @@ class Run:
     calibration: dict[str, float] = field(default_factory=dict)
     load_at_start: list[float] = field(default_factory=list)
     floor: list[Measured] = field(default_factory=list)
+    all_cpus: frozenset[int] = frozenset()  # every core this run may use (the workers phases share them)
+    workers: list[tuple[int, Measured]] = field(default_factory=list)  # (server.workers, its phase)
+    workers_skipped: str | None = None  # why the workers phases were not run
+    workers_startups: list[float] = field(default_factory=list)  # serve to the first /health 200, per phase
 
     def log(self, message: str) -> None:
         print(f"[bench] {message}", flush=True)
@@ -220,16 +258,20 @@ class Run:
         self.log(f"lean devnet up: {len(modes)} miners and the validator (pid {child.pid})")
         return child
 
-    async def start_gateway(self, name: str, config_text: str) -> tuple[Child[str], str]:
+    async def start_gateway(self, name: str, config_text: str, *, workers: int = 1,
+                            cpus: frozenset[int] | None = None) -> tuple[Child[str], str]:
+        """A gateway up and answering /health, and an API key of its own. `workers`: the serving processes
+        to wait for; `cpus` (a workers phase): where they may run, instead of the gateway core (their
+        start-up is then noted apart from the other gateways', which the start-up target is about)."""
         path = self.workdir / f"{name}.toml"
         path.write_text(config_text, encoding="utf-8")
         key_out = await run_command(cli("keys", "create", "--rate-limit", str(RATE_LIMIT), "--config", str(path)),
                                     cwd=self.workdir)
         api_key = key_out.strip().splitlines()[0]
         child = await start_child(self.nursery, name, cli("serve", "--config", str(path)), cwd=self.workdir,
-                                  ready=gateway_ready, cpus=self.gateway_cpus, env=self.child_env)
+                                  ready=listening_count(workers), cpus=cpus or self.gateway_cpus, env=self.child_env)
         startup = await wait_health(child.ready, child.spawned_at)
-        self.startups.append(startup)
+        (self.workers_startups if cpus is not None else self.startups).append(startup)
         self.log(f"{name} up at {child.ready} (pid {child.pid}; serve to first /health 200: {startup:.2f}s)")
         return child, api_key
 
@@ -250,17 +292,19 @@ class Run:
 
     async def measure(self, endpoint: Endpoint, make_request: Callable[[], bytes], *, concurrency: int,
                       stream: bool, gateway_pid: int | None, scoring_url: str | None = None,
-                      gateway_peak: bool = True) -> Measured:
+                      gateway_peak: bool = True, tree: bool = False) -> Measured:
         """One load phase. With `scoring_url` (a gateway's URL), the phase ends only once that gateway has
         forwarded every organic it took (or `SCORING_DRAIN_S` passed): the CPU of scoring the phase's
-        completions is the phase's, not the next one's, and nothing is left for the next gateway."""
+        completions is the phase's, not the next one's, and nothing is left for the next gateway.
+        `tree`: the gateway's figures are those of its process and every descendant (its workers)."""
+        of_gateway = sample_tree if tree else sample
         before: dict[str, ProcessSample | None] = {}
         after: dict[str, ProcessSample | None] = {}
         miners_pid = self.devnet.pid if self.devnet is not None else None
 
         def probe(into: dict[str, ProcessSample | None]) -> Callable[[], None]:
             def take() -> None:
-                into["gateway"] = sample(gateway_pid) if gateway_pid is not None else None
+                into["gateway"] = of_gateway(gateway_pid) if gateway_pid is not None else None
                 into["miners"] = sample(miners_pid) if miners_pid is not None else None
             return take
 
@@ -271,7 +315,7 @@ class Run:
         async def sample_gateway() -> None:
             assert gateway_pid is not None
             while True:
-                samples.append((time.perf_counter(), sample(gateway_pid).cpu_s))
+                samples.append((time.perf_counter(), of_gateway(gateway_pid).cpu_s))
                 await trio.sleep(STEADY_SAMPLE_S)
 
         async with trio.open_nursery() as sampling:
@@ -293,14 +337,14 @@ class Run:
         if scoring_url is not None:
             # the gateway's CPU meanwhile is its scoring of this phase; the devnet process (which also
             # runs the validator) keeps its figure from the end of the load, as the direct phase does
-            after["gateway"] = sample(gateway_pid) if gateway_pid is not None else None
-        if gateway_peak:
+            after["gateway"] = of_gateway(gateway_pid) if gateway_pid is not None else None
+        if gateway_peak and not tree:
             self.note_peak(gateway_pid)
         return Measured(result, gateway_cpu_s=_delta(before["gateway"], after["gateway"]),
                         miners_cpu_s=_delta(before["miners"], after["miners"]), scoring_drain_s=drain_s,
                         scoring_backlog=backlog, gateway_cpu_load_s=_delta(before["gateway"], load_end),
-                        gateway_cores=len(self.gateway_cpus) if self.gateway_cpus else None,
-                        other_cores=len(self.other_cpus) if self.other_cpus else None,
+                        gateway_cores=None if tree else len(self.gateway_cpus) if self.gateway_cpus else None,
+                        other_cores=None if tree else len(self.other_cpus) if self.other_cpus else None,
                         gateway_steady_cores=steady_use(samples, result.started_at, result.wall_s))
 
     async def fanout_phases(self, fanout: int, gateway: Endpoint, api_key: str, gateway_pid: int | None,
@@ -368,6 +412,51 @@ class Run:
         finally:
             await child.stop()
 
+    async def workers_phases(self, devnet: Devnet) -> None:
+        """Fanout 1 at the highest concurrency through a gateway with each `server.workers` of
+        `options.workers` (keys in a redis-server of the run's own, as more than one worker needs).
+        One worker is pinned to the gateway core as in the other phases; more than one cannot be, and
+        share every core with the devnet, the validator, Redis and the load generator."""
+        # Every gateway here uses the Redis store (one worker too), so the two differ only in
+        # `server.workers` and in the cores they may use.
+        options = self.options
+        exe = shutil.which("redis-server")
+        if exe is None:
+            self.workers_skipped = ("redis-server is not installed (more than one worker needs auth.store = "
+                                    "\"redis\"; apt-get install redis-server)")
+            self.log(f"workers phases skipped: {self.workers_skipped}")
+            return
+        port = free_port()
+        redis = await start_child(self.nursery, "redis", [exe, "--port", str(port), "--bind", "127.0.0.1",
+                                                          "--save", "", "--appendonly", "no", "--daemonize", "no"],
+                                  cwd=self.workdir, ready=redis_ready, cpus=self.other_cpus)
+        try:
+            concurrency = max(options.concurrencies)
+            body = client_body(stream=False, max_tokens=4 * options.answer_tokens)
+            for count in options.workers:
+                name = f"gateway-workers-{count}"
+                config = gateway_config(devnet, uids=set(range(BENCH_MINERS)), fanout=1, scoring=options.scoring,
+                                        workdir=self.workdir, name=name, workers=count, port=free_port(),
+                                        redis_url=f"redis://127.0.0.1:{port}/0")
+                cpus = (self.gateway_cpus if count == 1 else None) or self.all_cpus
+                child, api_key = await self.start_gateway(name, config, workers=count, cpus=cpus)
+                try:
+                    gateway = Endpoint.parse(child.ready, CHAT_PATH)
+                    # No wait for scoring to drain after the load: with several workers /health/ready is
+                    # one worker's report. CPU is counted over the load alone, for each worker count.
+                    measured = await self.measure(gateway, self.gateway_requests(gateway, api_key, body),
+                                                  concurrency=concurrency, stream=False, gateway_pid=child.pid,
+                                                  tree=True)
+                    self.workers.append((count, measured))
+                    entry = report.workers_entry(count, measured, pinned=count == 1 and self.gateway_cpus is not None)
+                    self.log(f"{count} worker(s), fanout 1 c={concurrency}: {entry['rps']} req/s, p50 "
+                             f"{entry['p50_ms']} ms, gateway CPU {entry['gateway_cpu_ms_per_completion']} ms/req "
+                             f"(all its processes), errors {entry['errors']}, on {entry['cores']}")
+                finally:
+                    await self.stop_gateway(child)
+        finally:
+            await redis.stop()
+
     async def open_streams_phase(self, devnet: Devnet, slow_uid: int) -> None:
         """Each count of `open_streams` in turn, on one gateway (fanout 1, the slow miner): its RSS is
         read while all of them are open at once."""
@@ -408,6 +497,7 @@ class Run:
         started = time.time()
         self.calibration = calibration()
         self.load_at_start = [round(x, 2) for x in os.getloadavg()]
+        self.all_cpus = frozenset(os.sched_getaffinity(0))
         self.gateway_cpus, self.other_cpus = core_plan(os.cpu_count() or 1)
         if self.other_cpus is not None:
             pin(0, self.other_cpus)  # the load generator, and the devnet it starts, stay off the gateway's core
@@ -463,6 +553,12 @@ class Run:
                     await self.stop_gateway(child)
             if any(options.open_streams):
                 await self.open_streams_phase(devnet, slow_uid)
+            if options.workers:
+                try:
+                    await self.workers_phases(devnet)
+                except (ChildFailed, OSError) as exc:  # the other figures stand without them
+                    self.workers_skipped = f"the workers phases failed: {exc}"
+                    self.log(self.workers_skipped)
         try:
             await self.floor_phases()
         except (ChildFailed, OSError) as exc:  # the gateways' figures stand without it
@@ -511,6 +607,7 @@ class Run:
                 "quick": options.quick, "duration_s": options.duration_s, "max_requests": options.max_requests,
                 "concurrencies": list(options.concurrencies), "fanouts": list(options.fanouts),
                 "stream_concurrency": options.stream_concurrency, "open_streams": list(options.open_streams),
+                "workers": list(options.workers),
                 "answer_tokens": options.answer_tokens, "scoring": options.scoring, "availability": "none",
                 "target_gateway": options.target_gateway, "target_miner": options.target_miner,
                 "miners": "devnet 'bench' mode (fixed-length answer at once), one process for all miners",
@@ -527,6 +624,8 @@ class Run:
                 "runs": self.gateways,
             },
             "stack_floor": report.floor_document(self.floor),
+            "workers": report.workers_document(self.workers, pinned=self.gateway_cpus is not None,
+                                               skipped=self.workers_skipped, startups=self.workers_startups),
             "miners_process": {"cpu_s": report.rounded(miners_cpu_s, 2)},
             "load_generator": {"cpu_s": round(self.load_cpu_s, 2), "wall_s": round(self.load_wall_s, 2),
                                "cpu_share": round(self.load_cpu_s / self.load_wall_s, 3)

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from bench.load import Endpoint, Exchange, SseScanner
-from bench.report import compared, percentile
+from bench.load import Endpoint, Exchange, LoadResult, SseScanner
+from bench.report import Measured, compared, percentile, workers_document, workers_rows
 
 COMPARED = {"gateway", "direct", "ratio"}
 
@@ -30,16 +34,26 @@ def assert_compared(figure: Any, where: str) -> None:
     assert figure["ratio"] == pytest.approx(figure["gateway"] / figure["direct"], rel=0.01, abs=0.002), where
 
 
-async def test_quick_bench_writes_complete_results(tmp_path: Path) -> None:
-    out = tmp_path / "results.json"
-    with trio.fail_after(120):
-        done = await trio.run_process(
-            [sys.executable, "-m", "engine.cli", "bench", "--quick", "--out", str(out)],
-            cwd=tmp_path, capture_stdout=True, capture_stderr=True, check=False,
-        )
-    stdout = done.stdout.decode()
+@dataclass(frozen=True)
+class QuickRun:
+    doc: dict[str, Any]
+    stdout: str
+    out: Path
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> QuickRun:
+    """One `bench --quick` run, whose document the tests below read."""
+    folder = tmp_path_factory.mktemp("bench")
+    out = folder / "results.json"
+    done = subprocess.run([sys.executable, "-m", "engine.cli", "bench", "--quick", "--out", str(out)],
+                          cwd=folder, capture_output=True, check=False, timeout=180)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
-    doc = json.loads(out.read_text())
+    return QuickRun(json.loads(out.read_text()), done.stdout.decode(), out)
+
+
+def test_quick_bench_writes_complete_results(quick_run: QuickRun) -> None:
+    doc, stdout, out = quick_run.doc, quick_run.stdout, quick_run.out
 
     assert doc["schema"] == "sn1-gateway-bench/2"
     assert doc["machine"]["cores"] >= 1
@@ -91,7 +105,12 @@ async def test_quick_bench_writes_complete_results(tmp_path: Path) -> None:
     assert all(run["exit_code"] == 0 for run in process["runs"])  # each gateway stopped cleanly on SIGTERM
     for run in process["runs"]:  # every organic went to the devnet validator, none dropped
         scoring = run["scoring"]
-        assert scoring["submitted"] > 0 and scoring["dropped"] == {} and scoring["attempts_failed"] == 0, run
+        if scoring is None:  # a workers phase without redis-server: see the workers test
+            continue
+        # with several workers the report is one worker's, which may have been given no connection
+        several = run["name"].startswith("gateway-workers-") and run["name"] != "gateway-workers-1"
+        assert (several or scoring["submitted"] > 0) and scoring["dropped"] == {}, run
+        assert scoring["attempts_failed"] == 0, run
         assert scoring["delivered"] + scoring["queued"] + scoring["overflow"] + scoring["in_flight"] \
             + scoring["spooled"] >= scoring["submitted"], run
 
@@ -116,6 +135,39 @@ async def test_quick_bench_writes_complete_results(tmp_path: Path) -> None:
 
     assert "| figure | gateway | direct | gateway/direct |" in stdout
     assert f"wrote {out}" in stdout
+
+
+def test_quick_bench_measures_one_and_two_workers(quick_run: QuickRun) -> None:
+    """`server.workers` 1 and 2 at fanout 1 (keys in a redis-server of the run's own): requests/s of
+    each and their ratio, in the document and the table, the 2-worker figure said to share the cores."""
+    doc, stdout = quick_run.doc, quick_run.stdout
+    workers = doc["workers"]
+    assert doc["config"]["workers"] == [1, 2]
+    if shutil.which("redis-server") is None:
+        assert "redis-server is not installed" in workers["skipped"] and workers["phases"] == []
+        assert "workers: not measured, redis-server is not installed" in stdout
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed, and CI is set: .ci/run should have installed it")
+        pytest.skip("redis-server is not installed (apt-get install redis-server): the workers phases were skipped")
+    assert workers["skipped"] is None
+    assert [p["workers"] for p in workers["phases"]] == [1, 2]
+    for p in workers["phases"]:
+        where = f"workers {p['workers']}"
+        assert p["fanout"] == 1 and p["concurrency"] == max(doc["config"]["concurrencies"]), where
+        assert p["errors"] == 0 and p["requests"] > 0 and p["statuses"] == {"200": p["requests"]}, where
+        assert p["rps"] > 0 and 0 < p["p50_ms"] <= p["p99_ms"], where
+        # the CPU of the supervisor and its workers: more than the parent's own few milliseconds
+        assert p["gateway_cpu_ms_per_completion"] > 0 and p["gateway_cores_used"] > 0, where
+        assert 0 < p["startup_s"] < 30, where
+    one, two = workers["phases"]
+    assert one["cores"].startswith("core 0 alone") if doc["machine"]["cores"] >= 2 else True
+    assert two["cores"].startswith("every core, shared with")
+    assert workers["ratio"] == pytest.approx(two["rps"] / one["rps"], abs=0.002) and workers["ratio_workers"] == 2
+    names = [run["name"] for run in doc["gateway_process"]["runs"]]
+    assert names[-2:] == ["gateway-workers-1", "gateway-workers-2"]
+    assert all(run["exit_code"] == 0 for run in doc["gateway_process"]["runs"][-2:])
+    assert "| server.workers (fanout 1) | requests/s |" in stdout
+    assert "| ratio, 2 workers / 1 |" in stdout and "uses both cores, shared with the peers" in stdout
 
 
 def test_percentile_interpolates_between_ranks() -> None:
@@ -289,3 +341,18 @@ async def test_quick_subnet_scenario_writes_complete_results(tmp_path: Path) -> 
         assert 0 < fair["max_gap_s_serving"] <= doc["config"]["duration_s"], name
     assert [t["met"] is not None for t in doc["targets"]] == [True] * 4  # each target was measured
     assert "| choice | window s | requests | success |" in stdout and f"wrote {out}" in stdout
+
+
+def test_the_workers_ratio_is_of_the_most_workers_to_one_whatever_the_order() -> None:
+    def phase(completed: int) -> Measured:
+        load = LoadResult(concurrency=64, latencies=[0.01] * completed, wall_s=2.0)
+        return Measured(load, gateway_cpu_s=0.002 * completed, gateway_cpu_load_s=0.002 * completed)
+
+    doc = workers_document([(2, phase(900)), (1, phase(600))], pinned=True, skipped=None, startups=[1.5, 0.7])
+    assert doc["ratio"] == 1.5 and doc["ratio_workers"] == 2
+    two, one = doc["phases"]
+    assert (two["rps"], one["rps"]) == (450.0, 300.0) and (two["startup_s"], one["startup_s"]) == (1.5, 0.7)
+    assert one["cores"].startswith("core 0 alone") and two["cores"].startswith("every core, shared")
+    assert two["gateway_cpu_ms_per_completion"] == 2.0 and two["gateway_cores_used"] == 0.9
+    assert workers_document([(1, phase(600))], pinned=True, skipped=None)["ratio"] is None  # nothing to compare
+    assert "| ratio, 2 workers / 1 | 1.50 |" in "\n".join(workers_rows(doc))
