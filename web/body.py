@@ -4,23 +4,55 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from typing import Any
 
+import trio
+from hypercorn.typing import ASGIReceiveCallable
 from quart import request
 
-from web.errors import ApiError
+from web.errors import ApiError, body_timeout, too_large
 from wire import jsonio
 
 
 async def json_body(*, allow_empty: bool = False) -> Any:
-    """The request body as JSON; invalid JSON is a 400 (a body over the limit is a 413), and so is JSON
-    nested deeper than `jsonio.MAX_DEPTH`.
+    """The Quart request's body as JSON (see `parse_json`); a body over the limit is a 413."""
+    return parse_json(await request.get_data(cache=False, as_text=False, parse_form_data=False),
+                      allow_empty=allow_empty)
+
+
+async def read_body(headers: Mapping[str, str], receive: ASGIReceiveCallable, *, max_bytes: int,
+                    timeout_s: float | None) -> bytes | None:
+    """A plain ASGI request's body, bounded as Quart bounds its own: a declared or received length over
+    `max_bytes` is a 413 at once (nothing more is read), a body not whole within `timeout_s` a 408.
+    None when the client left before it was whole."""
+    declared = headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise too_large(max_bytes)
+    parts = bytearray()
+    with trio.move_on_after(float("inf") if timeout_s is None else timeout_s):
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            if message["type"] != "http.request":
+                continue
+            parts += message.get("body", b"")
+            if len(parts) > max_bytes:
+                raise too_large(max_bytes)
+            if not message.get("more_body", False):
+                return bytes(parts)
+    raise body_timeout()
+
+
+def parse_json(raw: bytes, *, allow_empty: bool = False) -> Any:
+    """A request body as JSON; invalid JSON is a 400, and so is JSON nested deeper than
+    `jsonio.MAX_DEPTH`.
 
     The standard library's parser, not orjson: a client may send integers beyond 64 bits and lone
     surrogates, which are valid JSON (see `wire.jsonio`). It recurses once per level, so a body of
     100,000 brackets exhausts the interpreter's stack (RecursionError): that, too, is the client's 400.
     """
-    raw = await request.get_data(cache=False, as_text=False, parse_form_data=False)
     if not raw.strip():
         if allow_empty:
             return None
