@@ -21,28 +21,47 @@ async def json_body(*, allow_empty: bool = False) -> Any:
                       allow_empty=allow_empty)
 
 
-async def read_body(headers: Mapping[str, str], receive: ASGIReceiveCallable, *, max_bytes: int,
-                    timeout_s: float | None) -> bytes | None:
-    """A plain ASGI request's body, bounded as Quart bounds its own: a declared or received length over
-    `max_bytes` is a 413 at once (nothing more is read), a body not whole within `timeout_s` a 408.
-    None when the client left before it was whole."""
-    declared = headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise too_large(max_bytes)
-    parts = bytearray()
-    with trio.move_on_after(float("inf") if timeout_s is None else timeout_s):
+class AsgiBody:
+    """A plain ASGI request's body, read as Quart reads one: as it comes, while the handler works (so a
+    refusal sent before the handler asks for it finds the body read when it came with the head), bounded
+    by `max_bytes` (a declared or received length over it is a 413 at once, nothing more is kept)."""
+
+    def __init__(self, headers: Mapping[str, str], receive: ASGIReceiveCallable, *, max_bytes: int) -> None:
+        self._receive = receive
+        self.max_bytes = max_bytes
+        declared = headers.get("content-length")
+        self._too_large = declared is not None and declared.isdigit() and int(declared) > max_bytes
+        self._data = bytearray()
+        self._whole = trio.Event()
+        if self._too_large:
+            self._whole.set()
+
+    async def receive_all(self, exchange: trio.CancelScope) -> None:
+        """Take the body's messages, then wait for the client to leave: its leaving cancels `exchange`."""
         while True:
-            message = await receive()
+            message = await self._receive()
             if message["type"] == "http.disconnect":
-                return None
-            if message["type"] != "http.request":
+                exchange.cancel()
+                return
+            if message["type"] != "http.request" or self._whole.is_set():
                 continue
-            parts += message.get("body", b"")
-            if len(parts) > max_bytes:
-                raise too_large(max_bytes)
-            if not message.get("more_body", False):
-                return bytes(parts)
-    raise body_timeout()
+            self._data += message.get("body", b"")
+            if len(self._data) > self.max_bytes:
+                self._too_large = True
+                self._data.clear()
+                self._whole.set()
+            elif not message.get("more_body", False):
+                self._whole.set()
+
+    async def read(self, timeout_s: float | None) -> bytes:
+        """The whole body: a 413 when it is over the limit, a 408 when not whole within `timeout_s`."""
+        with trio.move_on_after(float("inf") if timeout_s is None else timeout_s) as waiting:
+            await self._whole.wait()
+        if self._too_large:
+            raise too_large(self.max_bytes)
+        if waiting.cancelled_caught:
+            raise body_timeout()
+        return bytes(self._data)
 
 
 def parse_json(raw: bytes, *, allow_empty: bool = False) -> Any:

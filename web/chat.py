@@ -15,6 +15,10 @@ wake-up (`Chunk` text with the miner's choice for logprobs, `Finish` with finish
 `Fault`, or the keep-alive tick), and a consumer renders them: `stream_response` as SSE (one write per
 batch), `web.jobs` as a job's result chunks. Producers: `FanoutAnswer` (a fan-out's events, passed on
 as they come, with no task of its own) and `channel_batches` over a deep-research run's channel.
+
+The route is answered as plain ASGI, in front of the Quart app (`chat_entry`, installed by
+`web.app.create_app`): the hottest route skips Quart's request and response objects. Its rules stay in
+Quart's URL map, so the served routes, OPTIONS and a wrong method's 405 are Quart's.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from actors.jobs import JobsUnavailable
 from web.asgi import request_headers
 from web.asking import answered_model, resolve_model, start_job
 from web.auth import Grant, api_key_of, check_key, client_address, rate_limit_headers_on_errors
-from web.body import parse_json, read_body
+from web.body import AsgiBody, parse_json
 from web.chat_request import ChatRequest, parse_chat_request
 from web.completion_format import ChatStream, completion_body, usage_of
 from web.errors import ApiError, encode_headers, errors_answered, send_json
@@ -430,10 +434,10 @@ CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 def chat_entry(services: Services, app: ASGIFramework, *, body_timeout_s: float | None) -> ASGIFramework:
     """`app`, with every POST to the chat route answered here, as plain ASGI; all else goes to `app`.
 
-    The hottest route skips Quart's request and response objects, its routing and its hooks: a fifth of
-    a completion's CPU in the gateway (`sn1-gateway bench`). Its rules stay in Quart's URL map (see
-    `blueprint`), so the served routes, OPTIONS and a wrong method's 405 are Quart's as before. The body
-    is bounded as Quart bounds one (`server.max_body_bytes`; `body_timeout_s`, Quart's BODY_TIMEOUT)."""
+    Quart's request and response objects, its routing and its hooks cost a fifth of a completion's CPU
+    in the gateway (`sn1-gateway bench`). The body is bounded as Quart bounds one
+    (`server.max_body_bytes`; `body_timeout_s`, Quart's BODY_TIMEOUT), errors answered as its error
+    handlers answer them (`web.errors.errors_answered`)."""
     max_bytes = services.settings.server.max_body_bytes
 
     async def entry(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
@@ -447,42 +451,23 @@ def chat_entry(services: Services, app: ASGIFramework, *, body_timeout_s: float 
 
 async def chat_completions(services: Services, scope: HTTPScope, receive: ASGIReceiveCallable,
                            send: ASGISendCallable, *, max_bytes: int, body_timeout_s: float | None) -> None:
-    """`POST /v1/chat/completions`: auth, the body, the fan-out (or a research run), the answer. The
-    client leaving, once its body is read, ends the exchange (Quart's rule): a stream stops, the fan-out is
-    let go (its miners go on only for scoring), a research run is cancelled."""
+    """`POST /v1/chat/completions`: the key, the body, the fan-out (or a research run), the answer. As in
+    Quart, the body is taken as it comes, and the client leaving ends the exchange: a stream stops, the
+    fan-out is let go (its miners go on only for scoring), a research run is cancelled."""
     record = current_request()
     if record is not None:
         record.route = scope["path"]  # the path is the rule
-    admitted = await admit(services, scope, receive, send, max_bytes=max_bytes, body_timeout_s=body_timeout_s)
-    if admitted is None:
-        return
-    grant, request = admitted
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(cancel_on_disconnect, receive, nursery.cancel_scope)
-        async with errors_answered(send) as send_answer:
-            with rate_limit_headers_on_errors(grant):
-                await answer(services, send_answer, grant, request)
-        nursery.cancel_scope.cancel()
-
-
-async def admit(services: Services, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable, *,
-                max_bytes: int, body_timeout_s: float | None) -> tuple[Grant, ChatRequest] | None:
-    """The request's key and its parsed body; None when it was refused (answered here) or the client left."""
     headers = request_headers(scope)
-    async with errors_answered(send):
-        grant = await check_key(services, api_key_of(headers), client_address(scope))
-        with rate_limit_headers_on_errors(grant):
-            raw = await read_body(headers, receive, max_bytes=max_bytes, timeout_s=body_timeout_s)
-            if raw is None:
-                return None
-            return grant, parse_chat_request(parse_json(raw), default_model=services.settings.fanout.default_model)
-    return None
-
-
-async def cancel_on_disconnect(receive: ASGIReceiveCallable, exchange: trio.CancelScope) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    exchange.cancel()
+    body = AsgiBody(headers, receive, max_bytes=max_bytes)
+    async with trio.open_nursery() as exchange:
+        exchange.start_soon(body.receive_all, exchange.cancel_scope)
+        async with errors_answered(send) as send_answer:
+            grant = await check_key(services, api_key_of(headers), client_address(scope))
+            raw = await body.read(body_timeout_s)  # its 413 and 408 without the key's figures, as in Quart
+            with rate_limit_headers_on_errors(grant):
+                request = parse_chat_request(parse_json(raw), default_model=services.settings.fanout.default_model)
+                await answer(services, send_answer, grant, request)
+        exchange.cancel_scope.cancel()
 
 
 async def answer(services: Services, send: ASGISendCallable, grant: Grant, request: ChatRequest) -> None:
@@ -494,10 +479,11 @@ async def answer(services: Services, send: ASGISendCallable, grant: Grant, reque
         return
     request = resolve_model(services, request)
     job = await open_fanout(services, request, stream=request.stream)
-    streamed = FanoutAnswer(services, grant, request, job, keepalive_s=services.settings.fanout.sse_keepalive_s
-                            ) if request.stream else None
+    streamed: FanoutAnswer | None = None
     try:
-        if streamed is not None:
+        if request.stream:
+            streamed = FanoutAnswer(services, grant, request, job,
+                                    keepalive_s=services.settings.fanout.sse_keepalive_s)
             await stream_response(send, grant, request, streamed.batches())
         else:
             await complete_response(services, send, grant, request, job)
