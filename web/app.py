@@ -24,4 +24,7 @@ def create_app(services: Services) -> QuartTrio:
     app.register_blueprint(availability.blueprint(services))
     app.register_blueprint(metrics.blueprint(services))
     app.register_blueprint(docs.blueprint())
+    # The chat route is answered in front of Quart's request machinery (see `web.chat.chat_entry`).
+    app.asgi_app = chat.chat_entry(services, app.asgi_app,  # type: ignore[method-assign,assignment]
+                                   body_timeout_s=app.config["BODY_TIMEOUT"])
     return app

@@ -21,7 +21,6 @@ from hypercorn.typing import (
     Scope,
 )
 from quart import request as quart_request
-from werkzeug.datastructures import Headers
 
 from actors.keystore.records import display_prefix
 from web.auth import api_key_of
@@ -104,6 +103,15 @@ def has_body(scope: Scope) -> bool:
     return False
 
 
+def request_headers(scope: Scope) -> dict[str, str]:
+    """A plain ASGI request's headers by lower-cased name, the first of each as Quart's would give it."""
+    headers: dict[str, str] = {}
+    raw: Iterable[tuple[bytes, bytes]] = scope.get("headers", ())  # type: ignore[assignment]
+    for name, value in raw:
+        headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
+    return headers
+
+
 def on_close(callback: Callable[[], object]) -> None:
     """Run `callback` when the current exchange ends, however it ends (see `shield_response_end`,
     which every served app runs inside)."""
@@ -141,7 +149,7 @@ def key_prefix_from(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
             wanted[lowered.decode("latin-1")] = value.decode("latin-1")
     if not wanted:
         return None
-    key = api_key_of(Headers(wanted))
+    key = api_key_of(wanted)
     return None if key is None else display_prefix(key)
 
 

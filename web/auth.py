@@ -1,7 +1,8 @@
 """Client authentication: the API key of the current request, checked and counted against its limit.
 
 Routes that need a key call `grant = await authorize(services)` first and add `grant.headers`
-(X-RateLimit-Limit / -Remaining / -Reset) to their response. The key is never logged or echoed.
+(X-RateLimit-Limit / -Remaining / -Reset) to their response; a plain ASGI handler calls
+`check_key(services, api_key_of(headers), client_address(scope))`. The key is never logged or echoed.
 
 Failed authentications (a missing or unknown API key, a wrong admin key) are counted per client
 address, the ASGI peer (X-Forwarded-For and the like are the client's own words, not trusted):
@@ -17,16 +18,18 @@ from __future__ import annotations
 import hmac
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Protocol
 
 import trio
+from hypercorn.typing import HTTPScope, WebsocketScope
 from quart import request
-from werkzeug.datastructures import Headers
 
 from actors.keystore import Denial, Grant, KeyStoreUnavailable
 from web.errors import ApiError
 from web.services import Services
 
-__all__ = ["Grant", "admin_required", "api_key_of", "authorize", "rate_limit_headers_on_errors", "store_unavailable"]
+__all__ = ["Grant", "admin_required", "api_key_of", "authorize", "check_key", "client_address",
+           "rate_limit_headers_on_errors", "store_unavailable"]
 
 MISSING_KEY = (
     "Missing API key: send it in the 'api-key' header, or as 'Authorization: Bearer <key>'."
@@ -34,7 +37,13 @@ MISSING_KEY = (
 STORE_TIMEOUT_S = 5.0
 
 
-def api_key_of(headers: Headers) -> str | None:
+class HeaderLookup(Protocol):
+    """Quart's request headers, or a plain dict of lower-cased names (`web.asgi.request_headers`)."""
+
+    def get(self, key: str, default: str, /) -> str: ...
+
+
+def api_key_of(headers: HeaderLookup) -> str | None:
     """The key from `api-key`, else from `Authorization: Bearer`; None when neither is present."""
     key = headers.get("api-key", "").strip()
     if key:
@@ -50,8 +59,13 @@ def store_unavailable() -> ApiError:
 
 
 def peer_address() -> str | None:
-    """The current request's peer, as the server saw the connection (None on a unix socket)."""
-    client = request.scope.get("client")
+    """The current Quart request's peer (see `client_address`)."""
+    return client_address(request.scope)
+
+
+def client_address(scope: HTTPScope | WebsocketScope) -> str | None:
+    """A request's peer, as the server saw the connection (None on a unix socket)."""
+    client = scope.get("client")
     return str(client[0]) if client else None
 
 
@@ -64,17 +78,22 @@ def throttled_error(wait_s: int) -> ApiError:
     )
 
 
-def failed(services: Services, error: ApiError) -> ApiError:
+def failed(services: Services, error: ApiError, peer: str | None) -> ApiError:
     """`error` (a 401), counted against the peer; or the 429 when the peer is over its limit."""
-    wait_s = services.keys.failed_auth.fail(peer_address())
+    wait_s = services.keys.failed_auth.fail(peer)
     return throttled_error(wait_s) if wait_s else error
 
 
 async def authorize(services: Services) -> Grant:
-    """Authorise the current request and count it: a Grant, or an ApiError (401, 429 or 503)."""
-    api_key = api_key_of(request.headers)
+    """Authorise the current Quart request and count it (see `check_key`)."""
+    return await check_key(services, api_key_of(request.headers), peer_address())
+
+
+async def check_key(services: Services, api_key: str | None, peer: str | None) -> Grant:
+    """Authorise a request presenting `api_key` from `peer`, and count it: a Grant, or an ApiError
+    (401, 429 or 503)."""
     if api_key is None:
-        raise failed(services, ApiError(401, MISSING_KEY, code="missing_api_key"))
+        raise failed(services, ApiError(401, MISSING_KEY, code="missing_api_key"), peer)
     try:
         with trio.fail_after(STORE_TIMEOUT_S):
             verdict = await services.keys.check(api_key)
@@ -83,7 +102,7 @@ async def authorize(services: Services) -> Grant:
     if isinstance(verdict, Grant):
         return verdict
     if verdict.reason == "unknown":
-        raise failed(services, denial_error(verdict))
+        raise failed(services, denial_error(verdict), peer)
     raise denial_error(verdict)
 
 
@@ -127,9 +146,10 @@ def admin_required(services: Services) -> None:
     if not expected:
         raise ApiError(403, "The admin endpoints are disabled: no admin key is configured (auth.admin_key).",
                        code="admin_disabled")
-    if wait_s := services.keys.failed_auth.refusal(peer_address()):
+    peer = peer_address()
+    if wait_s := services.keys.failed_auth.refusal(peer):
         raise throttled_error(wait_s)
     given = request.headers.get("admin-key", "")
     if not hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8")):
         raise failed(services, ApiError(401, "Missing or wrong admin key (the 'admin-key' header).",
-                                        code="invalid_admin_key"))
+                                        code="invalid_admin_key"), peer)

@@ -15,6 +15,10 @@ wake-up (`Chunk` text with the miner's choice for logprobs, `Finish` with finish
 `Fault`, or the keep-alive tick), and a consumer renders them: `stream_response` as SSE (one write per
 batch), `web.jobs` as a job's result chunks. Producers: `FanoutAnswer` (a fan-out's events, passed on
 as they come, with no task of its own) and `channel_batches` over a deep-research run's channel.
+
+The route is answered as plain ASGI, in front of the Quart app (`chat_entry`, installed by
+`web.app.create_app`): the hottest route skips Quart's request and response objects. Its rules stay in
+Quart's URL map, so the served routes, OPTIONS and a wrong method's 405 are Quart's.
 """
 
 from __future__ import annotations
@@ -22,29 +26,32 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
 
 import trio
+from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
 from quart import Blueprint, Response
 
 from actors.fanout.events import Broken, Chunk, Complete, End, Event, Failed
 from actors.fanout.job import FanoutJob
 from actors.jobs import JobsUnavailable
-from web.asgi import on_close
+from web.asgi import request_headers
 from web.asking import answered_model, resolve_model, start_job
-from web.auth import Grant, authorize, rate_limit_headers_on_errors
-from web.body import json_body
+from web.auth import Grant, api_key_of, check_key, client_address, rate_limit_headers_on_errors
+from web.body import AsgiBody, parse_json
 from web.chat_request import ChatRequest, parse_chat_request
 from web.completion_format import ChatStream, completion_body, usage_of
-from web.errors import ApiError, json_response
+from web.errors import ApiError, encode_headers, errors_answered, send_json
 from web.mixture import mixture_job
 from web.research import ResearchFailure, ResearchOutcome, run_research
 from web.research.running import ResearchSlot
 from web.research.tools import FanoutTools, research_limits
 from web.services import Services
+from web.telemetry import current_request
 from wire.sse import DONE_EVENT, encode_event
 
 T = TypeVar("T")
@@ -338,8 +345,8 @@ async def sse_body(out: ChatStream, first: Batch, rest: AsyncGenerator[Batch], i
             return
 
 
-async def stream_response(grant: Grant, request: ChatRequest, batches: AsyncGenerator[Batch],
-                          request_id: str) -> Response:
+async def stream_response(send: ASGISendCallable, grant: Grant, request: ChatRequest,
+                          batches: AsyncGenerator[Batch]) -> None:
     """A streamed answer. The 200 is committed only once there is something to say or, with nothing yet,
     after one keep-alive period: a fast failure keeps its status (502, 504); later ones are error events."""
     first = await batches.__anext__()
@@ -347,14 +354,17 @@ async def stream_response(grant: Grant, request: ChatRequest, batches: AsyncGene
         await batches.aclose()
         raise first[0].error
     out = ChatStream(answered_model(request), logprobs=request.logprobs, top_logprobs=request.top_logprobs)
-    headers = {**grant.headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": request_id}
-    response = Response(sse_body(out, first, batches, request.include_usage), content_type="text/event-stream",
-                        headers=headers)
-    response.timeout = None  # streams may outlive Quart's default response timeout
-    return response
+    headers = {**grant.headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [*encode_headers(headers), (b"content-type", b"text/event-stream")]})
+    async with aclosing(sse_body(out, first, batches, request.include_usage)) as body:
+        async for data in body:
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def complete_response(services: Services, grant: Grant, request: ChatRequest, job: FanoutJob) -> Response:
+async def complete_response(services: Services, send: ASGISendCallable, grant: Grant, request: ChatRequest,
+                            job: FanoutJob) -> None:
     event = await next_event(job, job.timeout_s)
     job.release()
     if event is None:
@@ -367,32 +377,33 @@ async def complete_response(services: Services, grant: Grant, request: ChatReque
     record_usage(services, grant, usage)
     body = completion_body(event.answer, answered_model(request), usage, logprobs=request.logprobs,
                            top_logprobs=request.top_logprobs)
-    return json_response(body, headers={**grant.headers, "X-Request-Id": job.request_id})
+    await send_json(send, body, headers=grant.headers)
 
 
 def research_channel() -> tuple[trio.MemorySendChannel[Batch], trio.MemoryReceiveChannel[Batch]]:
     return trio.open_memory_channel[Batch](RESEARCH_BATCHES)
 
 
-async def research_stream(services: Services, grant: Grant, request: ChatRequest) -> Response:
+async def research_stream(services: Services, send: ASGISendCallable, grant: Grant, request: ChatRequest) -> None:
     """Deep research, streamed. The run works in the job runner's nursery (it outlives this handler's
     call); the client leaving cancels it, and with it the call it was making (no further miner call)."""
-    send, receive = research_channel()
+    channel, receive = research_channel()
     if services.jobs is None:
         raise ApiError(503, "Deep research is not available in this gateway.", code="research_unavailable")
     slot = admit_research(services, grant)
     try:
-        scope = services.jobs.start_run(partial(produce_research, services, grant, request, send, slot))
+        run = services.jobs.start_run(partial(produce_research, services, grant, request, channel, slot))
     except JobsUnavailable as exc:
         slot.release()
         raise ApiError(503, "Deep research cannot start now; retry shortly.", code="research_unavailable",
                        headers={"Retry-After": "1"}) from exc
-    on_close(scope.cancel)
-    batches = channel_batches(receive, services.settings.fanout.sse_keepalive_s)
-    return await stream_response(grant, request, batches, uuid.uuid4().hex)
+    try:
+        await stream_response(send, grant, request, channel_batches(receive, services.settings.fanout.sse_keepalive_s))
+    finally:
+        run.cancel()
 
 
-async def research_complete(services: Services, grant: Grant, request: ChatRequest) -> Response:
+async def research_complete(services: Services, send: ASGISendCallable, grant: Grant, request: ChatRequest) -> None:
     """Deep research, answered at once when it is done: the final answer as one `chat.completion`."""
     tools = FanoutTools(services)
 
@@ -412,32 +423,87 @@ async def research_complete(services: Services, grant: Grant, request: ChatReque
             "choices": [{"index": 0, "message": {"role": "assistant", "content": outcome.answer},
                          "finish_reason": "stop", "logprobs": None}],
             "usage": dict(tools.usage)}
-    return json_response(body, headers=grant.headers)
+    await send_json(send, body, headers=grant.headers)
+
+
+# -- the route -------------------------------------------------------------------------------------------
+
+CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
+
+
+def chat_entry(services: Services, app: ASGIFramework, *, body_timeout_s: float | None) -> ASGIFramework:
+    """`app`, with every POST to the chat route answered here, as plain ASGI; all else goes to `app`.
+
+    Quart's request and response objects, its routing and its hooks cost a fifth of a completion's CPU
+    in the gateway (`sn1-gateway bench`). The body is bounded as Quart bounds one
+    (`server.max_body_bytes`; `body_timeout_s`, Quart's BODY_TIMEOUT), errors answered as its error
+    handlers answer them (`web.errors.errors_answered`)."""
+    max_bytes = services.settings.server.max_body_bytes
+
+    async def entry(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in CHAT_PATHS:
+            await chat_completions(services, scope, receive, send, max_bytes=max_bytes, body_timeout_s=body_timeout_s)
+        else:
+            await app(scope, receive, send)
+
+    return entry
+
+
+async def chat_completions(services: Services, scope: HTTPScope, receive: ASGIReceiveCallable,
+                           send: ASGISendCallable, *, max_bytes: int, body_timeout_s: float | None) -> None:
+    """`POST /v1/chat/completions`: the key, the body, the fan-out (or a research run), the answer. As in
+    Quart, the body is taken as it comes, and the client leaving ends the exchange: a stream stops, the
+    fan-out is let go (its miners go on only for scoring), a research run is cancelled."""
+    record = current_request()
+    if record is not None:
+        record.route = scope["path"]  # the path is the rule
+    headers = request_headers(scope)
+    body = AsgiBody(headers, receive, max_bytes=max_bytes)
+    async with trio.open_nursery() as exchange:
+        exchange.start_soon(body.receive_all, exchange.cancel_scope)
+        async with errors_answered(send) as send_answer:
+            grant = await check_key(services, api_key_of(headers), client_address(scope))
+            raw = await body.read(body_timeout_s)  # its 413 and 408 without the key's figures, as in Quart
+            with rate_limit_headers_on_errors(grant):
+                request = parse_chat_request(parse_json(raw), default_model=services.settings.fanout.default_model)
+                await answer(services, send_answer, grant, request)
+        exchange.cancel_scope.cancel()
+
+
+async def answer(services: Services, send: ASGISendCallable, grant: Grant, request: ChatRequest) -> None:
+    if is_research(request):
+        if request.stream:
+            await research_stream(services, send, grant, request)
+        else:
+            await research_complete(services, send, grant, request)
+        return
+    request = resolve_model(services, request)
+    job = await open_fanout(services, request, stream=request.stream)
+    streamed: FanoutAnswer | None = None
+    try:
+        if request.stream:
+            streamed = FanoutAnswer(services, grant, request, job,
+                                    keepalive_s=services.settings.fanout.sse_keepalive_s)
+            await stream_response(send, grant, request, streamed.batches())
+        else:
+            await complete_response(services, send, grant, request, job)
+    finally:
+        # However the exchange ends (answered, failed, the client gone), the handler lets go of the job;
+        # the miners go on only for scoring.
+        job.release()
+        if streamed is not None:
+            streamed.account_relayed()
 
 
 def blueprint(services: Services) -> Blueprint:
+    """The chat route's rules, for Quart's URL map: the served routes (the API document, docs/protocol.md),
+    OPTIONS, and a wrong method's 405. Every POST to them is answered by `chat_entry`, in front of the app,
+    before Quart sees it."""
     bp = Blueprint("chat", __name__)
 
     @bp.post("/v1/chat/completions")
     @bp.post("/chat/completions")
-    async def chat_completions() -> Response:
-        grant = await authorize(services)
-        with rate_limit_headers_on_errors(grant):
-            request = parse_chat_request(await json_body(), default_model=services.settings.fanout.default_model)
-            if is_research(request):
-                if request.stream:
-                    return await research_stream(services, grant, request)
-                return await research_complete(services, grant, request)
-            request = resolve_model(services, request)
-            job = await open_fanout(services, request, stream=request.stream)
-            # However the exchange ends (answered, failed, the client gone, even before a streamed
-            # body was started), the handler lets go of the job; the miners go on only for scoring.
-            on_close(job.release)
-            if request.stream:
-                answer = FanoutAnswer(services, grant, request, job,
-                                      keepalive_s=services.settings.fanout.sse_keepalive_s)
-                on_close(answer.account_relayed)
-                return await stream_response(grant, request, answer.batches(), job.request_id)
-            return await complete_response(services, grant, request, job)
+    async def chat_completions_rule() -> Response:
+        raise RuntimeError("POST /v1/chat/completions is answered by web.chat.chat_entry, in front of the app")
 
     return bp

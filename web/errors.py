@@ -7,12 +7,13 @@ unexpected exceptions are mapped here, at the boundary, so no route returns a ba
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
+from hypercorn.typing import ASGISendCallable, ASGISendEvent
 from quart import Quart, Response
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestTimeout
 
 from actors.fanout.pool import PoolBusy
 from actors.fanout.selection import SelectionError
@@ -72,6 +73,10 @@ class ApiError(Exception):
     def response(self) -> Response:
         return json_response(self.body(), self.status, headers=self.headers)
 
+    async def send(self, send: ASGISendCallable) -> None:
+        """The same answer as `response`, sent over plain ASGI."""
+        await send_json(send, self.body(), self.status, headers=self.headers)
+
 
 @contextmanager
 def fanout_errors() -> Iterator[None]:
@@ -94,11 +99,67 @@ def json_response(payload: Any, status: int = 200, *, headers: Mapping[str, str]
     )
 
 
+async def send_json(send: ASGISendCallable, payload: Any, status: int = 200, *,
+                    headers: Mapping[str, str] | None = None) -> None:
+    """`json_response` over plain ASGI, with the same headers in the same order."""
+    body = jsonio.dumps(payload)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*encode_headers(headers or {}), (b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode("ascii"))]})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def encode_headers(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+    """Header pairs as ASGI carries them (names lower-cased, as Quart sends them)."""
+    return [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+
+
 _HTTP_CODES = {
     404: ("not_found", "Unknown path {path}."),
     405: ("method_not_allowed", "Method {method} is not allowed on {path}."),
     413: ("request_too_large", "The request body is larger than {limit} bytes."),
 }
+
+
+def too_large(limit: int | None) -> ApiError:
+    """A body over `server.max_body_bytes`."""
+    code, template = _HTTP_CODES[413]
+    return ApiError(413, template.format(limit=limit), code=code)
+
+
+def body_timeout() -> ApiError:
+    """A body that did not arrive within Quart's BODY_TIMEOUT (its 408, said as Quart says it)."""
+    return ApiError(408, str(RequestTimeout.description), code="http_error")
+
+
+def internal_error(error: BaseException) -> ApiError:
+    """What the client hears of an unexpected exception (logged here, with its traceback)."""
+    log.error("unhandled error", exc_info=error)
+    return ApiError(500, "The gateway failed to handle this request.", code="internal_error")
+
+
+@asynccontextmanager
+async def errors_answered(send: ASGISendCallable) -> AsyncIterator[ASGISendCallable]:
+    """A plain ASGI handler's boundary, as `install_error_handlers` is Quart's: an ApiError raised inside
+    is sent as its answer, any other exception as the 500. The handler sends through the `send` given
+    here; once it has started its response, an exception goes on up, as it does from a Quart body."""
+    started = False
+
+    async def send_tracked(message: ASGISendEvent) -> None:
+        nonlocal started
+        started = started or message["type"] == "http.response.start"
+        await send(message)
+
+    try:
+        yield send_tracked
+    except ApiError as exc:
+        if started:
+            raise
+        await exc.send(send)
+    except Exception as exc:
+        if started:
+            raise
+        await internal_error(exc).send(send)
 
 
 def install_error_handlers(app: Quart) -> None:
@@ -123,5 +184,4 @@ def install_error_handlers(app: Quart) -> None:
 
     @app.errorhandler(Exception)
     async def _unexpected(error: Exception) -> Response:
-        log.error("unhandled error", exc_info=error)
-        return ApiError(500, "The gateway failed to handle this request.", code="internal_error").response()
+        return internal_error(error).response()
