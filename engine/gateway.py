@@ -38,6 +38,7 @@ from actors.subnet.actor import MetagraphSource, StaticSource, SubnetActor
 from config.settings import Settings
 from devnet.network import Devnet
 from engine.supervisor import EXIT_MARGIN_S, StartupError, Supervisor
+from engine.workers import stop_when_orphaned
 from web import inbound
 from web.app import create_app
 from web.asgi import observe_requests
@@ -372,6 +373,8 @@ async def serve_until_signalled(
 
             watchdogs: list[ExitWatchdog] = []
             nursery.start_soon(watch)
+            if settings.worker is not None:
+                nursery.start_soon(stop_when_orphaned, os.getppid())
             try:
                 gateway: Gateway = await nursery.start(partial(run, settings, **run_kw))  # type: ignore[arg-type]
                 running.append(gateway)

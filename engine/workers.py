@@ -31,6 +31,7 @@ START_ATTEMPTS = 3  # a worker failing this many starts in a row stops the gatew
 STARTED_AFTER_S = 10.0  # a worker that has run this long counts as started (its back-off resets)
 RESTART_BASE_S, RESTART_MAX_S = 1.0, 30.0
 STOP_GRACE_S = 5.0  # beyond each worker's own exit bound, before it is killed
+PARENT_CHECK_S = 1.0  # how often a worker looks whether the process that started it is still there
 
 
 def check_workers(settings: Settings) -> None:
@@ -51,6 +52,17 @@ def worker_settings(settings: Settings, index: int) -> Settings:
     spool = os.path.join(settings.scoring.spool_dir, f"worker-{index}")
     return dataclasses.replace(settings, worker=index,
                                scoring=dataclasses.replace(settings.scoring, spool_dir=spool))
+
+
+async def stop_when_orphaned(parent_pid: int, *, interval_s: float = PARENT_CHECK_S) -> None:
+    """In a worker: once the process that started it is gone (killed, say, with -9: it could not stop
+    its workers), stop as SIGTERM stops it, draining, rather than serve on alone holding the port."""
+    while True:  # no event says it: the kernel gives the orphan a new parent
+        await trio.sleep(interval_s)
+        if os.getppid() != parent_pid:
+            break
+    log.warning("the workers' parent (pid %d) is gone: stopping", parent_pid)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def worker_command(config_path: str, index: int) -> list[str]:

@@ -191,7 +191,7 @@ async def test_a_huge_answer_is_that_miners_failure(stack: Stack) -> None:
     assert "over the 4000000 allowed" in response.json()["error"]["details"]["1"]
 
 
-async def test_web_retrieval_waits_30_s_by_default(stack: Stack, autojump_clock: object) -> None:
+async def test_web_retrieval_waits_30_s_by_default(stack: Stack, stack_clock: object) -> None:
     """Driven over ASGI (no socket), so that the autojump clock can skip the miners' delays."""
     client = create_app(stack.gateway.services).test_client()
     late = results_script([page("https://late")])[0][1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -147,3 +148,37 @@ def test_a_worker_that_dies_is_started_again(
         raise AssertionError("the killed worker was not replaced")
     process.send_signal(signal.SIGINT)
     assert process.wait(20) == 0
+
+
+def test_workers_whose_parent_is_killed_stop_and_free_the_port(
+        tmp_path: Path, redis_server: RedisServer, serve: list[subprocess.Popen[str]]) -> None:
+    """A parent killed with -9 cannot stop its workers: left alone they served on for good, holding
+    the port, so that the next `serve` could not listen."""
+    port = free_port()
+    config = write_config(tmp_path, port=port, workers=2, store="redis", redis_url=redis_server.url)
+    process = start(serve, config)
+    wait_ready(f"http://127.0.0.1:{port}")
+    deadline = time.monotonic() + 30
+    while len(children(process.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    workers = children(process.pid)
+    assert len(workers) == 2
+    process.kill()
+    process.wait(10)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(alive(pid) for pid in workers):
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in workers), "the workers outlived their parent"
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past connections' TIME_WAIT, not a listener
+        probe.bind(("127.0.0.1", port))
+        probe.listen()  # the port is free again
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` still runs (a zombie, reaped by nobody yet, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
