@@ -237,8 +237,8 @@ async def test_a_burst_of_chunks_arrives_whole_and_in_order(stack: Stack) -> Non
 
 
 async def test_a_stream_whose_body_never_starts_is_released(stack: Stack) -> None:
-    """The client leaves while the response head is written: the body's generator never runs, so its
-    `finally` cannot release the job; the scope's close callbacks do."""
+    """The client leaves while the response head is written: the body is never sent, and the handler
+    still lets go of the job."""
     stack.miners.scripts[9001] = [(0.0, chunk(f"w{i}")) for i in range(200)]  # more than a channel holds
     app = stack.gateway_app
     body = json.dumps({"messages": [{"role": "user", "content": "x"}], "stream": True, "uids": [1]}).encode()

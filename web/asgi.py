@@ -1,6 +1,5 @@
 """The ASGI wrappers of the served app: a response's last write survives the cancellation that follows
-it, and a request's close callbacks run however the exchange ends (`shield_response_end`, around every
-served app); each request gets an id, its figures and one access line (`observe_requests`, around the
+it (`shield_response_end`, around every served app); each request gets an id, its figures and one access line (`observe_requests`, around the
 gateway's)."""
 
 from __future__ import annotations
@@ -8,7 +7,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -36,12 +35,8 @@ from web.telemetry import (
 if TYPE_CHECKING:
     from quart_trio import QuartTrio
 
-CLOSE_CALLBACKS = "sn1_gateway.close_callbacks"  # ASGI scope key: see `shield_response_end`
-
-
 def shield_response_end(app: ASGIFramework, limit_s: float) -> ASGIFramework:
-    """Let the last body message of each response finish even when the app's task is cancelled, and
-    run the request's close callbacks however the exchange ends.
+    """Let the last body message of each response finish even when the app's task is cancelled.
 
     Quart-Trio cancels its request task as soon as hypercorn reports the response complete, and
     hypercorn does that from inside this very send, before it re-arms the connection's keep-alive
@@ -49,9 +44,7 @@ def shield_response_end(app: ASGIFramework, limit_s: float) -> ASGIFramework:
     `keep_alive_timeout` nor at shutdown, which then waits the whole drain deadline. The shield is
     bounded by `limit_s`, so a client that stops reading cannot hold it.
 
-    Handlers append plain callables to `scope[CLOSE_CALLBACKS]`; they run once the app is done with
-    the request, also when the client left before a streamed body was ever started (its generator's
-    own `finally` then never runs). A WebSocket upgrade is refused here: no route serves one.
+    A WebSocket upgrade is refused here: no route serves one.
     """
 
     async def app_with_shielded_end(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
@@ -82,13 +75,7 @@ def shield_response_end(app: ASGIFramework, limit_s: float) -> ASGIFramework:
             else:
                 await send(message)
 
-        callbacks: list[Callable[[], object]] = []
-        scope[CLOSE_CALLBACKS] = callbacks  # type: ignore[literal-required]
-        try:
-            await app(scope, receive_tracked, send_end_shielded)
-        finally:
-            for callback in callbacks:
-                callback()
+        await app(scope, receive_tracked, send_end_shielded)
 
     return app_with_shielded_end
 
@@ -110,13 +97,6 @@ def request_headers(scope: Scope) -> dict[str, str]:
     for name, value in raw:
         headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
     return headers
-
-
-def on_close(callback: Callable[[], object]) -> None:
-    """Run `callback` when the current exchange ends, however it ends (see `shield_response_end`,
-    which every served app runs inside)."""
-    callbacks: list[Callable[[], object]] = quart_request.scope[CLOSE_CALLBACKS]  # type: ignore[literal-required]
-    callbacks.append(callback)
 
 
 # -- request ids, the access line and the request figures ---------------------------------------------
