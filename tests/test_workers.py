@@ -88,6 +88,26 @@ def start(serve: list[subprocess.Popen[str]], config: Path) -> subprocess.Popen[
     return process
 
 
+def start_two_workers(serve: list[subprocess.Popen[str]], tmp_path: Path, redis_server: RedisServer
+                      ) -> tuple[subprocess.Popen[str], int]:
+    """`serve` with `server.workers = 2` on a free port, once it answers; the parent and the port."""
+    port = free_port()
+    config = write_config(tmp_path, port=port, workers=2, store="redis", redis_url=redis_server.url)
+    process = start(serve, config)
+    wait_ready(f"http://127.0.0.1:{port}")
+    return process, port
+
+
+def both_workers(process: subprocess.Popen[str]) -> list[int]:
+    """The two workers' pids, once the parent has started both."""
+    deadline = time.monotonic() + 30
+    while len(children(process.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    workers = children(process.pid)
+    assert len(workers) == 2, workers
+    return workers
+
+
 def test_more_than_one_worker_needs_shared_keys(tmp_path: Path) -> None:
     config = write_config(tmp_path, port=free_port(), workers=2, store="file", redis_url="redis://127.0.0.1:1/0")
     done = subprocess.run([sys.executable, "-m", "engine.cli", "serve", "--config", str(config)],
@@ -99,11 +119,8 @@ def test_more_than_one_worker_needs_shared_keys(tmp_path: Path) -> None:
 
 def test_workers_share_one_port_each_with_its_own_spool_and_stop_cleanly(
         tmp_path: Path, redis_server: RedisServer, serve: list[subprocess.Popen[str]]) -> None:
-    port = free_port()
-    config = write_config(tmp_path, port=port, workers=2, store="redis", redis_url=redis_server.url)
-    process = start(serve, config)
+    process, port = start_two_workers(serve, tmp_path, redis_server)
     url = f"http://127.0.0.1:{port}"
-    wait_ready(url)
     assert workers_seen(url) == {0, 1}
     assert {p.name for p in (tmp_path / "spool").iterdir()} == {"worker-0", "worker-1"}
     # Whichever worker a client reaches, /metrics and /status show them all.
@@ -128,15 +145,9 @@ def test_workers_share_one_port_each_with_its_own_spool_and_stop_cleanly(
 
 def test_a_worker_that_dies_is_started_again(
         tmp_path: Path, redis_server: RedisServer, serve: list[subprocess.Popen[str]]) -> None:
-    port = free_port()
-    config = write_config(tmp_path, port=port, workers=2, store="redis", redis_url=redis_server.url)
-    process = start(serve, config)
+    process, port = start_two_workers(serve, tmp_path, redis_server)
     url = f"http://127.0.0.1:{port}"
-    wait_ready(url)
-    deadline = time.monotonic() + 30
-    while len(children(process.pid)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    first = children(process.pid)
+    first = both_workers(process)
     os.kill(first[0], signal.SIGKILL)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -154,15 +165,8 @@ def test_workers_whose_parent_is_killed_stop_and_free_the_port(
         tmp_path: Path, redis_server: RedisServer, serve: list[subprocess.Popen[str]]) -> None:
     """A parent killed with -9 cannot stop its workers: left alone they served on for good, holding
     the port, so that the next `serve` could not listen."""
-    port = free_port()
-    config = write_config(tmp_path, port=port, workers=2, store="redis", redis_url=redis_server.url)
-    process = start(serve, config)
-    wait_ready(f"http://127.0.0.1:{port}")
-    deadline = time.monotonic() + 30
-    while len(children(process.pid)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    workers = children(process.pid)
-    assert len(workers) == 2
+    process, port = start_two_workers(serve, tmp_path, redis_server)
+    workers = both_workers(process)
     process.kill()
     process.wait(10)
     deadline = time.monotonic() + 20
