@@ -111,3 +111,37 @@ async def test_an_answer_carries_the_headers_quart_sent_in_their_order(
             quart = json_response(exchange.body, headers={name.title(): value for name, value in limits.items()})
             assert await quart.get_data() == body
             assert headers == encode_headers(quart.headers)  # type: ignore[arg-type]
+
+
+async def test_an_absolute_form_target_is_answered_as_its_path(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """`POST http://host/v1/chat/completions` (how a forward proxy asks) reached Quart's placeholder
+    rule, a 500 with a traceback in the log for every such request."""
+    async with open_stack(tmp_path, nursery) as opened:
+        for port in (9001, 9002, 9003):
+            opened.miners.scripts[port] = answer(["hi", " there"])
+        exchange = Exchange([BODY])
+        with trio.fail_after(10):
+            await opened.gateway_app(scope_for(opened.key, length=len(BODY), path=f"http://x{CHAT}"),
+                                     exchange.receive, exchange.send)
+        assert exchange.start["status"] == 200
+        assert exchange.body["choices"][0]["message"]["content"] == "hi there"
+
+
+async def test_an_api_error_in_a_nursery_keeps_its_status() -> None:
+    """As Quart-Trio's error handler unwraps a nursery's group, so does the plain ASGI boundary."""
+    from web.errors import ApiError, errors_answered
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def refuse() -> None:
+        raise ApiError(429, "Slow down.", code="rate_limited")
+
+    async with errors_answered(send), trio.open_nursery() as inner:
+        inner.start_soon(refuse)
+    (start,) = [m for m in sent if m["type"] == "http.response.start"]
+    assert start["status"] == 429
+    body = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+    assert body["error"]["code"] == "rate_limited"

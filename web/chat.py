@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import trio
 from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, HTTPScope, Scope
@@ -431,6 +432,17 @@ async def research_complete(services: Services, send: ASGISendCallable, grant: G
 CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 
 
+def route_path(scope: HTTPScope) -> str:
+    """The path a request is routed by, as Quart routes it: an absolute-form target
+    (`POST http://host/v1/chat/completions`, as forward proxies send it) by its path, without the
+    app's `root_path`."""
+    path = scope["path"]
+    if not path.startswith("/"):
+        path = urlsplit(path).path
+    root = scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
 def chat_entry(services: Services, app: ASGIFramework, *, body_timeout_s: float | None) -> ASGIFramework:
     """`app`, with every POST to the chat route answered here, as plain ASGI; all else goes to `app`.
 
@@ -441,7 +453,7 @@ def chat_entry(services: Services, app: ASGIFramework, *, body_timeout_s: float 
     max_bytes = services.settings.server.max_body_bytes
 
     async def entry(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in CHAT_PATHS:
+        if scope["type"] == "http" and scope["method"] == "POST" and route_path(scope) in CHAT_PATHS:
             await chat_completions(services, scope, receive, send, max_bytes=max_bytes, body_timeout_s=body_timeout_s)
         else:
             await app(scope, receive, send)

@@ -159,7 +159,17 @@ async def errors_answered(send: ASGISendCallable) -> AsyncIterator[ASGISendCalla
     except Exception as exc:
         if started:
             raise
-        await internal_error(exc).send(send)
+        api_error = first_api_error(exc)
+        await (api_error or internal_error(exc)).send(send)
+
+
+def first_api_error(exc: BaseException) -> ApiError | None:
+    """The ApiError a nursery's group carries (as Quart-Trio's handler unwraps it), if any."""
+    found: BaseException | None = exc
+    while isinstance(found, BaseExceptionGroup):
+        matched, _ = found.split(ApiError)
+        found = matched.exceptions[0] if matched is not None else None
+    return found if isinstance(found, ApiError) else None
 
 
 def install_error_handlers(app: Quart) -> None:
