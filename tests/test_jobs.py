@@ -26,7 +26,7 @@ from actors.jobs.sqlitestore import SqliteJobStore
 from config.settings import AuthSettings, JobsSettings, Settings
 from engine.gateway import Gateway, run
 from engine.supervisor import StartupError
-from tests.chat_stack import settings_for
+from tests.chat_stack import Stack, settings_for
 from tests.research_support import HEADINGS, heading_lines, open_net
 from tests.scripted_miners import Miners, answer
 
@@ -186,12 +186,8 @@ async def test_the_jobs_file_is_private_and_a_corrupt_one_is_refused(tmp_path: P
 # -- gateways ---------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Stack:
-    gateway: Gateway
-    miners: Miners
-    key: str
-    client: httpx.AsyncClient
+class JobsStack(Stack):
+    """A gateway on loopback (tests/chat_stack.py) with the chat jobs routes at hand."""
 
     @property
     def runner(self) -> Any:
@@ -233,14 +229,14 @@ async def started(nursery: trio.Nursery, settings: Settings, miners: Miners) -> 
 
 @asynccontextmanager
 async def open_stack(nursery: trio.Nursery, tmp_path: Path, *, miners: Miners | None = None, key: str | None = None,
-                     **options: Any) -> AsyncIterator[Stack]:
+                     **options: Any) -> AsyncIterator[JobsStack]:
     miners = miners or Miners()
     gateway = await started(nursery, gateway_settings(tmp_path, **options), miners)
     if key is None:
         key, _ = await gateway.services.keys.create(100_000)
     async with httpx.AsyncClient(base_url=gateway.url, headers={"api-key": key}, timeout=10) as client:
         try:
-            yield Stack(gateway, miners, key, client)
+            yield JobsStack(gateway, miners, key, client)
         finally:
             gateway.shutdown()
             with trio.fail_after(10):
