@@ -23,6 +23,8 @@ from wire.http1 import (
     GatewayLimitError,
     encode_head,
     parse_head,
+    send_all,
+    send_now,
 )
 from wire.pool import MAX_ANSWER_BYTES, KeepAliveTransport, post_streaming
 
@@ -527,3 +529,51 @@ async def test_a_cancelled_exchange_gives_its_connection_back_to_the_count(
             await response.aread()
     assert scope.cancelled_caught
     assert transport.open_count() == transport.idle_count() == 0
+
+
+async def socket_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    a, b = trio.socket.socketpair()
+    return trio.SocketStream(a), trio.SocketStream(b)
+
+
+async def test_a_write_larger_than_the_socket_buffer_arrives_whole_and_in_order() -> None:
+    """What the kernel takes at once is written directly; the rest goes as trio sends it, waiting."""
+    data = os.urandom(4 << 20)
+    sender, receiver = await socket_pair()
+    assert 0 < send_now(sender, data) < len(data)  # more than the buffer holds: a short write
+    for stream in (sender, receiver):
+        await stream.aclose()
+    sender, receiver = await socket_pair()
+    got = bytearray()
+
+    async def read_all() -> None:
+        while len(got) < len(data):
+            got.extend(await receiver.receive_some(1 << 20))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_all)
+        await send_all(sender, data)
+    assert bytes(got) == data
+    for stream in (sender, receiver):
+        await stream.aclose()
+
+
+async def test_writes_to_a_closed_or_broken_connection_raise_what_trio_raises() -> None:
+    sender, receiver = await socket_pair()
+    await sender.aclose()
+    assert send_now(sender, b"x") == 0
+    with pytest.raises(trio.ClosedResourceError):
+        await send_all(sender, b"x")
+    sender, receiver = await socket_pair()
+    await receiver.aclose()
+    with pytest.raises(trio.BrokenResourceError):
+        for _ in range(100):  # the first write may still be taken by the kernel
+            await send_all(sender, b"x" * 65536)
+    await sender.aclose()
+    sender, receiver = await socket_pair()
+    await sender.send_eof()
+    assert send_now(sender, b"x") == 0
+    with pytest.raises(trio.ClosedResourceError):
+        await send_all(sender, b"x")
+    await sender.aclose()
+    await receiver.aclose()

@@ -16,6 +16,7 @@ from quart_trio import QuartTrio
 from config.settings import ServerSettings, Settings
 from engine.gateway import Gateway, run
 from web.errors import json_response
+from web.inbound import Connections
 
 REQUEST = b"GET /health HTTP/1.1\r\nHost: gateway\r\n\r\n"
 
@@ -198,3 +199,29 @@ async def test_a_request_head_trickling_in_is_cut_and_its_slot_freed(serve: Any)
         assert (await honest.ask()).startswith(b"HTTP/1.1 200")
         await trio.sleep(1.5)  # an idle keep-alive connection, without a head on its way, is not cut
         assert (await honest.ask()).startswith(b"HTTP/1.1 200")
+
+
+async def test_a_response_written_in_pieces_arrives_whole_and_writes_after_the_close_raise() -> None:
+    """Hypercorn writes a response as head, body and an end that is empty with a Content-Length: the
+    bytes arrive in order, the empty end writes nothing, and any write after the close says so."""
+    a, b = trio.socket.socketpair()
+    ours, theirs = trio.SocketStream(a), trio.SocketStream(b)
+    connection = Connections(4, busy_idle_s=1.0).adopt(ours)
+    body = b"x" * (3 << 20)  # more than a socket buffer: part waits for the reader
+    head = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body)
+    got = bytearray()
+
+    async def read_all() -> None:
+        while len(got) < len(head) + len(body):
+            got.extend(await theirs.receive_some(1 << 20))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_all)
+        for piece in (head, body, b""):
+            await connection.send_all(piece)
+    assert bytes(got) == head + body
+    await connection.aclose()
+    for piece in (b"", b"more"):
+        with pytest.raises(trio.ClosedResourceError):
+            await connection.send_all(piece)
+    await theirs.aclose()

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wire.sse import SseData, SseTooLarge, encode_event
+from wire.sse import SseData, SseTooLarge, _split_lines, encode_event
 
 STREAM = (b": a comment\r\n"
           b"data: {\"a\": 1}\r\n\r\n"
@@ -69,3 +69,32 @@ def test_an_event_over_the_limit_is_refused(stream: bytes) -> None:
     with pytest.raises(SseTooLarge):
         parse([stream], limit=1000)
     assert parse([stream], limit=5000)
+
+
+def line_by_line(stream: bytes, limit: int = 200_000) -> list[bytes]:
+    """The events as the general line parser finds them (the reference for the whole-piece path)."""
+    parser = SseData(limit)
+    lines, _ = _split_lines(stream + b"\n\n")
+    return parser._events(lines)
+
+
+EVENT_DATA = st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"").replace(b"\r", b""))
+OTHER_LINES = st.sampled_from([b": keep-alive", b"event: x", b"data:no-space", b"id: 3", b"", b"data: a\ndata: b"])
+
+
+@given(st.lists(st.one_of(EVENT_DATA.map(lambda d: b"data: " + d), OTHER_LINES), max_size=12),
+       st.lists(st.integers(min_value=0, max_value=2_000), max_size=8))
+def test_lf_streams_of_data_lines_parse_as_line_by_line_wherever_cut(blocks: list[bytes], cuts: list[int]) -> None:
+    """Pieces of one `data: ` line per event take a faster path; any other line sends the piece line by
+    line. The events are the same either way, and however the bytes are cut."""
+    stream = b"".join(block + b"\n\n" for block in blocks)
+    expected = line_by_line(stream)
+    assert parse([stream]) == expected
+    assert parse(split_at(stream, cuts)) == expected
+
+
+def test_a_long_event_taken_whole_is_still_refused_over_the_limit() -> None:
+    with pytest.raises(SseTooLarge):
+        parse([b"data: 1\n\ndata: " + b"q" * 1500 + b"\n\n"], limit=1000)
+    with pytest.raises(SseTooLarge):
+        parse([b"data: 1\n\ndata: " + b"q" * 1500], limit=1000)  # and a line not ended yet

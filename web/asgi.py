@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import re
-import uuid
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +30,7 @@ from web.telemetry import (
     open_request,
     route_template,
 )
+from wire.ids import uuid4_hex
 
 if TYPE_CHECKING:
     from quart_trio import QuartTrio
@@ -117,7 +117,7 @@ def request_id_from(headers: Iterable[tuple[bytes, bytes]]) -> str:
             if _REQUEST_ID.fullmatch(value):
                 return value.decode("ascii")
             break
-    return uuid.uuid4().hex
+    return uuid4_hex()
 
 
 def key_prefix_from(headers: Iterable[tuple[bytes, bytes]]) -> str | None:

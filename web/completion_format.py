@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import math
 import time
-import uuid
 from typing import Any
 
 from wire import jsonio
 from wire.chunks import content_of
+from wire.ids import uuid4_hex
 from wire.organic import MinerAnswer
 
 FINISH_REASONS = frozenset({"stop", "length", "content_filter"})
@@ -82,7 +82,7 @@ class ChatStream:
     """Turns the winner's text into the client's OpenAI chunks (one id, one model name)."""
 
     def __init__(self, model: str, *, logprobs: bool = False, top_logprobs: int | None = None) -> None:
-        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.id = f"chatcmpl-{uuid4_hex()}"
         self.created = int(time.time())
         self.model = model
         self.logprobs = logprobs
@@ -122,7 +122,7 @@ def completion_body(answer: MinerAnswer, model: str, usage: dict[str, int], *, l
                               "finish_reason": finish_reason(answer.finish_reason), "logprobs": None}
     if logprobs:
         choice["logprobs"] = {"content": answer_logprobs(answer, top_logprobs or 0)}
-    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+    return {"id": f"chatcmpl-{uuid4_hex()}", "object": "chat.completion", "created": int(time.time()),
             "model": model, "choices": [choice], "usage": usage}
 
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-import uuid as uuidlib
 from collections import OrderedDict
 from collections.abc import Callable, Container, Iterable, Mapping
 from typing import Any, Protocol
 
 from bittensor_core import Keypair
+
+from wire.ids import uuid4_text
 
 VERSION = "2"
 MAX_AGE_MS = 8_000
@@ -44,7 +45,7 @@ class Signer:
     def headers(self, body: bytes, signed_for: str) -> dict[str, str]:
         """The Epistula headers for sending `body` (the exact bytes) to `signed_for`."""
         timestamp = str(self._clock_ms())
-        request_id = str(uuidlib.uuid4())
+        request_id = uuid4_text()
         message = f"{hashlib.sha256(body).hexdigest()}.{request_id}.{timestamp}.{signed_for}"
         signature = self.keypair.sign(message.encode())
         return {

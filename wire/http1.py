@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import re
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
@@ -467,6 +468,28 @@ class ResponseParser:
         return End(tuple(trailers))
 
 
+def send_now(stream: trio.SocketStream, data: bytes | bytearray | memoryview) -> int:
+    """How much of `data` the kernel took at once: written without waiting and without a trip
+    through trio's scheduler (`SocketStream.send_all` takes one per write, and its wrappers cost more
+    than the write). 0 when the socket's buffer is full, or the socket is closed or shut for writing:
+    the caller's `send_all` then sends the rest, waiting as trio waits and raising what trio raises."""
+    sock = stream.socket
+    fd = sock.fileno()
+    if fd < 0 or sock.did_shutdown_SHUT_WR:
+        return 0
+    try:
+        return os.write(fd, data)
+    except OSError:  # a full buffer (BlockingIOError), or a broken connection: trio's send_all says which
+        return 0
+
+
+async def send_all(stream: trio.SocketStream, data: bytes) -> None:
+    """`stream.send_all(data)`, the part the kernel takes at once written directly (`send_now`)."""
+    sent = send_now(stream, data)
+    if sent < len(data):
+        await stream.send_all(memoryview(data)[sent:])
+
+
 def within(timeout_s: float | None) -> contextlib.AbstractContextManager[object]:
     """`trio.fail_after(timeout_s)`; None: no limit, and no cancel scope (the caller bounds the whole
     exchange; a scope per read costs as much as the read's parsing)."""
@@ -528,7 +551,7 @@ class Connection:
         self.requests += 1
         try:
             with within(timeout_s):
-                await self.stream.send_all(head + body)
+                await send_all(self.stream, head + body)
         except trio.TooSlowError:
             raise httpx.WriteTimeout(f"request not sent within {timeout_s}s") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:

@@ -42,10 +42,42 @@ class SseData:
             return []
         if self._pending:
             piece = b"".join(self._pending) + piece
+        if not self._data and b"\r" not in piece:
+            events = self._single_lines(piece)
+            if events is not None:
+                return events
         lines, rest = _split_lines(piece)
         self._pending = [rest] if rest else []
         self._pending_bytes = len(rest)
         return self._events(lines)
+
+    def _single_lines(self, piece: bytes) -> list[bytes] | None:
+        """The usual stream, taken whole: events of one `data: ` line each, ended by a blank line, LF
+        only (what miners send, a token an event). None when the piece holds anything else before its
+        last blank line (a comment, a field, data over several lines, a line over the limit): it is then
+        parsed line by line. What follows the last blank line is parsed as lines, as it would be."""
+        body, ended, rest = piece.rpartition(b"\n\n")
+        if not ended:
+            return None
+        if not body.startswith(b"data: "):
+            return None
+        events = body[6:].split(b"\n\ndata: ")
+        if body.count(b"\n") != 2 * (len(events) - 1):
+            return None  # a line other than a `data: ` one, or an event of several lines
+        limit = self._limit
+        if max(map(len, events)) > limit - 6:
+            return None  # the line parser says which line is over the limit
+        if rest:
+            lines, tail = _split_lines(rest)
+            if len(tail) > limit:
+                raise SseTooLarge(f"an event stream line over {limit} bytes")
+            self._pending = [tail] if tail else []
+            self._pending_bytes = len(tail)
+            events += self._events(lines)
+        else:
+            self._pending = []
+            self._pending_bytes = 0
+        return events
 
     def end(self) -> list[bytes]:
         """The end of the body ends the last event."""

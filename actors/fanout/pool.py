@@ -26,7 +26,6 @@ read, so memory held stays near the budget (at most about twice it: answers unde
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -41,6 +40,7 @@ from wire import jsonio
 from wire.chunks import content_of, usage_counts
 from wire.epistula import Signer, routing_headers
 from wire.http1 import GatewayLimitError
+from wire.ids import uuid4_hex
 from wire.metagraph import Neuron
 from wire.organic import MinerAnswer, OrganicResult
 from wire.pool import ParsedUrls, post_streaming
@@ -146,7 +146,7 @@ class FanoutPool:
         nursery = self._admit()
         bounds = AnswerBounds.for_request(task, body)
         job = FanoutJob(
-            request_id=request_id or uuid.uuid4().hex, task=task, body=body,
+            request_id=request_id or uuid4_hex(), task=task, body=body,
             miners=[*miners, *scoring_only], mode=mode, timeout_s=timeout_s or request_timeout_s(body),
             bounds=bounds, max_bytes_held=bounds.request_bytes(len(miners) + len(scoring_only)), stall_s=self.stall_s,
             moves_breakers=moves_breakers, scoring_only=len(scoring_only), _on_release=self._released,
@@ -203,13 +203,13 @@ class FanoutPool:
         routing = routing_headers(job.body, client_timeout_s=job.timeout_s)
         try:
             with job.cancel_scope:
-                async with trio.open_nursery() as watch:
-                    if job.race is not None:
+                if job.race is None:
+                    await self._ask_all(job, body_bytes, routing)
+                else:
+                    async with trio.open_nursery() as watch:
                         watch.start_soon(job.race.watch)
-                    async with trio.open_nursery() as nursery:
-                        for i in range(len(job.miners)):
-                            nursery.start_soon(self._ask, job, i, body_bytes, routing)
-                    watch.cancel_scope.cancel()
+                        await self._ask_all(job, body_bytes, routing)
+                        watch.cancel_scope.cancel()
             if job.cancel_scope.cancelled_caught:
                 for answer in job.answers:
                     if answer.error is None and not answer.completed:
@@ -230,6 +230,14 @@ class FanoutPool:
                 self.submit(job.result())
             else:
                 self.results_unscored += 1
+
+    async def _ask_all(self, job: FanoutJob, body_bytes: bytes, routing: dict[str, str]) -> None:
+        if len(job.miners) == 1:  # no task of its own (`_ask` raises nothing but cancellation)
+            await self._ask(job, 0, body_bytes, routing)
+            return
+        async with trio.open_nursery() as nursery:
+            for i in range(len(job.miners)):
+                nursery.start_soon(self._ask, job, i, body_bytes, routing)
 
     async def _ask(self, job: FanoutJob, i: int, body_bytes: bytes, routing: dict[str, str]) -> None:
         neuron, answer = job.miners[i], job.answers[i]
@@ -353,6 +361,8 @@ class FanoutPool:
             raise OverBounds(f"answer over {job.bounds.max_events} events")
         at = round(trio.current_time() - job.started, 6)
         race = None if answer.scoring_only else job.race
+        max_chars = job.bounds.max_chunk_chars
+        chunks, timings, raw_chunks = answer.chunks, answer.timings, answer.raw_chunks
         for data in events:
             if data == DONE:
                 answer.completed = True
@@ -364,15 +374,15 @@ class FanoutPool:
             if not isinstance(chunk, dict):
                 raise MinerFailure("sent a chunk that is not a JSON object")
             text, finish, choice = content_of(chunk)
-            if job.bounds.max_chunk_chars is not None and len(text) > job.bounds.max_chunk_chars:
-                raise OverBounds(f"sent a chunk of over {job.bounds.max_chunk_chars} characters")
+            if max_chars is not None and len(text) > max_chars:
+                raise OverBounds(f"sent a chunk of over {max_chars} characters")
             if "usage" in chunk:
                 answer.usage = usage_counts(chunk["usage"]) or answer.usage
             if text:
-                answer.chunks.append(text)
-                answer.timings.append(at)
+                chunks.append(text)
+                timings.append(at)
                 # As received; a chunk sent over several data lines holds newlines: written compactly.
-                answer.raw_chunks.append(jsonio.dumps(chunk) if b"\n" in data or b"\r" in data else data)
+                raw_chunks.append(jsonio.dumps(chunk) if b"\n" in data or b"\r" in data else data)
             if finish is not None:
                 answer.finish_reason = finish
             if race is not None and job.streaming:
