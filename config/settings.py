@@ -196,7 +196,9 @@ class ScoringSettings:
     queue_size: int = setting(
         1024, "payloads queued in memory for delivery (within memory_max_bytes); more spill to the spool", min=1)
     timeout_s: float = setting(10.0, "timeout of one delivery", min=0.1)
-    concurrency: int = setting(8, "deliveries in flight at once (also the spool replay batch)", min=1, max=256)
+    concurrency: int = setting(
+        32, "deliveries in flight at once (also the spool replay batch); under load fewer fall behind and spill "
+        "to the spool", min=1, max=256)
     overflow_size: int = setting(
         4096, "payloads waiting in memory for the spool writer or a validator when the queue is full (within "
         "memory_max_bytes); more are dropped and counted", min=1
@@ -206,7 +208,7 @@ class ScoringSettings:
         "validator, deliveries in flight, the batch being written (an organic weighs its raw chunks and their "
         "text). Payloads are delivered from memory while that takes at most half of it; beyond, they go to the "
         "spool at once; beyond the whole (a failing or slow disk) they are dropped and counted (dropped.memory). "
-        "64 MiB: the 8 deliveries in flight of organics at 1,024 tokens from 5 miners (about 3.4 MB each) with a "
+        "64 MiB: 9 deliveries in flight of organics at 1,024 tokens from 5 miners (about 3.4 MB each) with a "
         "few queued, and as much again on its way to the spool; raise it with fanout.extra_scoring_miners",
         min=1024 * 1024)
     spool_batch: int = setting(256, "payloads written to the spool per fsync, at most", min=1)

@@ -199,6 +199,11 @@ def test_header_values_cannot_inject_lines() -> None:
         encode_head(b"POST", b"/", [(b"X-Seed", b"1\r\nX-Evil: 1")])
     with pytest.raises(httpx.LocalProtocolError):
         encode_head(b"POST", b"/", [(b"X-Seed: 1\nX", b"1")])
+    for headers in ([(b"X:Y", b"1")], [(b"X", b"a\rb")], [(b"Host", b"h"), (b"X", b"1\n")]):
+        with pytest.raises(httpx.LocalProtocolError):
+            encode_head(b"POST", b"/", headers)
+    with pytest.raises(httpx.LocalProtocolError):
+        encode_head(b"POST", b"/a\r\nX-Evil: 1", [(b"Host", b"h")])
     assert encode_head(b"GET", b"/a", [(b"Host", b"h")]) == b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n"
 
 

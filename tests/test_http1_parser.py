@@ -216,6 +216,44 @@ def test_valid_responses_cut_anywhere_read_as_h11_reads_them(response: tuple[byt
     assert mine == theirs(pieces, method)[0]
 
 
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(valid_response(), st.lists(st.integers(min_value=0), max_size=6))
+@example((b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", b"POST"), [])
+@example((b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", b"POST"), [])
+def test_an_end_said_received_is_reached_without_more_bytes(response: tuple[bytes, bytes], points: list[int]) -> None:
+    """Wherever the bytes are cut: once the parser says the body's end is among the bytes fed, it reaches
+    `End` without another feed; and the whole response fed at once, with its end, always says so."""
+    raw, method = response
+    parser = ResponseParser()
+    parser.start(method)
+    said = False
+    for piece in cuts(raw, points):
+        parser.feed(piece)
+        while (event := parser.next_event()) is not NEED_DATA:
+            if isinstance(event, End):
+                return
+            if parser.end_received:
+                said = True
+        if said:
+            raise AssertionError("the end was said to be received, but more bytes were needed")
+
+
+def test_the_usual_answers_say_their_end_came_with_their_last_data() -> None:
+    for raw in (b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\ndata: [DONE]",
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nc\r\ndata: [DONE]\r\n0\r\n\r\n"):
+        parser = ResponseParser()
+        parser.start(b"POST")
+        parser.feed(raw)
+        assert isinstance(parser.next_event(), ResponseHead)
+        assert parser.next_event() == b"data: [DONE]" and parser.end_received
+        assert isinstance(parser.next_event(), End)
+    parser = ResponseParser()
+    parser.start(b"POST")
+    parser.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nc\r\ndata: [DONE]\r\n")
+    assert isinstance(parser.next_event(), ResponseHead)
+    assert parser.next_event() == b"data: [DONE]" and not parser.end_received  # the last chunk is to come
+
+
 # -- corrupted responses -------------------------------------------------------------------------
 
 NASTY = b"\r\n \t:;0aAfFgG\x00\x0b\x7f\xff,-"

@@ -82,14 +82,17 @@ def own_resource_error(exc: BaseException) -> OSError | None:
 
 
 def encode_head(method: bytes, target: bytes, headers: Headers) -> bytes:
-    """The request line and headers; a CR or LF inside a name or value is refused (no injection)."""
-    lines = [method + b" " + target + b" HTTP/1.1"]
-    for name, value in headers:
-        if b"\r" in name or b"\n" in name or b"\r" in value or b"\n" in value or b":" in name:
-            raise httpx.LocalProtocolError(f"header {name!r} holds a line break or a colon in its name")
-        lines.append(name + b": " + value)
-    lines.append(b"\r\n")
-    return b"\r\n".join(lines)
+    """The request line and headers; a CR or LF inside the target, a name or a value, or a colon in a
+    name, is refused (no injection). Checked on the whole head at once: only the line ends written
+    here may be in it."""
+    lines = [method + b" " + target + b" HTTP/1.1", *[name + b": " + value for name, value in headers], b"\r\n"]
+    head = b"\r\n".join(lines)
+    breaks = len(lines)  # one CRLF between lines, and the blank line's
+    if head.count(b"\r") != breaks or head.count(b"\n") != breaks or b":" in b"".join(n for n, _ in headers):
+        bad = next((n for n, v in headers if b"\r" in n or b"\n" in n or b"\r" in v or b"\n" in v or b":" in n),
+                   target)
+        raise httpx.LocalProtocolError(f"{bad!r} in a request head holds a line break (or, a name, a colon)")
+    return head
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,6 +287,14 @@ class ResponseParser:
     def closed(self) -> bool:
         """Whether the peer's close has been fed."""
         return self._eof
+
+    @property
+    def end_received(self) -> bool:
+        """Whether the bytes fed hold the body's end, so reading on to it needs no more (conservative:
+        False when that would take parsing, e.g. trailers)."""
+        state, rest = self._state, self._buf[self._pos:self._pos + 5]
+        return (state == DONE or (state == LENGTH and self._remaining == 0)
+                or (state == SIZE and rest == b"0\r\n\r\n") or (state == TRAILERS and rest[:2] == b"\r\n"))
 
     def start(self, method: bytes) -> None:
         """A request went out: what follows is its response (`HEAD`: one without a body)."""

@@ -82,6 +82,12 @@ class StreamedResponse(Protocol):
 
     def aiter_bytes(self) -> AsyncIterator[bytes]: ...
 
+    @property
+    def end_received(self) -> bool:
+        """Whether the rest of the body, up to its end, has arrived already (reading it takes no wait);
+        False when that is not known."""
+        ...
+
     async def aread(self, max_bytes: int = MAX_ANSWER_BYTES) -> bytes: ...
 
 
@@ -111,12 +117,13 @@ class PlainResponse:
     """An httpx response from another transport (tests, `https://`), read as a pooled one is: the
     raw stream (httpx's `aiter_bytes` would decode gzip and deflate), bounded by `max_bytes`."""
 
-    __slots__ = ("_response", "status_code", "wire_bytes")
+    __slots__ = ("_response", "end_received", "status_code", "wire_bytes")
 
     def __init__(self, response: httpx.Response) -> None:
         self._response = response
         self.status_code = response.status_code
         self.wire_bytes = 0  # what the transport passed on (it hides any framing)
+        self.end_received = False  # not known through another transport
 
     async def aiter_bytes(self) -> AsyncGenerator[bytes, None]:
         stream = self._response.stream
@@ -377,6 +384,10 @@ class PooledResponse(httpx.AsyncByteStream):
     @property
     def wire_bytes(self) -> int:
         return self._connection.received
+
+    @property
+    def end_received(self) -> bool:
+        return self._connection.parser.end_received
 
     def aiter_bytes(self) -> AsyncGenerator[bytes, None]:
         return self._connection.body(self.head, self._read_timeout_s)

@@ -25,6 +25,7 @@ read, so memory held stays near the budget (at most about twice it: answers unde
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -314,8 +315,9 @@ class FanoutPool:
             except SseTooLarge as exc:
                 raise OverBounds(str(exc)) from None
             # Read on to the end of the body (it follows [DONE] at once), or the connection cannot go
-            # back to the pool and the next request to this miner pays for a new one.
-            with trio.move_on_after(DRAIN_AFTER_DONE_S):
+            # back to the pool and the next request to this miner pays for a new one. Usually it came
+            # with [DONE]: then no deadline is needed (nor its cost).
+            with contextlib.nullcontext() if response.end_received else trio.move_on_after(DRAIN_AFTER_DONE_S):
                 async for _ in body:
                     if response.wire_bytes > bounds.max_bytes:
                         break
