@@ -3,7 +3,7 @@
 The devnet (`python -m devnet.lean`: raw-socket miners and validator, never the bottleneck) runs
 miners in "bench" mode (a fixed-length answer at once) plus one "slow_tokens" miner for the
 open-streams phase; each gateway (`sn1-gateway serve --config`) gets a generated config and an API key
-made with `sn1-gateway keys create`. With two cores or more the gateway (and the stack floor after it)
+made with `sn1-gateway keys create`. With two cores or more the gateway (and the stack floor, measured before each)
 runs alone on one core and everything else on the others, so its figures are per gateway core. For
 every fan-out and concurrency the same load goes through the gateway and straight to one miner
 (Epistula-signed as the gateway signs), back to back, so each figure has a no-gateway limit measured
@@ -240,7 +240,7 @@ class Run:
     gateways: list[dict[str, Any]] = field(default_factory=list)
     calibration: dict[str, float] = field(default_factory=dict)
     load_at_start: list[float] = field(default_factory=list)
-    floor: list[Measured] = field(default_factory=list)
+    floor: list[tuple[int | None, Measured]] = field(default_factory=list)  # (the fan-out measured next, phase)
     all_cpus: frozenset[int] = frozenset()  # every core this run may use (the workers phases share them)
     workers: list[tuple[int, Measured]] = field(default_factory=list)  # (server.workers, its phase)
     workers_skipped: str | None = None  # why the workers phases were not run
@@ -391,26 +391,36 @@ class Run:
         endpoint = miner.endpoint
         return lambda: request_bytes(endpoint, body_bytes, {**routing, **signer.headers(body_bytes, miner.hotkey)})
 
-    async def floor_phases(self) -> None:
-        """The same completion requests sent to a bare Quart-Trio app on Hypercorn (`bench.floor`)."""
-        options = self.options
-        child = await start_child(self.nursery, "floor", [sys.executable, "-m", "bench.floor", "--tokens",
-                                                          str(options.answer_tokens)],
-                                  cwd=self.workdir, ready=gateway_ready, cpus=self.gateway_cpus, env=self.child_env)
-        self.log(f"stack floor (bare Quart-Trio on Hypercorn) up at {child.ready} (pid {child.pid})")
+    async def start_floor(self) -> Child[str] | None:
+        """A bare Quart-Trio app on Hypercorn (`bench.floor`) on the gateway core, idle between its
+        phases; None (said) when it cannot start: the gateways' figures stand without it."""
         try:
-            endpoint = Endpoint.parse(child.ready, CHAT_PATH)
-            body = client_body(stream=False, max_tokens=4 * options.answer_tokens)
-            for concurrency in options.concurrencies:
-                measured = await self.measure(endpoint, self.gateway_requests(endpoint, "floor", body),
-                                              concurrency=concurrency, stream=False, gateway_pid=child.pid,
-                                              gateway_peak=False)
-                self.floor.append(measured)
-                entry = report.floor_entry(measured)
-                self.log(f"stack floor c={concurrency}: {entry['rps']} req/s, p50 {entry['p50_ms']} ms, "
-                         f"CPU {entry['cpu_ms_per_request']} ms/req, errors {entry['errors']}")
-        finally:
-            await child.stop()
+            child = await start_child(self.nursery, "floor", [sys.executable, "-m", "bench.floor", "--tokens",
+                                                              str(self.options.answer_tokens)],
+                                      cwd=self.workdir, ready=gateway_ready, cpus=self.gateway_cpus,
+                                      env=self.child_env)
+        except (ChildFailed, OSError) as exc:
+            self.log(f"stack floor not measured: {exc}")
+            return None
+        self.log(f"stack floor (bare Quart-Trio on Hypercorn) up at {child.ready} (pid {child.pid})")
+        return child
+
+    async def floor_phases(self, child: Child[str], next_to: int | None) -> None:
+        """The same completion requests sent to the stack floor, at every concurrency, just before the
+        phases of fan-out `next_to`: each share is taken of the floor measured beside it, so that the
+        machine's speed drifting during the run (a shared host's does, by a tenth within minutes) moves
+        both figures alike."""
+        options = self.options
+        endpoint = Endpoint.parse(child.ready, CHAT_PATH)
+        body = client_body(stream=False, max_tokens=4 * options.answer_tokens)
+        for concurrency in options.concurrencies:
+            measured = await self.measure(endpoint, self.gateway_requests(endpoint, "floor", body),
+                                          concurrency=concurrency, stream=False, gateway_pid=child.pid,
+                                          gateway_peak=False)
+            self.floor.append((next_to, measured))
+            entry = report.floor_entry(measured)
+            self.log(f"stack floor c={concurrency}: {entry['rps']} req/s, p50 {entry['p50_ms']} ms, "
+                     f"CPU {entry['cpu_ms_per_request']} ms/req, errors {entry['errors']}")
 
     async def workers_phases(self, devnet: Devnet) -> None:
         """Fanout 1 at the highest concurrency through a gateway with each `server.workers` of
@@ -531,16 +541,32 @@ class Run:
             assert devnet is not None
             first = devnet.miners()[0]
             miner = MinerTarget(Endpoint.parse(first["axon"], CHAT_PATH), first["hotkey"])
+        floor = await self.start_floor()
+        try:
+            await self._phases(devnet, miner, slow_uid, floor)
+        finally:
+            if floor is not None:
+                await floor.stop()
+        miners_cpu = self.devnet.sample().cpu_s if self.devnet is not None else None
+        return self.document(started, fd_limit, miners_cpu)
+
+    async def _phases(self, devnet: Devnet | None, miner: MinerTarget, slow_uid: int,
+                      floor: Child[str] | None) -> None:
+        options = self.options
         if options.target_gateway is not None:
             if options.api_key is None:
                 raise ChildFailed("--target-gateway needs --api-key")
             fanout = options.target_fanout or 0
+            if floor is not None:
+                await self.floor_phases(floor, fanout)
             await self.fanout_phases(fanout, Endpoint.parse(options.target_gateway, CHAT_PATH), options.api_key,
                                      options.gateway_pid, miner, f"target gateway (fanout {fanout or '?'})")
             self.note_peak(options.gateway_pid)
         else:
             assert devnet is not None
             for fanout in options.fanouts:
+                if floor is not None:
+                    await self.floor_phases(floor, fanout)
                 name = f"gateway-fanout-{fanout}"
                 config = gateway_config(devnet, uids=set(range(BENCH_MINERS)), fanout=fanout,
                                         scoring=options.scoring, workdir=self.workdir, name=name)
@@ -559,12 +585,6 @@ class Run:
                 except (ChildFailed, OSError) as exc:  # the other figures stand without them
                     self.workers_skipped = f"the workers phases failed: {exc}"
                     self.log(self.workers_skipped)
-        try:
-            await self.floor_phases()
-        except (ChildFailed, OSError) as exc:  # the gateways' figures stand without it
-            self.log(f"stack floor not measured: {exc}")
-        miners_cpu = self.devnet.sample().cpu_s if self.devnet is not None else None
-        return self.document(started, fd_limit, miners_cpu)
 
     @contextmanager
     def profiling(self, pid: int, name: str) -> Iterator[None]:

@@ -115,15 +115,17 @@ def test_quick_bench_writes_complete_results(quick_run: QuickRun) -> None:
             + scoring["spooled"] >= scoring["submitted"], run
 
     floor = doc["stack_floor"]
-    assert [p["concurrency"] for p in floor["phases"]] == doc["config"]["concurrencies"]
+    # measured at every concurrency just before each fan-out's phases
+    assert [(p["next_to_fanout"], p["concurrency"]) for p in floor["phases"]] == \
+        [(f, c) for f in doc["config"]["fanouts"] for c in doc["config"]["concurrencies"]]
     for p in floor["phases"]:
         assert p["errors"] == 0 and p["requests"] > 0 and p["cpu_ms_per_request"] > 0, p
         assert 0 < p["p50_ms"] <= p["p99_ms"], p
     assert floor["cpu_ms_per_request"] > 0 and floor["p50_ms_at_c1"] > 0
-    peak = max(p["rps"] for p in floor["phases"])
-    assert [t["stack_floor"] for t in doc["targets"][:2]] == [peak, peak]
-    for t, fanout in zip(doc["targets"][:2], (1, 5), strict=True):  # the share is of the floor's peak
+    for t, fanout in zip(doc["targets"][:2], (1, 5), strict=True):  # the share is of the floor's peak beside it
+        peak = max(p["rps"] for p in floor["phases"] if p["next_to_fanout"] == fanout)
         best = max(e["rps"]["gateway"] for e in doc["completions"] if e["fanout"] == fanout)
+        assert t["stack_floor"] == peak
         assert t["measured"] == pytest.approx(best / peak, abs=0.001), t
     assert "stack floor: bare Quart-Trio app on Hypercorn" in stdout
 
@@ -356,3 +358,13 @@ def test_the_workers_ratio_is_of_the_most_workers_to_one_whatever_the_order() ->
     assert two["gateway_cpu_ms_per_completion"] == 2.0 and two["gateway_cores_used"] == 0.9
     assert workers_document([(1, phase(600))], pinned=True, skipped=None)["ratio"] is None  # nothing to compare
     assert "| ratio, 2 workers / 1 | 1.50 |" in "\n".join(workers_rows(doc))
+
+
+def test_each_share_is_of_the_floor_measured_beside_its_fanout_or_of_every_phase_in_older_documents() -> None:
+    from bench.report import floor_beside
+
+    phases = [{"next_to_fanout": 1, "rps": 1000.0}, {"next_to_fanout": 5, "rps": 900.0}]
+    assert floor_beside(phases, 5) == [phases[1]]
+    assert floor_beside(phases, 2) == phases  # measured beside none: every phase
+    older = [{"rps": 1000.0}, {"rps": 800.0}]
+    assert floor_beside(older, 1) == older
