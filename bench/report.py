@@ -16,7 +16,8 @@ from bench.load import HeldStreams, LoadResult
 
 SCHEMA = "sn1-gateway-bench/2"
 # Targets, per gateway core, scoring on, as ratios within one run: requests/s as a share of the stack
-# floor's (the peak over the concurrencies of each; the floor's measured just before that fan-out's).
+# floor's (the peak over the concurrencies of each; the floor's the mean of its blocks on either side of
+# that fan-out's phases).
 TARGET_FLOOR_SHARE = {1: 0.50, 5: 0.33}
 TARGET_OPEN_STREAMS = 5000
 TARGET_OPEN_STREAMS_RSS_MB = 500.0
@@ -230,12 +231,14 @@ def floor_entry(measured: Measured) -> dict[str, Any]:
             "cpu_ms_per_request": rounded(per_request_ms(measured.gateway_cpu_s, load.completed))}
 
 
-def floor_document(phases: Sequence[tuple[int | None, Measured]]) -> dict[str, Any]:
-    """The stack's floor: its phases (each with the fan-out whose phases followed it), CPU per request
-    over all of them, and its p50 at concurrency 1 (the first such phase)."""
-    measured = [m for _, m in phases]
+def floor_document(phases: Sequence[tuple[int, int | None, Measured]]) -> dict[str, Any]:
+    """The stack's floor: its phases (each with its block, and the fan-out whose phases followed that
+    block; None after the last), CPU per request over all of them, and its p50 at concurrency 1 (the
+    first such phase)."""
+    measured = [m for _, _, m in phases]
     c1 = next((p for p in measured if p.load.concurrency == 1), None)
-    return {"what": FLOOR_WHAT, "phases": [{**floor_entry(m), "next_to_fanout": f} for f, m in phases],
+    return {"what": FLOOR_WHAT,
+            "phases": [{**floor_entry(m), "block": b, "before_fanout": f} for b, f, m in phases],
             "cpu_ms_per_request": cpu_per_completion(measured),
             "p50_ms_at_c1": rounded(ms(percentile(c1.load.latencies, 50))) if c1 is not None else None}
 
@@ -284,11 +287,16 @@ def peak_rps(entries: Sequence[dict[str, Any]], key: str = "gateway") -> float |
     return max(values) if values else None
 
 
-def floor_beside(phases: Sequence[dict[str, Any]], fanout: int) -> list[dict[str, Any]]:
-    """The floor's phases measured just before fan-out `fanout`'s (all of them when none was: a
-    document from before the floor was measured beside each fan-out)."""
-    beside = [p for p in phases if p.get("next_to_fanout") == fanout]
-    return beside or list(phases)
+def floor_beside(phases: Sequence[dict[str, Any]], fanout: int) -> float | None:
+    """The floor's requests/s that fan-out `fanout`'s share is of: the mean of the peaks of the floor's
+    blocks just before and just after its phases (the one before alone when none came after); the
+    peak of every phase in a document whose floor has no blocks, or none before this fan-out."""
+    before = next((p["block"] for p in phases if "block" in p and p.get("before_fanout") == fanout), None)
+    if before is None:
+        return peak_rps(phases)
+    peaks = [peak for block in (before, before + 1)
+             if (peak := peak_rps([p for p in phases if p.get("block") == block])) is not None]
+    return round(sum(peaks) / len(peaks), 1) if peaks else None
 
 
 def targets(document: dict[str, Any]) -> list[dict[str, Any]]:
@@ -297,7 +305,7 @@ def targets(document: dict[str, Any]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     floor = document.get("stack_floor") or {}
     for fanout, share in TARGET_FLOOR_SHARE.items():
-        floor_rps = peak_rps(floor_beside(floor.get("phases") or [], fanout))
+        floor_rps = floor_beside(floor.get("phases") or [], fanout)
         gateway = peak_rps([e for e in document["completions"] if e["fanout"] == fanout])
         measured = None if gateway is None or not floor_rps else round(gateway / floor_rps, 3)
         out.append(_target(f"fanout {fanout}: requests/s per gateway core, share of the stack floor's "
@@ -336,8 +344,9 @@ def _floor_rows(floor: dict[str, Any] | None) -> list[str]:
         return []
     rows = ["", _row(["stack floor: bare Quart-Trio app on Hypercorn", "requests/s", "p50 ms", "p99 ms",
                       "CPU ms/req"]), _row(["---", "---:", "---:", "---:", "---:"])]
-    rows += [_row([f"c={p['concurrency']}" + ("" if p.get("next_to_fanout") is None
-                                              else f", before fanout {p['next_to_fanout']}"),
+    rows += [_row([f"c={p['concurrency']}" + ("" if "block" not in p else ", after the fan-outs"
+                                              if p.get("before_fanout") is None
+                                              else f", before fanout {p['before_fanout']}"),
                    _fmt(p["rps"], 0), _fmt(p["p50_ms"]), _fmt(p["p99_ms"]),
                    _fmt(p["cpu_ms_per_request"], 3)]) for p in floor["phases"]]
     return rows

@@ -3,7 +3,7 @@
 The devnet (`python -m devnet.lean`: raw-socket miners and validator, never the bottleneck) runs
 miners in "bench" mode (a fixed-length answer at once) plus one "slow_tokens" miner for the
 open-streams phase; each gateway (`sn1-gateway serve --config`) gets a generated config and an API key
-made with `sn1-gateway keys create`. With two cores or more the gateway (and the stack floor, measured before each)
+made with `sn1-gateway keys create`. With two cores or more the gateway (and the stack floor, measured around them)
 runs alone on one core and everything else on the others, so its figures are per gateway core. For
 every fan-out and concurrency the same load goes through the gateway and straight to one miner
 (Epistula-signed as the gateway signs), back to back, so each figure has a no-gateway limit measured
@@ -240,7 +240,7 @@ class Run:
     gateways: list[dict[str, Any]] = field(default_factory=list)
     calibration: dict[str, float] = field(default_factory=dict)
     load_at_start: list[float] = field(default_factory=list)
-    floor: list[tuple[int | None, Measured]] = field(default_factory=list)  # (the fan-out measured next, phase)
+    floor: list[tuple[int, int | None, Measured]] = field(default_factory=list)  # (block, fan-out next, phase)
     all_cpus: frozenset[int] = frozenset()  # every core this run may use (the workers phases share them)
     workers: list[tuple[int, Measured]] = field(default_factory=list)  # (server.workers, its phase)
     workers_skipped: str | None = None  # why the workers phases were not run
@@ -405,19 +405,20 @@ class Run:
         self.log(f"stack floor (bare Quart-Trio on Hypercorn) up at {child.ready} (pid {child.pid})")
         return child
 
-    async def floor_phases(self, child: Child[str], next_to: int | None) -> None:
-        """The same completion requests sent to the stack floor, at every concurrency, just before the
-        phases of fan-out `next_to`: each share is taken of the floor measured beside it, so that the
-        machine's speed drifting during the run (a shared host's does, by a tenth within minutes) moves
-        both figures alike."""
+    async def floor_phases(self, child: Child[str], before: int | None) -> None:
+        """One block of the stack floor: the same completion requests at every concurrency, just before
+        the phases of fan-out `before` (None: after the last). Each fan-out's share is taken of the
+        blocks on either side of its phases, so that the machine's speed drifting during the run (a
+        shared host's does, by a third within minutes) moves both figures alike."""
         options = self.options
+        block = 1 + max((b for b, _, _ in self.floor), default=-1)
         endpoint = Endpoint.parse(child.ready, CHAT_PATH)
         body = client_body(stream=False, max_tokens=4 * options.answer_tokens)
         for concurrency in options.concurrencies:
             measured = await self.measure(endpoint, self.gateway_requests(endpoint, "floor", body),
                                           concurrency=concurrency, stream=False, gateway_pid=child.pid,
                                           gateway_peak=False)
-            self.floor.append((next_to, measured))
+            self.floor.append((block, before, measured))
             entry = report.floor_entry(measured)
             self.log(f"stack floor c={concurrency}: {entry['rps']} req/s, p50 {entry['p50_ms']} ms, "
                      f"CPU {entry['cpu_ms_per_request']} ms/req, errors {entry['errors']}")
@@ -562,6 +563,8 @@ class Run:
             await self.fanout_phases(fanout, Endpoint.parse(options.target_gateway, CHAT_PATH), options.api_key,
                                      options.gateway_pid, miner, f"target gateway (fanout {fanout or '?'})")
             self.note_peak(options.gateway_pid)
+            if floor is not None:
+                await self.floor_phases(floor, None)
         else:
             assert devnet is not None
             for fanout in options.fanouts:
@@ -577,6 +580,8 @@ class Run:
                                                  child.pid, miner, f"fanout {fanout}")
                 finally:
                     await self.stop_gateway(child)
+            if floor is not None and options.fanouts:
+                await self.floor_phases(floor, None)
             if any(options.open_streams):
                 await self.open_streams_phase(devnet, slow_uid)
             if options.workers:

@@ -115,15 +115,18 @@ def test_quick_bench_writes_complete_results(quick_run: QuickRun) -> None:
             + scoring["spooled"] >= scoring["submitted"], run
 
     floor = doc["stack_floor"]
-    # measured at every concurrency just before each fan-out's phases
-    assert [(p["next_to_fanout"], p["concurrency"]) for p in floor["phases"]] == \
-        [(f, c) for f in doc["config"]["fanouts"] for c in doc["config"]["concurrencies"]]
+    # a block at every concurrency just before each fan-out's phases, and one after the last
+    fanouts, concurrencies = doc["config"]["fanouts"], doc["config"]["concurrencies"]
+    assert [(p["block"], p["before_fanout"], p["concurrency"]) for p in floor["phases"]] == \
+        [(b, f, c) for b, f in enumerate([*fanouts, None]) for c in concurrencies]
     for p in floor["phases"]:
         assert p["errors"] == 0 and p["requests"] > 0 and p["cpu_ms_per_request"] > 0, p
         assert 0 < p["p50_ms"] <= p["p99_ms"], p
     assert floor["cpu_ms_per_request"] > 0 and floor["p50_ms_at_c1"] > 0
-    for t, fanout in zip(doc["targets"][:2], (1, 5), strict=True):  # the share is of the floor's peak beside it
-        peak = max(p["rps"] for p in floor["phases"] if p["next_to_fanout"] == fanout)
+    for t, fanout in zip(doc["targets"][:2], (1, 5), strict=True):  # of the floor's blocks on either side
+        block = fanouts.index(fanout)
+        peaks = [max(p["rps"] for p in floor["phases"] if p["block"] == b) for b in (block, block + 1)]
+        peak = round(sum(peaks) / 2, 1)
         best = max(e["rps"]["gateway"] for e in doc["completions"] if e["fanout"] == fanout)
         assert t["stack_floor"] == peak
         assert t["measured"] == pytest.approx(best / peak, abs=0.001), t
@@ -363,8 +366,10 @@ def test_the_workers_ratio_is_of_the_most_workers_to_one_whatever_the_order() ->
 def test_each_share_is_of_the_floor_measured_beside_its_fanout_or_of_every_phase_in_older_documents() -> None:
     from bench.report import floor_beside
 
-    phases = [{"next_to_fanout": 1, "rps": 1000.0}, {"next_to_fanout": 5, "rps": 900.0}]
-    assert floor_beside(phases, 5) == [phases[1]]
-    assert floor_beside(phases, 2) == phases  # measured beside none: every phase
-    older = [{"rps": 1000.0}, {"rps": 800.0}]
-    assert floor_beside(older, 1) == older
+    phases = [{"block": 0, "before_fanout": 1, "rps": 1000.0}, {"block": 0, "before_fanout": 1, "rps": 1100.0},
+              {"block": 1, "before_fanout": 5, "rps": 900.0}, {"block": 2, "before_fanout": None, "rps": 1300.0}]
+    assert floor_beside(phases, 1) == 1000.0  # the peaks of the blocks before (1,100) and after (900)
+    assert floor_beside(phases, 5) == 1100.0  # 900 before, 1,300 after
+    assert floor_beside(phases[:3], 5) == 900.0  # none after: the one before
+    assert floor_beside(phases, 2) == 1300.0  # none before this fan-out: every phase's peak
+    assert floor_beside([{"rps": 1000.0}, {"rps": 800.0}], 1) == 1000.0  # an older document: every phase
