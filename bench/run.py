@@ -405,6 +405,23 @@ class Run:
         self.log(f"stack floor (bare Quart-Trio on Hypercorn) up at {child.ready} (pid {child.pid})")
         return child
 
+    async def floor_block(self, floor: Child[str] | None, before: int | None) -> Child[str] | None:
+        """`floor_phases`, and the floor given up (said) when it fails: the gateways' figures stand
+        without it."""
+        if floor is None:
+            return None
+        failed: BaseException | None = None
+        try:
+            await self.floor_phases(floor, before)
+        except* (ChildFailed, OSError) as group:  # also from the sampling task of a phase
+            failed = group
+            while isinstance(failed, BaseExceptionGroup):
+                failed = failed.exceptions[0]
+        if failed is not None:
+            self.log(f"stack floor not measured further: {failed}")
+            return None
+        return floor
+
     async def floor_phases(self, child: Child[str], before: int | None) -> None:
         """One block of the stack floor: the same completion requests at every concurrency, just before
         the phases of fan-out `before` (None: after the last). Each fan-out's share is taken of the
@@ -558,18 +575,15 @@ class Run:
             if options.api_key is None:
                 raise ChildFailed("--target-gateway needs --api-key")
             fanout = options.target_fanout or 0
-            if floor is not None:
-                await self.floor_phases(floor, fanout)
+            floor = await self.floor_block(floor, fanout)
             await self.fanout_phases(fanout, Endpoint.parse(options.target_gateway, CHAT_PATH), options.api_key,
                                      options.gateway_pid, miner, f"target gateway (fanout {fanout or '?'})")
             self.note_peak(options.gateway_pid)
-            if floor is not None:
-                await self.floor_phases(floor, None)
+            await self.floor_block(floor, None)
         else:
             assert devnet is not None
             for fanout in options.fanouts:
-                if floor is not None:
-                    await self.floor_phases(floor, fanout)
+                floor = await self.floor_block(floor, fanout)
                 name = f"gateway-fanout-{fanout}"
                 config = gateway_config(devnet, uids=set(range(BENCH_MINERS)), fanout=fanout,
                                         scoring=options.scoring, workdir=self.workdir, name=name)
@@ -580,8 +594,8 @@ class Run:
                                                  child.pid, miner, f"fanout {fanout}")
                 finally:
                     await self.stop_gateway(child)
-            if floor is not None and options.fanouts:
-                await self.floor_phases(floor, None)
+            if options.fanouts:
+                await self.floor_block(floor, None)
             if any(options.open_streams):
                 await self.open_streams_phase(devnet, slow_uid)
             if options.workers:

@@ -373,3 +373,19 @@ def test_each_share_is_of_the_floor_measured_beside_its_fanout_or_of_every_phase
     assert floor_beside(phases[:3], 5) == 900.0  # none after: the one before
     assert floor_beside(phases, 2) == 1300.0  # none before this fan-out: every phase's peak
     assert floor_beside([{"rps": 1000.0}, {"rps": 800.0}], 1) == 1000.0  # an older document: every phase
+
+
+async def test_a_floor_that_dies_mid_run_is_given_up_and_the_run_goes_on(tmp_path: Path) -> None:
+    """The floor lives through the whole run now; when it is gone, its next block is said and skipped,
+    as a floor that cannot start is: the gateways' figures stand without it."""
+    from bench.processes import Child
+    from bench.run import BenchOptions, Run
+
+    gone = await trio.lowlevel.open_process(["true"])
+    await gone.wait()  # its /proc entry is gone: sampling it fails as a dead floor's would
+    async with trio.open_nursery() as nursery:
+        run = Run(BenchOptions.quick_run(), tmp_path, nursery)
+        floor = Child("floor", gone, "http://127.0.0.1:9", tmp_path / "floor.log")
+        assert await run.floor_block(floor, 1) is None
+        assert await run.floor_block(None, 5) is None
+    assert run.floor == []

@@ -582,3 +582,18 @@ async def test_writes_to_a_closed_or_broken_connection_raise_what_trio_raises() 
         await send_all(sender, b"x")
     await sender.aclose()
     await receiver.aclose()
+
+
+async def test_a_request_in_a_cancelled_scope_is_not_sent() -> None:
+    """As with trio's `send_all`: a fan-out cut short before a miner was asked, or a shutdown cancelling a
+    delivery, sends nothing (the peer never sees a signed request nobody will read)."""
+    sender, receiver = await socket_pair()
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await send_all(sender, b"POST / HTTP/1.1\r\n\r\n")
+    assert scope.cancelled_caught
+    with trio.move_on_after(0.05) as waiting:
+        await receiver.receive_some(100)
+    assert waiting.cancelled_caught  # nothing arrived
+    for stream in (sender, receiver):
+        await stream.aclose()

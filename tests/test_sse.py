@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from wire.sse import SseData, SseTooLarge, _split_lines, encode_event
@@ -96,5 +96,47 @@ def test_lf_streams_of_data_lines_parse_as_line_by_line_wherever_cut(blocks: lis
 def test_a_long_event_taken_whole_is_still_refused_over_the_limit() -> None:
     with pytest.raises(SseTooLarge):
         parse([b"data: 1\n\ndata: " + b"q" * 1500 + b"\n\n"], limit=1000)
+
+
+def test_a_long_line_after_the_last_event_of_a_read_costs_none_of_its_events() -> None:
+    """The events a read ended come out; a line not ended yet and over the limit is refused with the next
+    piece (or the end), as the line parser does: a miner's [DONE] is not lost to what follows it."""
+    parser = SseData(1000)
+    assert parser.feed(b"data: 1\n\ndata: [DONE]\n\n" + b"x" * 1001) == [b"1", b"[DONE]"]
     with pytest.raises(SseTooLarge):
-        parse([b"data: 1\n\ndata: " + b"q" * 1500], limit=1000)  # and a line not ended yet
+        parser.feed(b"x")
+    parser = SseData(1000)
+    assert parser.feed(b"data: 1\n\n" + b"x" * 1001) == [b"1"]
+    with pytest.raises(SseTooLarge):
+        parser.end()
+
+
+class LineByLine(SseData):
+    """The parser without its whole-piece path: every piece line by line."""
+
+    def _single_lines(self, piece: bytes) -> list[bytes] | None:
+        return None
+
+
+def outcome(parser: SseData, pieces: list[bytes]) -> list[bytes] | str:
+    events: list[bytes] = []
+    try:
+        for piece in pieces:
+            events += parser.feed(piece)
+        return events + parser.end()
+    except SseTooLarge:
+        return f"refused after {len(events)} events"
+
+
+@given(st.lists(st.one_of(st.binary(max_size=60).map(lambda b: b"data: " + b.replace(b"\n", b"").replace(b"\r", b"")),
+                          OTHER_LINES), max_size=10),
+       st.booleans(), st.integers(min_value=8, max_value=70), st.lists(st.integers(min_value=0, max_value=800), max_size=6))
+@example([b"data: 1", b"data: [DONE]", b"data: " + b"x" * 40], False, 20, [])  # a long line after [DONE]
+def test_within_and_over_the_limit_the_whole_piece_path_is_the_line_parser(
+        blocks: list[bytes], ended: bool, limit: int, cuts: list[int]) -> None:
+    """Same events, and refused at the same event, whatever the limit, the cuts, or a last line not ended."""
+    stream = b"".join(block + b"\n\n" for block in blocks)
+    if not ended and blocks:
+        stream = stream[:-2]
+    pieces = split_at(stream, cuts)
+    assert outcome(SseData(limit), pieces) == outcome(LineByLine(limit), pieces)

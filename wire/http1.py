@@ -495,7 +495,9 @@ def send_now(stream: trio.SocketStream, data: bytes | bytearray | memoryview) ->
 
 
 async def send_all(stream: trio.SocketStream, data: bytes) -> None:
-    """`stream.send_all(data)`, the part the kernel takes at once written directly (`send_now`)."""
+    """`stream.send_all(data)`, the part the kernel takes at once written directly (`send_now`). A task
+    already cancelled sends nothing, as with trio's (without a trip through the scheduler otherwise)."""
+    await trio.lowlevel.checkpoint_if_cancelled()
     sent = send_now(stream, data)
     if sent < len(data):
         await stream.send_all(memoryview(data)[sent:])

@@ -69,9 +69,7 @@ class SseData:
             return None  # the line parser says which line is over the limit
         if rest:
             lines, tail = _split_lines(rest)
-            if len(tail) > limit:
-                raise SseTooLarge(f"an event stream line over {limit} bytes")
-            self._pending = [tail] if tail else []
+            self._pending = [tail] if tail else []  # a tail over the limit is refused as it grows, as below
             self._pending_bytes = len(tail)
             events += self._events(lines)
         else:
