@@ -40,7 +40,7 @@ from hypercorn.typing import (
 )
 from hypercorn.utils import ShutdownError, parse_socket_addr, raise_shutdown, repr_socket_addr
 
-from wire.http1 import send_now
+from wire.http1 import send_all
 
 Peer = tuple[str, int]
 
@@ -69,14 +69,12 @@ class Connection(trio.abc.HalfCloseableStream):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Hypercorn writes a response in three calls (head, body, end; the end of a response with a
         Content-Length is empty). What the kernel takes at once is written without a trip through the
-        scheduler (`wire.http1.send_now`), an empty write costs nothing; the rest goes as trio sends it."""
+        scheduler (`wire.http1.send_all`), an empty write costs nothing; the rest goes as trio sends it."""
         if not data:
             if self.socket.fileno() < 0:
                 raise trio.ClosedResourceError("the connection is closed")
             return
-        sent = send_now(self._stream, data)
-        if sent < len(data):
-            await self._stream.send_all(memoryview(data)[sent:])
+        await send_all(self._stream, data)
         self.last_active = trio.current_time()
 
     async def wait_send_all_might_not_block(self) -> None:

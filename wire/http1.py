@@ -91,7 +91,7 @@ def encode_head(method: bytes, target: bytes, headers: Headers) -> bytes:
     if head.count(b"\r") != breaks or head.count(b"\n") != breaks or b":" in b"".join(n for n, _ in headers):
         bad = next((n for n, v in headers if b"\r" in n or b"\n" in n or b"\r" in v or b"\n" in v or b":" in n),
                    target)
-        raise httpx.LocalProtocolError(f"{bad!r} in a request head holds a line break (or, a name, a colon)")
+        raise httpx.LocalProtocolError(f"{bad!r} in a request head holds a line break, or a colon in a name")
     return head
 
 
@@ -494,7 +494,7 @@ def send_now(stream: trio.SocketStream, data: bytes | bytearray | memoryview) ->
         return 0
 
 
-async def send_all(stream: trio.SocketStream, data: bytes) -> None:
+async def send_all(stream: trio.SocketStream, data: bytes | bytearray | memoryview) -> None:
     """`stream.send_all(data)`, the part the kernel takes at once written directly (`send_now`). A task
     already cancelled sends nothing, as with trio's (without a trip through the scheduler otherwise)."""
     await trio.lowlevel.checkpoint_if_cancelled()
