@@ -114,8 +114,8 @@ def test_a_long_line_after_the_last_event_of_a_read_costs_none_of_its_events() -
 class LineByLine(SseData):
     """The parser without its whole-piece path: every piece line by line."""
 
-    def _single_lines(self, piece: bytes) -> list[bytes] | None:
-        return None
+    def _single_lines(self, piece: bytes) -> tuple[list[bytes], bytes]:
+        return [], piece
 
 
 def outcome(parser: SseData, pieces: list[bytes]) -> list[bytes] | str:

@@ -42,40 +42,28 @@ class SseData:
             return []
         if self._pending:
             piece = b"".join(self._pending) + piece
+        events: list[bytes] = []
         if not self._data and b"\r" not in piece:
-            events = self._single_lines(piece)
-            if events is not None:
-                return events
+            events, piece = self._single_lines(piece)
         lines, rest = _split_lines(piece)
         self._pending = [rest] if rest else []
         self._pending_bytes = len(rest)
-        return self._events(lines)
+        return events + self._events(lines) if events else self._events(lines)
 
-    def _single_lines(self, piece: bytes) -> list[bytes] | None:
+    def _single_lines(self, piece: bytes) -> tuple[list[bytes], bytes]:
         """The usual stream, taken whole: events of one `data: ` line each, ended by a blank line, LF
-        only (what miners send, a token an event). None when the piece holds anything else before its
-        last blank line (a comment, a field, data over several lines, a line over the limit): it is then
-        parsed line by line. What follows the last blank line is parsed as lines, as it would be."""
+        only (what miners send, a token an event), and what follows the last blank line, for the line
+        parser. No events, and the whole piece, when it holds anything else before its last blank line
+        (a comment, a field, data over several lines, a line over the limit)."""
         body, ended, rest = piece.rpartition(b"\n\n")
-        if not ended:
-            return None
-        if not body.startswith(b"data: "):
-            return None
+        if not ended or not body.startswith(b"data: "):
+            return [], piece
         events = body[6:].split(b"\n\ndata: ")
         if body.count(b"\n") != 2 * (len(events) - 1):
-            return None  # a line other than a `data: ` one, or an event of several lines
-        limit = self._limit
-        if max(map(len, events)) > limit - 6:
-            return None  # the line parser says which line is over the limit
-        if rest:
-            lines, tail = _split_lines(rest)
-            self._pending = [tail] if tail else []  # a tail over the limit is refused as it grows, as below
-            self._pending_bytes = len(tail)
-            events += self._events(lines)
-        else:
-            self._pending = []
-            self._pending_bytes = 0
-        return events
+            return [], piece  # a line other than a `data: ` one, or an event of several lines
+        if max(map(len, events)) > self._limit - 6:
+            return [], piece  # the line parser says which line is over the limit
+        return events, rest
 
     def end(self) -> list[bytes]:
         """The end of the body ends the last event."""
