@@ -158,6 +158,7 @@ async def test_a_run_answered_whole_frees_its_slot_when_its_client_leaves(
         await nursery.start(hold_stream, net, net.key, again)  # the key is admitted again
         await wait_running(runs, 1)
         again.cancel()
+        await wait_running(runs, 0)  # the client is gone before it is closed (else its read may see the close)
     net.gateway.shutdown()
 
 
