@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from wire import jsonio
 
@@ -46,3 +48,8 @@ def test_bounded_parsing_counts_depth_not_brackets() -> None:
     assert jsonio.loads_bounded(wide, max_depth=4)["items"][0] == {"k": [1]}
     with pytest.raises(jsonio.TooDeep):
         jsonio.loads_bounded(wide, max_depth=3)
+
+
+@given(st.binary(max_size=200))
+def test_the_bracket_count_is_one_of_each_opener(data: bytes) -> None:
+    assert len(data.translate(None, jsonio.NOT_OPENERS)) == data.count(b"{") + data.count(b"[")

@@ -4,7 +4,41 @@ from __future__ import annotations
 
 from typing import Any
 
+from wire import jsonio
+from wire.sse import DONE
+
 MAX_USAGE_TOKENS = 2**31 - 1
+
+# One event of a miner's stream, read: its data as received, the chunk, its text (empty when none),
+# finish_reason and choice (`content_of`).
+ReadChunk = tuple[bytes, dict[str, Any], str, str | None, dict[str, Any] | None]
+
+
+class NotAChunk(ValueError):
+    """An event whose data is not a JSON object (or nests deeper than allowed)."""
+
+
+def read_events(events: list[bytes]) -> tuple[list[ReadChunk], bool]:
+    """The chunks of one read's events, up to `[DONE]`, and whether `[DONE]` came (what follows it is
+    not read). The first event that is not a chunk raises `NotAChunk`, before any is taken: a read is
+    taken whole or not at all. One loop for them all, as `jsonio.loads_bounded` and the chunk checks
+    would do it per event: the calls cost a third of the reading (17 events of a usual answer, five
+    answers a request)."""
+    read: list[ReadChunk] = []
+    loads, not_openers, max_depth = jsonio.loads, jsonio.NOT_OPENERS, jsonio.MAX_DEPTH
+    for data in events:
+        if data == DONE:
+            return read, True
+        try:
+            chunk = loads(data)
+            if len(data.translate(None, not_openers)) > max_depth:
+                jsonio.check_depth(chunk, max_depth)
+        except ValueError:
+            raise NotAChunk("not valid JSON (or nested too deep)") from None
+        if not isinstance(chunk, dict):
+            raise NotAChunk("not a JSON object")
+        read.append((data, chunk, *content_of(chunk)))
+    return read, False
 
 
 def content_of(chunk: dict[str, Any]) -> tuple[str, str | None, dict[str, Any] | None]:

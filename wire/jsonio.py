@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 MAX_DEPTH = 32  # how deep what a peer sends may nest (OpenAI chunks and requests nest about 8 deep)
+NOT_OPENERS = bytes(set(range(256)) - set(b"{["))  # `bytes.translate` deletes these: the brackets are left
 
 
 class TooDeep(ValueError):
@@ -32,7 +33,10 @@ def loads_bounded(data: bytes | str, *, max_depth: int = MAX_DEPTH) -> Any:
     ValueError (`TooDeep` for the nesting). A text with no more brackets than `max_depth` cannot nest
     deeper, so the usual case costs two byte counts; only bracket-rich texts are walked."""
     value = orjson.loads(data)  # orjson itself refuses nesting beyond 1024 (ValueError)
-    openers = data.count(b"{") + data.count(b"[") if isinstance(data, bytes) else data.count("{") + data.count("[")
+    if isinstance(data, bytes):
+        openers = len(data.translate(None, NOT_OPENERS))  # one pass (two counts took twice as long)
+    else:
+        openers = data.count("{") + data.count("[")
     if openers > max_depth:
         check_depth(value, max_depth)
     return value

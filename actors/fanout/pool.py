@@ -38,14 +38,14 @@ from actors.fanout.breaker import MinerHealth
 from actors.fanout.events import Complete, Failed
 from actors.fanout.job import FanoutJob, Mode
 from wire import jsonio
-from wire.chunks import content_of, usage_counts
+from wire.chunks import NotAChunk, read_events, usage_counts
 from wire.epistula import Signer, routing_headers
 from wire.http1 import GatewayLimitError
 from wire.ids import uuid4_hex
 from wire.metagraph import Neuron
 from wire.organic import MinerAnswer, OrganicResult
 from wire.pool import ParsedUrls, post_streaming
-from wire.sse import DONE, SseData, SseTooLarge
+from wire.sse import SseData, SseTooLarge
 
 log = logging.getLogger("sn1_gateway.fanout")
 
@@ -361,21 +361,15 @@ class FanoutPool:
         answer.events += len(events)
         if answer.events > job.bounds.max_events:
             raise OverBounds(f"answer over {job.bounds.max_events} events")
+        try:
+            read, done = read_events(events)
+        except NotAChunk as exc:
+            raise MinerFailure(f"sent a chunk that is {exc}") from None
         at = round(trio.current_time() - job.started, 6)
-        race = None if answer.scoring_only else job.race
+        race = job.race if job.streaming and not answer.scoring_only else None
         max_chars = job.bounds.max_chunk_chars
         chunks, timings, raw_chunks = answer.chunks, answer.timings, answer.raw_chunks
-        for data in events:
-            if data == DONE:
-                answer.completed = True
-                return True
-            try:
-                chunk = jsonio.loads_bounded(data)
-            except ValueError:
-                raise MinerFailure("sent a chunk that is not valid JSON (or nested too deep)") from None
-            if not isinstance(chunk, dict):
-                raise MinerFailure("sent a chunk that is not a JSON object")
-            text, finish, choice = content_of(chunk)
+        for data, chunk, text, finish, choice in read:
             if max_chars is not None and len(text) > max_chars:
                 raise OverBounds(f"sent a chunk of over {max_chars} characters")
             if "usage" in chunk:
@@ -384,12 +378,13 @@ class FanoutPool:
                 chunks.append(text)
                 timings.append(at)
                 # As received; a chunk sent over several data lines holds newlines: written compactly.
-                raw_chunks.append(jsonio.dumps(chunk) if b"\n" in data or b"\r" in data else data)
+                raw_chunks.append(jsonio.dumps(chunk) if b"\n" in data else data)
             if finish is not None:
                 answer.finish_reason = finish
-            if race is not None and job.streaming:
+            if race is not None:
                 await race.on_chunk(i, text, finish, choice)
-        return False
+        answer.completed = answer.completed or done
+        return done
 
     async def _settle(self, job: FanoutJob, i: int) -> None:
         """One miner is done: tell the handler what that changes."""
