@@ -241,6 +241,7 @@ class Run:
     calibration: dict[str, float] = field(default_factory=dict)
     load_at_start: list[float] = field(default_factory=list)
     floor: list[tuple[int, int | None, Measured]] = field(default_factory=list)  # (block, fan-out next, phase)
+    shares: list[dict[str, Any]] = field(default_factory=list)  # each fan-out's alternating pairs (`share_pairs`)
     all_cpus: frozenset[int] = frozenset()  # every core this run may use (the workers phases share them)
     workers: list[tuple[int, Measured]] = field(default_factory=list)  # (server.workers, its phase)
     workers_skipped: str | None = None  # why the workers phases were not run
@@ -292,7 +293,7 @@ class Run:
 
     async def measure(self, endpoint: Endpoint, make_request: Callable[[], bytes], *, concurrency: int,
                       stream: bool, gateway_pid: int | None, scoring_url: str | None = None,
-                      gateway_peak: bool = True, tree: bool = False) -> Measured:
+                      gateway_peak: bool = True, tree: bool = False, duration_s: float | None = None) -> Measured:
         """One load phase. With `scoring_url` (a gateway's URL), the phase ends only once that gateway has
         forwarded every organic it took (or `SCORING_DRAIN_S` passed): the CPU of scoring the phase's
         completions is the phase's, not the next one's, and nothing is left for the next gateway.
@@ -322,7 +323,7 @@ class Run:
             if gateway_pid is not None:
                 sampling.start_soon(sample_gateway)
             result = await run_load(endpoint, make_request, concurrency=concurrency,
-                                    max_requests=options.max_requests, duration_s=options.duration_s,
+                                    max_requests=options.max_requests, duration_s=duration_s or options.duration_s,
                                     stream=stream, on_start=probe(before), on_stop=probe(after))
             sampling.cancel_scope.cancel()
         self.load_wall_s += time.perf_counter() - wall0
@@ -421,6 +422,60 @@ class Run:
             self.log(f"stack floor not measured further: {failed}")
             return None
         return floor
+
+    async def share_block(self, floor: Child[str] | None, fanout: int, gateway: Endpoint, api_key: str,
+                          gateway_pid: int | None) -> Child[str] | None:
+        """`share_pairs`, and the floor given up (said) when it fails, as `floor_block` does."""
+        if floor is None:
+            return None
+        failed: BaseException | None = None
+        try:
+            await self.share_pairs(floor, fanout, gateway, api_key, gateway_pid)
+        except* (ChildFailed, OSError) as group:
+            failed = group
+            while isinstance(failed, BaseExceptionGroup):
+                failed = failed.exceptions[0]
+        if failed is not None:
+            self.log(f"stack floor not measured further: {failed}")
+            return None
+        return floor
+
+    async def share_pairs(self, floor: Child[str], fanout: int, gateway: Endpoint, api_key: str,
+                          gateway_pid: int | None) -> None:
+        """Fan-out `fanout`'s share of the floor, from pairs of short phases a few seconds apart: the
+        floor, then the gateway (the other way round every other pair), at the run's highest
+        concurrency, where both saturate their core. The share is the median of the pairs' ratios: the
+        host's speed, which drifts by a third within minutes, is about the same within a pair, where
+        the floor's blocks on either side of the fan-out's phases are minutes apart."""
+        options = self.options
+        concurrency = max(options.concurrencies)
+        body = client_body(stream=False, max_tokens=4 * options.answer_tokens)
+        duration_s = options.duration_s / 3
+        floor_endpoint = Endpoint.parse(floor.ready, CHAT_PATH)
+
+        async def floor_phase() -> Measured:
+            return await self.measure(floor_endpoint, self.gateway_requests(floor_endpoint, "floor", body),
+                                      concurrency=concurrency, stream=False, gateway_pid=floor.pid,
+                                      gateway_peak=False, duration_s=duration_s)
+
+        async def gateway_phase() -> Measured:
+            return await self.measure(gateway, self.gateway_requests(gateway, api_key, body),
+                                      concurrency=concurrency, stream=False, gateway_pid=gateway_pid,
+                                      scoring_url=gateway.base_url, duration_s=duration_s)
+
+        pairs: list[tuple[Measured, Measured]] = []
+        for k in range(SHARE_PAIRS_QUICK if options.quick else SHARE_PAIRS):
+            if k % 2 == 0:
+                floor_m = await floor_phase()
+                gateway_m = await gateway_phase()
+            else:
+                gateway_m = await gateway_phase()
+                floor_m = await floor_phase()
+            pairs.append((floor_m, gateway_m))
+        entry = report.share_entry(fanout, concurrency, pairs)
+        self.shares.append(entry)
+        self.log(f"fanout {fanout} share of the floor, {len(pairs)} alternating pairs at c={concurrency}: "
+                 f"median {entry['share']} (each {', '.join(str(p['ratio']) for p in entry['pairs'])})")
 
     async def floor_phases(self, child: Child[str], before: int | None) -> None:
         """One block of the stack floor: the same completion requests at every concurrency, just before
@@ -576,8 +631,10 @@ class Run:
                 raise ChildFailed("--target-gateway needs --api-key")
             fanout = options.target_fanout or 0
             floor = await self.floor_block(floor, fanout)
-            await self.fanout_phases(fanout, Endpoint.parse(options.target_gateway, CHAT_PATH), options.api_key,
-                                     options.gateway_pid, miner, f"target gateway (fanout {fanout or '?'})")
+            gateway = Endpoint.parse(options.target_gateway, CHAT_PATH)
+            await self.fanout_phases(fanout, gateway, options.api_key, options.gateway_pid, miner,
+                                     f"target gateway (fanout {fanout or '?'})")
+            floor = await self.share_block(floor, fanout, gateway, options.api_key, options.gateway_pid)
             self.note_peak(options.gateway_pid)
             await self.floor_block(floor, None)
         else:
@@ -589,9 +646,10 @@ class Run:
                                         scoring=options.scoring, workdir=self.workdir, name=name)
                 child, api_key = await self.start_gateway(name, config)
                 try:
+                    gateway = Endpoint.parse(child.ready, CHAT_PATH)
                     with self.profiling(child.pid, f"fanout-{fanout}"):
-                        await self.fanout_phases(fanout, Endpoint.parse(child.ready, CHAT_PATH), api_key,
-                                                 child.pid, miner, f"fanout {fanout}")
+                        await self.fanout_phases(fanout, gateway, api_key, child.pid, miner, f"fanout {fanout}")
+                    floor = await self.share_block(floor, fanout, gateway, api_key, child.pid)
                 finally:
                     await self.stop_gateway(child)
             if options.fanouts:
@@ -663,6 +721,7 @@ class Run:
                 "runs": self.gateways,
             },
             "stack_floor": report.floor_document(self.floor),
+            "floor_shares": self.shares,
             "workers": report.workers_document(self.workers, pinned=self.gateway_cpus is not None,
                                                skipped=self.workers_skipped, startups=self.workers_startups),
             "miners_process": {"cpu_s": report.rounded(miners_cpu_s, 2)},
@@ -674,6 +733,8 @@ class Run:
         return doc
 
 
+SHARE_PAIRS = 6  # alternating (floor, gateway) phase pairs each fan-out's share is the median of
+SHARE_PAIRS_QUICK = 2
 SCORING_DRAIN_S = 60.0  # the longest a phase waits for its gateway to forward its organics
 SCORING_STUCK_S = 5.0  # ... and how long it waits while that number does not go down
 SCORING_POLL_S = 0.1

@@ -55,7 +55,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> QuickRun:
 def test_quick_bench_writes_complete_results(quick_run: QuickRun) -> None:
     doc, stdout, out = quick_run.doc, quick_run.stdout, quick_run.out
 
-    assert doc["schema"] == "sn1-gateway-bench/2"
+    assert doc["schema"] == "sn1-gateway-bench/3"
     assert doc["machine"]["cores"] >= 1
     assert doc["versions"]["trio"] and doc["versions"]["sn1-gateway"]
     assert doc["config"]["quick"] is True
@@ -123,13 +123,23 @@ def test_quick_bench_writes_complete_results(quick_run: QuickRun) -> None:
         assert p["errors"] == 0 and p["requests"] > 0 and p["cpu_ms_per_request"] > 0, p
         assert 0 < p["p50_ms"] <= p["p99_ms"], p
     assert floor["cpu_ms_per_request"] > 0 and floor["p50_ms_at_c1"] > 0
-    for t, fanout in zip(doc["targets"][:2], (1, 5), strict=True):  # of the floor's blocks on either side
+    shares = {e["fanout"]: e for e in doc["floor_shares"]}
+    for t, fanout in zip(doc["targets"][:2], (1, 5), strict=True):
+        # the share: the median of alternating (floor, gateway) pairs at the highest concurrency
+        paired = shares[fanout]
+        assert paired["concurrency"] == max(concurrencies) and len(paired["pairs"]) == 2
+        for pair in paired["pairs"]:
+            assert pair["floor_errors"] == pair["gateway_errors"] == 0, pair
+            assert pair["ratio"] == pytest.approx(pair["gateway_rps"] / pair["floor_rps"], abs=0.001), pair
+        assert t["measured"] == paired["share"] == pytest.approx(
+            sum(p["ratio"] for p in paired["pairs"]) / 2, abs=0.001), t
+        assert t["stack_floor"] == paired["floor_rps_median"]
+        # and, for comparison, the peaks' share of the floor's blocks on either side of the fan-out
         block = fanouts.index(fanout)
         peaks = [max(p["rps"] for p in floor["phases"] if p["block"] == b) for b in (block, block + 1)]
-        peak = round(sum(peaks) / 2, 1)
         best = max(e["rps"]["gateway"] for e in doc["completions"] if e["fanout"] == fanout)
-        assert t["stack_floor"] == peak
-        assert t["measured"] == pytest.approx(best / peak, abs=0.001), t
+        assert t["share_of_peaks"] == pytest.approx(best / (sum(peaks) / 2), abs=0.001), t
+    assert "share of the stack floor, alternating pairs" in stdout
     assert "stack floor: bare Quart-Trio app on Hypercorn" in stdout
 
     assert doc["load_generator"]["cpu_s"] > 0 and doc["load_generator"]["wall_s"] > 0
@@ -389,3 +399,25 @@ async def test_a_floor_that_dies_mid_run_is_given_up_and_the_run_goes_on(tmp_pat
         assert await run.floor_block(floor, 1) is None
         assert await run.floor_block(None, 5) is None
     assert run.floor == []
+
+
+def test_the_paired_share_is_the_median_of_the_pairs_and_the_target_takes_it() -> None:
+    """The host's drift between pairs moves both figures of a pair alike: their median ratio stands
+    where the floor's own figure doubles."""
+    from bench.report import share_entry, targets
+
+    def phase(rps: float) -> Measured:
+        return Measured(LoadResult(concurrency=64, latencies=[0.01] * int(rps * 2), wall_s=2.0))
+
+    pairs = [(phase(1000), phase(500)), (phase(2000), phase(1000)), (phase(1000), phase(300)), (phase(0), phase(5))]
+    entry = share_entry(1, 64, pairs)
+    assert [p["ratio"] for p in entry["pairs"]] == [0.5, 0.5, 0.3, None]  # no floor request: no ratio
+    assert entry["share"] == 0.5 and entry["floor_rps_median"] == 1000.0
+    doc = {"completions": [{"fanout": 1, "rps": {"gateway": 450.0}}], "stack_floor": {"phases": [{"rps": 900.0}]},
+           "floor_shares": [entry], "gateway_process": {"open_streams": [], "startup_s": []}}
+    first, second = targets(doc)[:2]
+    assert (first["measured"], first["met"], first["stack_floor"], first["share_of_peaks"]) == (0.5, True, 1000.0, 0.5)
+    assert "alternating pairs at c=64" in first["target"]
+    assert second["measured"] is None and second["met"] is None  # fanout 5 was not run
+    del doc["floor_shares"]  # an older document: the peaks' share
+    assert targets(doc)[0]["measured"] == 0.5 and "peak over concurrencies" in targets(doc)[0]["target"]

@@ -361,11 +361,11 @@ class FanoutPool:
         answer.events += len(events)
         if answer.events > job.bounds.max_events:
             raise OverBounds(f"answer over {job.bounds.max_events} events")
+        at = round(trio.current_time() - job.started, 6)
         try:
             read, done = read_events(events)
         except NotAChunk as exc:
             raise MinerFailure(f"sent a chunk that is {exc}") from None
-        at = round(trio.current_time() - job.started, 6)
         race = job.race if job.streaming and not answer.scoring_only else None
         max_chars = job.bounds.max_chunk_chars
         chunks, timings, raw_chunks = answer.chunks, answer.timings, answer.raw_chunks
