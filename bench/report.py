@@ -17,7 +17,8 @@ from bench.load import HeldStreams, LoadResult
 
 SCHEMA = "sn1-gateway-bench/3"
 # Targets, per gateway core, scoring on, as ratios within one run: requests/s as a share of the stack
-# floor's, the median over alternating pairs of short phases at the highest concurrency (`share_entry`);
+# floor's, the median over alternating pairs of short phases at the concurrency of the gateway's peak
+# (`share_entry`);
 # a document without them: the peaks over the concurrencies, the floor's the mean of its blocks on
 # either side of that fan-out's phases (`floor_beside`).
 TARGET_FLOOR_SHARE = {1: 0.50, 5: 0.33}

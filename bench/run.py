@@ -443,12 +443,15 @@ class Run:
     async def share_pairs(self, floor: Child[str], fanout: int, gateway: Endpoint, api_key: str,
                           gateway_pid: int | None) -> None:
         """Fan-out `fanout`'s share of the floor, from pairs of short phases a few seconds apart: the
-        floor, then the gateway (the other way round every other pair), at the run's highest
-        concurrency, where both saturate their core. The share is the median of the pairs' ratios: the
-        host's speed, which drifts by a third within minutes, is about the same within a pair, where
-        the floor's blocks on either side of the fan-out's phases are minutes apart."""
+        floor, then the gateway (the other way round every other pair), at the concurrency of the
+        gateway's peak in its phases (the run's highest when it has none). The share is the median of
+        the pairs' ratios: the host's speed, which drifts by a third within minutes, is about the same
+        within a pair, where the floor's blocks on either side of the fan-out's phases are minutes
+        apart."""
         options = self.options
-        concurrency = max(options.concurrencies)
+        phases = [e for e in self.completions if e["fanout"] == fanout and e["rps"]["gateway"] is not None]
+        concurrency = (max(phases, key=lambda e: e["rps"]["gateway"])["concurrency"] if phases
+                       else max(options.concurrencies))
         body = client_body(stream=False, max_tokens=4 * options.answer_tokens)
         duration_s = options.duration_s / 3
         floor_endpoint = Endpoint.parse(floor.ready, CHAT_PATH)
