@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -409,29 +409,23 @@ class Run:
     async def floor_block(self, floor: Child[str] | None, before: int | None) -> Child[str] | None:
         """`floor_phases`, and the floor given up (said) when it fails: the gateways' figures stand
         without it."""
-        if floor is None:
-            return None
-        failed: BaseException | None = None
-        try:
-            await self.floor_phases(floor, before)
-        except* (ChildFailed, OSError) as group:  # also from the sampling task of a phase
-            failed = group
-            while isinstance(failed, BaseExceptionGroup):
-                failed = failed.exceptions[0]
-        if failed is not None:
-            self.log(f"stack floor not measured further: {failed}")
-            return None
-        return floor
+        return await self._with_floor(floor, lambda child: self.floor_phases(child, before))
 
     async def share_block(self, floor: Child[str] | None, fanout: int, gateway: Endpoint, api_key: str,
                           gateway_pid: int | None) -> Child[str] | None:
         """`share_pairs`, and the floor given up (said) when it fails, as `floor_block` does."""
+        return await self._with_floor(floor, lambda child: self.share_pairs(child, fanout, gateway, api_key,
+                                                                            gateway_pid))
+
+    async def _with_floor(self, floor: Child[str] | None,
+                          phases: Callable[[Child[str]], Awaitable[None]]) -> Child[str] | None:
+        """Run `phases` of a floor still measured; the floor (None once it failed, said)."""
         if floor is None:
             return None
         failed: BaseException | None = None
         try:
-            await self.share_pairs(floor, fanout, gateway, api_key, gateway_pid)
-        except* (ChildFailed, OSError) as group:
+            await phases(floor)
+        except* (ChildFailed, OSError) as group:  # also from the sampling task of a phase
             failed = group
             while isinstance(failed, BaseExceptionGroup):
                 failed = failed.exceptions[0]
@@ -482,9 +476,9 @@ class Run:
 
     async def floor_phases(self, child: Child[str], before: int | None) -> None:
         """One block of the stack floor: the same completion requests at every concurrency, just before
-        the phases of fan-out `before` (None: after the last). Each fan-out's share is taken of the
-        blocks on either side of its phases, so that the machine's speed drifting during the run (a
-        shared host's does, by a third within minutes) moves both figures alike."""
+        the phases of fan-out `before` (None: after the last). The share of the peaks
+        (`share_of_peaks`) is taken of the blocks on either side of a fan-out's phases; the targets'
+        share comes from `share_pairs`."""
         options = self.options
         block = 1 + max((b for b, _, _ in self.floor), default=-1)
         endpoint = Endpoint.parse(child.ready, CHAT_PATH)
