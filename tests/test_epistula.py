@@ -32,6 +32,7 @@ from wire.epistula import (
     UnknownSigner,
     Verifier,
     WrongReceiver,
+    body_digest,
     header_value,
     routing_headers,
 )
@@ -73,6 +74,16 @@ def test_the_headers_follow_the_protocol() -> None:
     assert headers["Epistula-Signed-For"] == MINER.ss58_address
     assert re.fullmatch(r"0x[0-9a-f]{128}", headers["Epistula-Request-Signature"])
     assert verify_with_bittensor(headers, BODY)
+
+
+def test_a_body_hashed_once_for_several_receivers_signs_as_hashing_it_each_time() -> None:
+    """A fan-out hashes its body once (`body_digest`) and signs it for every miner."""
+    assert body_digest(BODY) == hashlib.sha256(BODY).hexdigest()
+    signer = Signer(GATEWAY)
+    for receiver in (MINER, OTHER_MINER):
+        headers = signer.headers(BODY, receiver.ss58_address, digest=body_digest(BODY))
+        assert verify_with_bittensor(headers, BODY)
+    assert not verify_with_bittensor(signer.headers(BODY, MINER.ss58_address, digest=body_digest(b"other")), BODY)
 
 
 def test_every_request_gets_a_fresh_uuid() -> None:

@@ -156,6 +156,41 @@ async def test_failing_miner_opens_its_breaker(pool: FanoutPool, miners: Miners,
     assert pool.miner_health.state(1) == "half_open" and pool.miner_health.allows(1)
 
 
+async def test_one_time_budget_ends_every_miner_still_answering_each_as_it_deserves(
+        pool: FanoutPool, miners: Miners, results: list[OrganicResult], autojump_clock: Any) -> None:
+    """The request's budget (60 s here) is one deadline for all its miners: at it, a miner that has
+    sent nothing fails, one still streaming text at an honest pace is cut without blame, and the
+    answers that ended before it stand; the handler has its event and the job ends at the budget."""
+    miners.scripts[9001] = answer(["quick", "whole"], first_delay=0.1)
+    miners.scripts[9002] = [(600.0, chunk("never"))]  # headers, then nothing within the budget
+    miners.scripts[9003] = answer([f"w{i} " for i in range(200)], step=1.0)  # still streaming at 60 s
+    started = trio.current_time()
+    job = pool.start(BODY, [miners.neuron(1), miners.neuron(2), miners.neuron(3)], mode="complete",
+                     task="InferenceTask")
+    (event,) = await collect(job)
+    assert isinstance(event, Complete) and event.answer.uid == 1
+    await finished(job)
+    assert trio.current_time() - started == pytest.approx(60, abs=0.5)
+    answers = {a.uid: a for a in results[0].answers}
+    assert answers[1].error is None and answers[1].text == "quickwhole"
+    assert answers[2].error == "no complete answer within 60s"
+    assert answers[3].error == "still answering at the end of the 60s budget" and len(answers[3].chunks) >= 55
+    assert pool.miner_failures["failed"] == 1 and pool.miner_failures["cut_at_budget"] == 1
+    assert pool.miner_health.figures(2)[1] > 0 and pool.miner_health.figures(3) == (None, 0.0)
+    assert pool.miner_streams == 0
+
+
+async def test_at_the_budget_with_no_answer_the_handler_hears_that_all_failed(
+        pool: FanoutPool, miners: Miners, autojump_clock: Any) -> None:
+    """Miners settled at the budget (after their tasks are gone) still tell the handler: one `Failed`."""
+    miners.scripts[9001] = [(600.0, chunk("never"))]
+    miners.scripts[9002] = [(600.0, chunk("never"))]
+    (event,) = await collect(pool.start(BODY, [miners.neuron(1), miners.neuron(2)], mode="stream",
+                                        task="InferenceTask"))
+    assert isinstance(event, Failed)
+    assert event.errors == {1: "no complete answer within 60s", 2: "no complete answer within 60s"}
+
+
 def test_timeout_budget_is_upstreams() -> None:
     # clamp(max(30, 10 * floor(log2(max_new_tokens / 256)) + 30), 60, 300); default 1024 tokens
     assert request_timeout_s({}) == 60

@@ -23,6 +23,7 @@ from wire.http1 import (
     GatewayLimitError,
     encode_head,
     parse_head,
+    receive_some,
     send_all,
     send_now,
 )
@@ -595,5 +596,62 @@ async def test_a_request_in_a_cancelled_scope_is_not_sent() -> None:
     with trio.move_on_after(0.05) as waiting:
         await receiver.receive_some(100)
     assert waiting.cancelled_caught  # nothing arrived
+    for stream in (sender, receiver):
+        await stream.aclose()
+
+
+async def test_a_read_takes_what_arrived_at_once_waits_for_the_rest_and_says_what_went_wrong() -> None:
+    """`receive_some` as trio's: bytes when they are there, a wait until they come, b"" at the peer's
+    close, the OSError of a broken connection, ClosedResourceError for a stream closed meanwhile."""
+    sender, receiver = await socket_pair()
+    await sender.send_all(b"already here")
+    assert await receive_some(receiver, 5) == b"alrea"  # never more than asked for
+    assert await receive_some(receiver, 100) == b"dy here"
+    got: list[bytes] = []
+
+    async def read_one() -> None:
+        got.append(await receive_some(receiver, 100))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_one)
+        await trio.sleep(0.05)
+        assert not got  # waiting, not spinning
+        await sender.send_all(b"later")
+    assert got == [b"later"]
+    await sender.aclose()
+    assert await receive_some(receiver, 100) == b""  # the peer's close
+    await receiver.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        await receive_some(receiver, 100)
+
+    sender, receiver = await socket_pair()
+    await receiver.send_all(b"never read")
+    await sender.aclose()  # closed with bytes unread: the connection is reset
+    with pytest.raises(ConnectionResetError):
+        await receive_some(receiver, 100)
+    await receiver.aclose()
+
+    sender, receiver = await socket_pair()
+
+    async def read_until_closed() -> None:
+        with pytest.raises(trio.ClosedResourceError):
+            await receive_some(receiver, 100)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_until_closed)
+        await trio.sleep(0.05)
+        await receiver.aclose()  # another task closes the stream under the waiting read
+    await sender.aclose()
+
+
+async def test_a_read_in_a_cancelled_scope_takes_nothing() -> None:
+    """Even with bytes waiting: they stay for the next reader, as with trio's `receive_some`."""
+    sender, receiver = await socket_pair()
+    await sender.send_all(b"kept")
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await receive_some(receiver, 100)
+    assert scope.cancelled_caught
+    assert await receive_some(receiver, 100) == b"kept"
     for stream in (sender, receiver):
         await stream.aclose()

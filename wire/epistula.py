@@ -34,6 +34,11 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def body_digest(body: bytes) -> str:
+    """What a signature says of the body: its SHA-256, in hex."""
+    return hashlib.sha256(body).hexdigest()
+
+
 class Signer:
     """Signs outbound requests with the gateway's hotkey."""
 
@@ -42,11 +47,12 @@ class Signer:
         self.ss58 = keypair.ss58_address
         self._clock_ms = clock_ms
 
-    def headers(self, body: bytes, signed_for: str) -> dict[str, str]:
-        """The Epistula headers for sending `body` (the exact bytes) to `signed_for`."""
+    def headers(self, body: bytes, signed_for: str, *, digest: str | None = None) -> dict[str, str]:
+        """The Epistula headers for sending `body` (the exact bytes) to `signed_for`; `digest`: the
+        body's `body_digest`, when the same body goes to several receivers."""
         timestamp = str(self._clock_ms())
         request_id = uuid4_text()
-        message = f"{hashlib.sha256(body).hexdigest()}.{request_id}.{timestamp}.{signed_for}"
+        message = f"{digest or body_digest(body)}.{request_id}.{timestamp}.{signed_for}"
         signature = self.keypair.sign(message.encode())
         return {
             "Epistula-Version": VERSION,
@@ -153,7 +159,7 @@ class Verifier:
             signature = bytes.fromhex(signature_text[2:])
         except ValueError:
             raise BadSignature("signature is not hex") from None
-        message = f"{hashlib.sha256(body).hexdigest()}.{request_id}.{timestamp_text}.{signed_for}"
+        message = f"{body_digest(body)}.{request_id}.{timestamp_text}.{signed_for}"
         try:
             ok = self._keypair(signed_by).verify(message.encode(), signature)
         except Exception as exc:  # the binding raises plain errors on malformed input

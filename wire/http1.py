@@ -503,6 +503,26 @@ async def send_all(stream: trio.SocketStream, data: bytes | bytearray | memoryvi
         await stream.send_all(memoryview(data)[sent:])
 
 
+async def receive_some(stream: trio.SocketStream, max_bytes: int) -> bytes:
+    """`stream.receive_some(max_bytes)`, without trio's layers around the socket: what the kernel holds
+    is read at once, else the task waits until the socket is readable (a checkpoint) and reads then.
+    An empty result is the peer's close; a broken connection raises its OSError, a stream closed
+    meanwhile `trio.ClosedResourceError`, a cancelled task `trio.Cancelled`. Unlike trio's, a read
+    that needs no wait does not yield to the scheduler: readers bound what they read (a piece is at
+    most `max_bytes`, an answer is bounded), and every wait is a checkpoint."""
+    await trio.lowlevel.checkpoint_if_cancelled()
+    sock = stream.socket
+    while True:
+        fd = sock.fileno()
+        if fd < 0:
+            raise trio.ClosedResourceError("the connection is closed")
+        try:
+            return os.read(fd, max_bytes)
+        except BlockingIOError:
+            pass
+        await trio.lowlevel.wait_readable(sock)
+
+
 def within(timeout_s: float | None) -> contextlib.AbstractContextManager[object]:
     """`trio.fail_after(timeout_s)`; None: no limit, and no cancel scope (the caller bounds the whole
     exchange; a scope per read costs as much as the read's parsing)."""
@@ -575,7 +595,7 @@ class Connection:
     async def _receive(self, timeout_s: float | None) -> bytes:
         try:
             with within(timeout_s):
-                data = await self.stream.receive_some(RECEIVE_BYTES)
+                data = await receive_some(self.stream, RECEIVE_BYTES)
         except trio.TooSlowError:
             raise httpx.ReadTimeout(f"nothing received within {timeout_s}s") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:

@@ -3,6 +3,7 @@ towards the handler waiting on it."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,10 +18,6 @@ from wire.metagraph import Neuron
 from wire.organic import MinerAnswer, OrganicResult
 
 Mode = Literal["stream", "complete", "all"]
-# Events buffered towards the handler: all the winner may send (its answer's own bound), so that a client
-# reading slowly never holds up the reading of the miner (whose timings are scored) nor looks like a
-# stalled winner; what the buffer may hold is bounded by the answer's bounds already.
-EXTRA_EVENTS = 8  # a takeover's rest, the end
 
 
 @dataclass
@@ -62,7 +59,12 @@ class FanoutJob:
     receive: trio.MemoryReceiveChannel[Event] = field(init=False)
 
     def __post_init__(self) -> None:
-        self._send, self.receive = trio.open_memory_channel[Event](self.bounds.max_events + EXTRA_EVENTS)
+        # Events towards the handler are never waited on: a client reading slowly never holds up the
+        # reading of the miners (whose timings are scored) nor makes the winner look stalled, and no
+        # event costs a trip through the scheduler. What the buffer holds is bounded by the answers'
+        # own bounds: a chunk event's text is the text its answer holds already, and a fan-out's
+        # events are at most its winners' events and one rest and one end per takeover.
+        self._send, self.receive = trio.open_memory_channel[Event](math.inf)
         primaries = len(self.miners) - self.scoring_only
         self.answers = [MinerAnswer(uid=n.uid, hotkey=n.hotkey, scoring_only=i >= primaries)
                         for i, n in enumerate(self.miners)]
@@ -93,13 +95,13 @@ class FanoutJob:
         return {a.uid: a.error or "no answer" for a in self.answers
                 if not a.scoring_only and (a.error or not a.chunks)}
 
-    async def emit(self, event: Event) -> None:
+    def emit(self, event: Event) -> None:
         if not self.streaming:
             return
         if isinstance(event, FINAL_EVENTS):
             self.answered = True
         try:
-            await self._send.send(event)
+            self._send.send_nowait(event)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.handler_left = True  # the handler left (client disconnect, timeout): keep collecting
 

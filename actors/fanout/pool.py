@@ -39,7 +39,7 @@ from actors.fanout.events import Complete, Failed
 from actors.fanout.job import FanoutJob, Mode
 from wire import jsonio
 from wire.chunks import NotAChunk, read_events, usage_counts
-from wire.epistula import Signer, routing_headers
+from wire.epistula import Signer, body_digest, routing_headers
 from wire.http1 import GatewayLimitError
 from wire.ids import uuid4_hex
 from wire.metagraph import Neuron
@@ -69,11 +69,6 @@ class OverBounds(MinerFailure):
 class PoolBudgetCut(MinerFailure):
     """The gateway held too much of its miners' answers and this answer, of an ordinary size, was past
     its share: cut for the gateway's own limit, not held against the miner."""
-
-
-class TimeBudgetSpent(MinerFailure):
-    """The request's time budget ended while the miner was still sending text: its answer is cut, but
-    a long answer at an honest pace is not held against the miner."""
 
 
 STILL_STREAMING_S = 5.0  # a miner that sent text this recently when its time ran out was still answering
@@ -233,29 +228,36 @@ class FanoutPool:
                 self.results_unscored += 1
 
     async def _ask_all(self, job: FanoutJob, body_bytes: bytes, routing: dict[str, str]) -> None:
-        if len(job.miners) == 1:  # no task of its own (`_ask` raises nothing but cancellation)
-            await self._ask(job, 0, body_bytes, routing)
-            return
-        async with trio.open_nursery() as nursery:
+        """Every miner at once, within the request's time budget: one deadline for them all (a cancel
+        scope per miner cost as much as reading its answer). The miners still answering when it
+        passes are settled here, once their tasks are gone."""
+        digest = body_digest(body_bytes)
+        with trio.move_on_at(job.started + job.timeout_s) as budget:
+            # The first miner is asked in this task, the others each in one of their own (`_ask`
+            # raises nothing but cancellation).
+            if len(job.miners) == 1:
+                await self._ask(job, 0, body_bytes, digest, routing, budget)
+            else:
+                async with trio.open_nursery() as nursery:
+                    for i in range(1, len(job.miners)):
+                        nursery.start_soon(self._ask, job, i, body_bytes, digest, routing, budget)
+                    await self._ask(job, 0, body_bytes, digest, routing, budget)
+        if budget.cancelled_caught:
             for i in range(len(job.miners)):
-                nursery.start_soon(self._ask, job, i, body_bytes, routing)
+                if not job.settled[i]:
+                    self._settle(job, i)
 
-    async def _ask(self, job: FanoutJob, i: int, body_bytes: bytes, routing: dict[str, str]) -> None:
+    async def _ask(self, job: FanoutJob, i: int, body_bytes: bytes, digest: str, routing: dict[str, str],
+                   budget: trio.CancelScope) -> None:
         neuron, answer = job.miners[i], job.answers[i]
-        headers = {**routing, **self.signer.headers(body_bytes, neuron.hotkey),
+        headers = {**routing, **self.signer.headers(body_bytes, neuron.hotkey, digest=digest),
                    "Content-Type": "application/json", "Accept": "text/event-stream"}
         # "ok" and "failed" are the miner's doing; "neutral" (the client's input, the gateway's own
         # failure, a cancelled request) moves no breaker.
         outcome = "neutral"
         self.miner_streams += 1
         try:
-            with trio.move_on_after(job.timeout_s) as scope:
-                await self._stream(job, i, body_bytes, headers)
-            if scope.cancelled_caught:
-                if still_streaming(answer, trio.current_time() - job.started):
-                    # An honest miner writing a long answer at its own pace: cut, not failed.
-                    raise TimeBudgetSpent(f"still answering at the end of the {job.timeout_s:g}s budget")
-                raise MinerFailure(f"no complete answer within {job.timeout_s:g}s")
+            await self._stream(job, i, body_bytes, headers)
             if not answer.completed and answer.finish_reason is None:
                 raise MinerFailure("stream ended without a finish_reason or [DONE]")
             if not answer.chunks:
@@ -264,9 +266,6 @@ class FanoutPool:
         except ClientCaused as exc:
             answer.error = str(exc)
             self.miner_failures["client_caused"] += 1
-        except TimeBudgetSpent as exc:
-            answer.error = str(exc)
-            self.miner_failures["cut_at_budget"] += 1
         except PoolBudgetCut as exc:
             answer.error = str(exc)
             self.miner_failures["cut_at_pool_budget"] += 1
@@ -284,6 +283,8 @@ class FanoutPool:
             answer.error = f"gateway error: {type(exc).__name__}"
             self.gateway_errors += 1
         finally:
+            if outcome == "neutral" and answer.error is None and budget.cancel_called:
+                outcome = self._out_of_time(job, i)
             self.miner_streams -= 1
             trial, moves = job.trials.get(i), job.moves_breakers
             if outcome == "ok":
@@ -292,7 +293,20 @@ class FanoutPool:
                 self.miner_health.failed(neuron.uid, answer.error or "failed", trial, moves=moves)
             elif trial is not None:
                 self.miner_health.released(neuron.uid, trial)
-        await self._settle(job, i)
+        self._settle(job, i)
+
+    def _out_of_time(self, job: FanoutJob, i: int) -> str:
+        """Miner i was still answering when the request's time budget ran out: cut at the budget when
+        it is still sending text (an honest miner writing a long answer at its own pace), else failed.
+        Returns the outcome for its breaker."""
+        answer = job.answers[i]
+        if still_streaming(answer, trio.current_time() - job.started):
+            answer.error = f"still answering at the end of the {job.timeout_s:g}s budget"
+            self.miner_failures["cut_at_budget"] += 1
+            return "neutral"
+        answer.error = f"no complete answer within {job.timeout_s:g}s"
+        self.miner_failures["failed"] += 1
+        return "failed"
 
     async def _stream(self, job: FanoutJob, i: int, body_bytes: bytes, headers: dict[str, str]) -> None:
         url = self._urls(f"http://{job.miners[i].axon}/v1/chat/completions")
@@ -307,10 +321,10 @@ class FanoutPool:
                 async for piece in body:
                     self._count(job, i, response.wire_bytes)
                     events = parser.feed(piece)
-                    if events and await self._take(job, i, events):
+                    if events and self._take(job, i, events):
                         break
                 else:
-                    await self._take(job, i, parser.end())
+                    self._take(job, i, parser.end())
                     return
             except SseTooLarge as exc:
                 raise OverBounds(str(exc)) from None
@@ -355,7 +369,7 @@ class FanoutPool:
         raise PoolBudgetCut(f"cut at {wire_bytes} bytes: the gateway held over {self.answers_max_bytes} bytes "
                             "of miners' answers")
 
-    async def _take(self, job: FanoutJob, i: int, events: list[bytes]) -> bool:
+    def _take(self, job: FanoutJob, i: int, events: list[bytes]) -> bool:
         """The events one read brought (so they arrived at one time); True once [DONE] has come."""
         answer = job.answers[i]
         answer.events += len(events)
@@ -382,11 +396,11 @@ class FanoutPool:
             if finish is not None:
                 answer.finish_reason = finish
             if race is not None:
-                await race.on_chunk(i, text, finish, choice)
+                race.on_chunk(i, text, finish, choice)
         answer.completed = answer.completed or done
         return done
 
-    async def _settle(self, job: FanoutJob, i: int) -> None:
+    def _settle(self, job: FanoutJob, i: int) -> None:
         """One miner is done: tell the handler what that changes."""
         answer = job.answers[i]
         job.settled[i] = True
@@ -396,12 +410,12 @@ class FanoutPool:
         if not answer.error:
             job.first_done.set()
         if job.race is not None:
-            await job.race.on_settled(i)
+            job.race.on_settled(i)
         elif job.mode == "complete" and job.winner is None and not answer.error:
             job.winner = i
-            await job.emit(Complete(answer))
+            job.emit(Complete(answer))
         if job.pending == 0 and job.winner is None and job.mode != "all":
-            await job.emit(Failed(job.errors()))
+            job.emit(Failed(job.errors()))
 
     async def wait_idle(self) -> None:
         """Wait until no fan-out is running (background collections included)."""

@@ -105,7 +105,7 @@ class StreamRace:
 
     # -- what happens as answers arrive -----------------------------------------------------------
 
-    async def on_chunk(self, i: int, text: str, finish: str | None, choice: dict[str, Any] | None) -> None:
+    def on_chunk(self, i: int, text: str, finish: str | None, choice: dict[str, Any] | None) -> None:
         """Miner i sent a chunk (its text already in its answer)."""
         job = self.job
         if job.winner is None:
@@ -114,16 +114,16 @@ class StreamRace:
             job.winner = i
         elif job.winner != i:
             if self.successor(trio.current_time()) == i:
-                await self.take_over(i)
+                self.take_over(i)
             return
         self.winner_seen_at = trio.current_time()
         if text:
             self.send_text(text)
-            await job.emit(Chunk(text, choice))
+            job.emit(Chunk(text, choice))
         if finish is not None:
-            await job.emit(End(finish))  # the client's answer is whole; the rest is for scoring only
+            job.emit(End(finish))  # the client's answer is whole; the rest is for scoring only
 
-    async def on_settled(self, i: int) -> None:
+    def on_settled(self, i: int) -> None:
         """Miner i's answer is over (whole, or failed)."""
         job = self.job
         answer = job.answers[i]
@@ -131,13 +131,13 @@ class StreamRace:
             if answer.error:
                 self.winner_broken = True
             else:
-                await job.emit(End(answer.finish_reason))
+                job.emit(End(answer.finish_reason))
         if self.winner_broken and job.streaming:
             successor = self.successor(trio.current_time())
             if successor is not None:
-                await self.take_over(successor)
+                self.take_over(successor)
             elif not self.may_catch_up():
-                await self.end_broken()
+                self.end_broken()
             elif self.broken_at is None:
                 self.broken_at = trio.current_time()  # the watcher ends it after `stall_s`
 
@@ -153,11 +153,11 @@ class StreamRace:
             now = trio.current_time()
             successor = self.successor(now)
             if successor is not None:
-                await self.take_over(successor)
+                self.take_over(successor)
             elif self.broken_at is not None and (now - self.broken_at >= job.stall_s or not self.may_catch_up()):
-                await self.end_broken()
+                self.end_broken()
 
-    async def take_over(self, j: int) -> None:
+    def take_over(self, j: int) -> None:
         """Continue the client's stream from miner j, which has already said what the client has."""
         job = self.job
         answer = job.answers[j]
@@ -169,9 +169,9 @@ class StreamRace:
         self.winner_seen_at = trio.current_time()
         if rest:
             self.send_text(rest)
-            await job.emit(Chunk(rest))
+            job.emit(Chunk(rest))
         if answer.finish_reason is not None or answer.completed:
-            await job.emit(End(answer.finish_reason))
+            job.emit(End(answer.finish_reason))
 
-    async def end_broken(self) -> None:
-        await self.job.emit(Broken(self.job.answers[self.job.winner or 0].error or "the answer broke off"))
+    def end_broken(self) -> None:
+        self.job.emit(Broken(self.job.answers[self.job.winner or 0].error or "the answer broke off"))
