@@ -145,3 +145,32 @@ async def test_an_api_error_in_a_nursery_keeps_its_status() -> None:
     assert start["status"] == 429
     body = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
     assert body["error"]["code"] == "rate_limited"
+
+
+async def test_a_streamed_answer_closes_its_batches_when_it_ends() -> None:
+    """The body stops reading the batches at the answer's end; the stream closes them there (left to
+    the collector, an unfinished async generator's finalizer costs a task of trio's)."""
+    from actors.keystore.records import Grant
+    from web.chat import Finish, stream_response
+    from web.chat_request import parse_chat_request
+
+    closed: list[bool] = []
+
+    async def batches() -> Any:
+        try:
+            yield (Finish("stop", {"prompt_tokens": 1, "completion_tokens": 0, "total_tokens": 1}),)
+            yield ()  # never asked for
+        finally:
+            closed.append(True)
+
+    request = parse_chat_request({"messages": [{"role": "user", "content": "hi"}], "stream": True},
+                                 default_model="m")
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    await stream_response(send, Grant("k", "p", 10, 9, 60), request, batches())
+    assert closed == [True]
+    assert sent[0]["status"] == 200 and sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+    assert b"[DONE]" in b"".join(m.get("body", b"") for m in sent)

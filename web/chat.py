@@ -349,18 +349,20 @@ async def sse_body(out: ChatStream, first: Batch, rest: AsyncGenerator[Batch], i
 async def stream_response(send: ASGISendCallable, grant: Grant, request: ChatRequest,
                           batches: AsyncGenerator[Batch]) -> None:
     """A streamed answer. The 200 is committed only once there is something to say or, with nothing yet,
-    after one keep-alive period: a fast failure keeps its status (502, 504); later ones are error events."""
-    first = await batches.__anext__()
-    if len(first) == 1 and isinstance(first[0], Fault):
-        await batches.aclose()
-        raise first[0].error
-    out = ChatStream(answered_model(request), logprobs=request.logprobs, top_logprobs=request.top_logprobs)
-    headers = {**grant.headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [*encode_headers(headers), (b"content-type", b"text/event-stream")]})
-    async with aclosing(sse_body(out, first, batches, request.include_usage)) as body:
-        async for data in body:
-            await send({"type": "http.response.body", "body": data, "more_body": True})
+    after one keep-alive period: a fast failure keeps its status (502, 504); later ones are error events.
+    `batches` is closed here, however the answer ends (the body stops reading it at the end of the
+    answer: left to the collector, its finalizer would cost a task)."""
+    async with aclosing(batches):
+        first = await batches.__anext__()
+        if len(first) == 1 and isinstance(first[0], Fault):
+            raise first[0].error
+        out = ChatStream(answered_model(request), logprobs=request.logprobs, top_logprobs=request.top_logprobs)
+        headers = {**grant.headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [*encode_headers(headers), (b"content-type", b"text/event-stream")]})
+        async with aclosing(sse_body(out, first, batches, request.include_usage)) as body:
+            async for data in body:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
