@@ -191,6 +191,36 @@ async def test_at_the_budget_with_no_answer_the_handler_hears_that_all_failed(
     assert event.errors == {1: "no complete answer within 60s", 2: "no complete answer within 60s"}
 
 
+@pytest.mark.parametrize("mode", ["complete", "stream"])
+async def test_a_cut_just_before_the_budget_ends_is_a_cut_however_late_the_job_task_resumes(
+        pool: FanoutPool, miners: Miners, results: list[OrganicResult], autojump_clock: Any,
+        monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """The gateway cuts a fan-out 50 ms before its budget ends, and its task is resumed only after the
+    deadline: the answers cut short are neither settled as out of time (a partial answer as `Complete`,
+    or `End`, for the client) nor held against their miners."""
+    miners.scripts[9001] = answer([f"a{i} " for i in range(200)], step=1.0)
+    miners.scripts[9002] = answer([f"a{i} " for i in range(200)], step=1.0)
+    ask = pool._ask
+
+    async def resumed_late(job: Any, i: int, *args: Any) -> None:
+        try:
+            await ask(job, i, *args)
+        finally:
+            if job.cut_reason and i == 1:
+                autojump_clock.jump(0.1)  # a long batch of other tasks before the job's task runs again
+
+    monkeypatch.setattr(pool, "_ask", resumed_late)
+    job = pool.start(BODY, [miners.neuron(1), miners.neuron(2)], mode=mode, task="InferenceTask")
+    await trio.sleep_until(job.started + job.timeout_s - 0.05)
+    pool.cut_short("collection cut short: the gateway was stopping")
+    events = [event async for event in job.receive]
+    await finished(job)
+    assert not any(isinstance(e, Complete | End) for e in events)
+    assert [a.error for a in results[0].answers] == ["collection cut short: the gateway was stopping"] * 2
+    assert pool.miner_failures["failed"] == 0 and pool.miner_failures["cut_at_budget"] == 0
+    assert pool.miner_health.figures(1) == (None, 0.0)
+
+
 def test_timeout_budget_is_upstreams() -> None:
     # clamp(max(30, 10 * floor(log2(max_new_tokens / 256)) + 30), 60, 300); default 1024 tokens
     assert request_timeout_s({}) == 60

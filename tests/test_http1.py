@@ -655,3 +655,31 @@ async def test_a_read_in_a_cancelled_scope_takes_nothing() -> None:
     assert await receive_some(receiver, 100) == b"kept"
     for stream in (sender, receiver):
         await stream.aclose()
+
+
+async def test_reading_an_answer_that_is_all_there_lets_the_other_tasks_run_between_reads() -> None:
+    """A peer that sent a large answer at once is read a piece at a time between the other tasks, as
+    trio's `receive_some` does: each read that needed no wait still yields to the scheduler."""
+    sender, receiver = await socket_pair()
+    await sender.send_all(b"x" * (8 * 4096))
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.sleep(0)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ticker)
+        await trio.sleep(0.01)
+        ran = []
+        for _ in range(8):
+            before = ticks
+            assert await receive_some(receiver, 4096) == b"x" * 4096
+            ran.append(ticks - before)
+        nursery.cancel_scope.cancel()
+    # once a read, give or take the order of each batch of runnable tasks (never at all without it)
+    assert sum(ran) >= 4, f"the other task ran {ran} times during each read"
+    for stream in (sender, receiver):
+        await stream.aclose()

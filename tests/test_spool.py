@@ -231,7 +231,9 @@ def test_kill_minus_nine_loses_nothing_acknowledged(tmp_path: Path, kill_after: 
     """A writer that appends and commits in a loop is killed at some point; reopen the spool.
 
     Everything acknowledged as appended and not acknowledged as committed is still there, nothing
-    acknowledged as committed comes back, and the records are in order.
+    acknowledged as committed comes back, and the records are in order. What the writer acknowledged
+    is all it printed before the kill (it runs on while the test reads), and one commit, of the two
+    records after the last acknowledged one, may have been made and not yet acknowledged.
     """
     proc = subprocess.Popen(
         [sys.executable, "-c", KILLED_WRITER, str(tmp_path)],
@@ -249,10 +251,16 @@ def test_kill_minus_nine_loses_nothing_acknowledged(tmp_path: Path, kill_after: 
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
+    for line in proc.stdout.read().splitlines():  # printed before the kill, not read yet
+        kind, _, n = line.partition(" ")
+        if n.isdigit():
+            appended, committed = (int(n), committed) if kind == "A" else (appended, int(n))
     spool = opened(tmp_path)
     found = numbers(spool)
     assert found == sorted(found)
-    assert set(range(committed + 1, appended + 1)) <= set(found), "nothing acknowledged is lost"
+    unacknowledged_commit = set(range(committed + 1, committed + 3))
+    assert set(range(committed + 1, appended + 1)) - unacknowledged_commit <= set(found), \
+        "nothing acknowledged is lost"
     assert not set(range(committed + 1)) & set(found), "nothing committed comes back"
 
 

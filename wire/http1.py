@@ -504,23 +504,29 @@ async def send_all(stream: trio.SocketStream, data: bytes | bytearray | memoryvi
 
 
 async def receive_some(stream: trio.SocketStream, max_bytes: int) -> bytes:
-    """`stream.receive_some(max_bytes)`, without trio's layers around the socket: what the kernel holds
-    is read at once, else the task waits until the socket is readable (a checkpoint) and reads then.
-    An empty result is the peer's close; a broken connection raises its OSError, a stream closed
-    meanwhile `trio.ClosedResourceError`, a cancelled task `trio.Cancelled`. Unlike trio's, a read
-    that needs no wait does not yield to the scheduler: readers bound what they read (a piece is at
-    most `max_bytes`, an answer is bounded), and every wait is a checkpoint."""
+    """`stream.receive_some(max_bytes)`, without trio's layers around the socket (and the exception of a
+    first read that would block): what the kernel holds is read at once, else the task waits until the
+    socket is readable and reads then. Either way a checkpoint, as trio's: a read that needed no wait
+    yields to the scheduler once it has its bytes, so a peer whose answer is all there already (a
+    large one, sent at once) is read a piece at a time between the other tasks, not in one go. An
+    empty result is the peer's close; a broken connection raises its OSError, a stream closed
+    meanwhile `trio.ClosedResourceError`, a cancelled task `trio.Cancelled` (before anything is read)."""
     await trio.lowlevel.checkpoint_if_cancelled()
     sock = stream.socket
+    waited = False
     while True:
         fd = sock.fileno()
         if fd < 0:
             raise trio.ClosedResourceError("the connection is closed")
         try:
-            return os.read(fd, max_bytes)
+            data = os.read(fd, max_bytes)
         except BlockingIOError:
-            pass
-        await trio.lowlevel.wait_readable(sock)
+            await trio.lowlevel.wait_readable(sock)
+            waited = True
+            continue
+        if not waited:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return data
 
 
 def within(timeout_s: float | None) -> contextlib.AbstractContextManager[object]:

@@ -74,6 +74,13 @@ class FanoutJob:
             self.race = StreamRace(self)
 
     @property
+    def out_of_time(self) -> bool:
+        """Whether the job ends for its time budget: not cut short (`cut_reason`), and the deadline of
+        `cancel_scope` (set when the job runs) has passed. Either may come first and the other be seen
+        by the time the job's tasks are unwound: a cut always wins."""
+        return self.cut_reason is None and trio.current_time() >= self.cancel_scope.deadline
+
+    @property
     def streaming(self) -> bool:
         """Whether events still go to the handler."""
         return not (self.answered or self.handler_left)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -93,6 +94,7 @@ class FanoutPool:
         max_jobs: int = 4096,
         stall_s: float = 1.5,
         answers_max_bytes: int = 512 * 1024 * 1024,
+        rng: random.Random | None = None,
     ) -> None:
         self.http = http
         self.signer = signer
@@ -119,6 +121,7 @@ class FanoutPool:
         self._idle = trio.Event()
         self._idle.set()
         self._urls = ParsedUrls()
+        self._rng = rng or random.Random()  # which miner of a fan-out is asked in the job's own task
 
     async def run(self, *, task_status: trio.TaskStatus[FanoutPool] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -195,8 +198,13 @@ class FanoutPool:
         job.cancel_scope.cancel()
 
     async def _run_job(self, job: FanoutJob) -> None:
+        """The job's miners, asked within its cancel scope, whose deadline is the request's time budget:
+        one deadline for them all (a cancel scope per miner cost as much as reading its answer). At it,
+        the miners still answering are settled (`_ask` has said why each failed); when the job is cut
+        short instead, they are not, and the job ends as it stands."""
         body_bytes = jsonio.dumps(job.body)
         routing = routing_headers(job.body, client_timeout_s=job.timeout_s)
+        job.cancel_scope.deadline = job.started + job.timeout_s
         try:
             with job.cancel_scope:
                 if job.race is None:
@@ -207,6 +215,10 @@ class FanoutPool:
                         await self._ask_all(job, body_bytes, routing)
                         watch.cancel_scope.cancel()
             if job.cancel_scope.cancelled_caught:
+                if job.out_of_time:  # each miner still answering has said why (`_ask`)
+                    for i in range(len(job.miners)):
+                        if not job.settled[i] and job.answers[i].error is not None:
+                            self._settle(job, i)
                 for answer in job.answers:
                     if answer.error is None and not answer.completed:
                         answer.error = job.cut_reason or "collection cut short"
@@ -228,27 +240,23 @@ class FanoutPool:
                 self.results_unscored += 1
 
     async def _ask_all(self, job: FanoutJob, body_bytes: bytes, routing: dict[str, str]) -> None:
-        """Every miner at once, within the request's time budget: one deadline for them all (a cancel
-        scope per miner cost as much as reading its answer). The miners still answering when it
-        passes are settled here, once their tasks are gone."""
+        """Every miner at once: one in this task, the others each in one of their own (`_ask` raises
+        nothing but cancellation). The one asked here goes first by a few microseconds (its request is
+        signed and sent before the others' tasks start), so it is drawn at random, never by its place
+        in the list (the selection's order)."""
         digest = body_digest(body_bytes)
-        with trio.move_on_at(job.started + job.timeout_s) as budget:
-            # The first miner is asked in this task, the others each in one of their own (`_ask`
-            # raises nothing but cancellation).
-            if len(job.miners) == 1:
-                await self._ask(job, 0, body_bytes, digest, routing, budget)
-            else:
-                async with trio.open_nursery() as nursery:
-                    for i in range(1, len(job.miners)):
-                        nursery.start_soon(self._ask, job, i, body_bytes, digest, routing, budget)
-                    await self._ask(job, 0, body_bytes, digest, routing, budget)
-        if budget.cancelled_caught:
-            for i in range(len(job.miners)):
-                if not job.settled[i]:
-                    self._settle(job, i)
+        count = len(job.miners)
+        if count == 1:
+            await self._ask(job, 0, body_bytes, digest, routing)
+            return
+        lead = self._rng.randrange(count)
+        async with trio.open_nursery() as nursery:
+            for i in range(count):
+                if i != lead:
+                    nursery.start_soon(self._ask, job, i, body_bytes, digest, routing)
+            await self._ask(job, lead, body_bytes, digest, routing)
 
-    async def _ask(self, job: FanoutJob, i: int, body_bytes: bytes, digest: str, routing: dict[str, str],
-                   budget: trio.CancelScope) -> None:
+    async def _ask(self, job: FanoutJob, i: int, body_bytes: bytes, digest: str, routing: dict[str, str]) -> None:
         neuron, answer = job.miners[i], job.answers[i]
         headers = {**routing, **self.signer.headers(body_bytes, neuron.hotkey, digest=digest),
                    "Content-Type": "application/json", "Accept": "text/event-stream"}
@@ -283,7 +291,7 @@ class FanoutPool:
             answer.error = f"gateway error: {type(exc).__name__}"
             self.gateway_errors += 1
         finally:
-            if outcome == "neutral" and answer.error is None and budget.cancel_called:
+            if outcome == "neutral" and answer.error is None and job.out_of_time:
                 outcome = self._out_of_time(job, i)
             self.miner_streams -= 1
             trial, moves = job.trials.get(i), job.moves_breakers
