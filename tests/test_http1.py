@@ -668,7 +668,7 @@ async def test_reading_an_answer_that_is_all_there_lets_the_other_tasks_run_betw
         nonlocal ticks
         while True:
             ticks += 1
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(ticker)
