@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from typing import Any
 
 import pytest
@@ -219,6 +220,30 @@ async def test_a_cut_just_before_the_budget_ends_is_a_cut_however_late_the_job_t
     assert [a.error for a in results[0].answers] == ["collection cut short: the gateway was stopping"] * 2
     assert pool.miner_failures["failed"] == 0 and pool.miner_failures["cut_at_budget"] == 0
     assert pool.miner_health.figures(1) == (None, 0.0)
+
+
+async def test_the_miner_asked_first_is_drawn_at_random_not_by_its_place_in_the_list(
+        miners: Miners, nursery: trio.Nursery, autojump_clock: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One miner of a fan-out is asked in the job's own task, ahead of the others by a few
+    microseconds: which one is drawn per fan-out, so no place in the selection's order gets the lead."""
+    pool: FanoutPool = await nursery.start(FanoutPool(
+        make_http_client(Settings()), Signer(Keypair.create_from_uri("//Gateway")),
+        MinerHealth(failure_threshold=2, cooldown_s=30.0), None, rng=random.Random(3)).run)
+    for port in (9001, 9002, 9003):
+        miners.scripts[port] = answer(["ok"])
+    first: dict[int, int] = {}  # per fan-out, the uid of the miner whose ask began first
+    ask = pool._ask
+
+    async def noted(job: Any, i: int, *args: Any) -> None:
+        first.setdefault(id(job), job.answers[i].uid)
+        await ask(job, i, *args)
+
+    monkeypatch.setattr(pool, "_ask", noted)
+    jobs = [pool.start(BODY, [miners.neuron(1), miners.neuron(2), miners.neuron(3)], mode="complete",
+                       task="InferenceTask") for _ in range(30)]
+    for job in jobs:
+        await finished(job)
+    assert len(first) == 30 and set(first.values()) == {1, 2, 3}
 
 
 def test_timeout_budget_is_upstreams() -> None:
