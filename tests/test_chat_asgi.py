@@ -10,8 +10,11 @@ from typing import Any
 
 import trio
 
+from actors.keystore.records import Grant
 from tests.chat_stack import open_stack
 from tests.scripted_miners import answer
+from web.chat import Finish, stream_response
+from web.chat_request import parse_chat_request
 from web.errors import encode_headers, json_response
 
 CHAT = "/v1/chat/completions"
@@ -150,10 +153,6 @@ async def test_an_api_error_in_a_nursery_keeps_its_status() -> None:
 async def test_a_streamed_answer_closes_its_batches_when_it_ends() -> None:
     """The body stops reading the batches at the answer's end; the stream closes them there (left to
     the collector, an unfinished async generator's finalizer costs a task of trio's)."""
-    from actors.keystore.records import Grant
-    from web.chat import Finish, stream_response
-    from web.chat_request import parse_chat_request
-
     closed: list[bool] = []
 
     async def batches() -> Any:

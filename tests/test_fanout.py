@@ -192,6 +192,19 @@ async def test_at_the_budget_with_no_answer_the_handler_hears_that_all_failed(
     assert event.errors == {1: "no complete answer within 60s", 2: "no complete answer within 60s"}
 
 
+async def test_a_stream_still_coming_at_the_budget_ends_with_an_error_event_after_its_text(
+        pool: FanoutPool, miners: Miners, autojump_clock: Any) -> None:
+    """The client of a stream whose winner is still writing when the budget ends has every chunk sent
+    so far, then `Broken` saying why (no takeover: every miner still answering is out of time too)."""
+    miners.scripts[9001] = answer([f"w{i} " for i in range(200)], step=1.0)
+    miners.scripts[9002] = answer([f"w{i} " for i in range(200)], first_delay=0.5, step=1.0)
+    job = pool.start(BODY, [miners.neuron(1), miners.neuron(2)], mode="stream", task="InferenceTask")
+    events = await collect(job)
+    assert isinstance(events[-1], Broken) and "end of the 60s budget" in events[-1].error
+    assert text_of(events) == "".join(f"w{i} " for i in range(len(job.answers[0].chunks)))
+    assert job.race is not None and job.race.takeovers == 0
+
+
 @pytest.mark.parametrize("mode", ["complete", "stream"])
 async def test_a_cut_just_before_the_budget_ends_is_a_cut_however_late_the_job_task_resumes(
         pool: FanoutPool, miners: Miners, results: list[OrganicResult], autojump_clock: Any,
