@@ -43,6 +43,7 @@ def one_by_one(events: list[bytes]) -> tuple[list[tuple[Any, ...]], bool]:
 @given(st.lists(EVENT, max_size=6))
 @example([b'{"choices":[{"delta":{"content":"a"}}]}', DONE, b"not json"])
 @example([b'{"choices":[{"message":{"content":"b"},"finish_reason":"stop"}]}'])
+@example([b'{"choices":[{"delta":{"content":"c"},"finish_reason":3}]}', b'{"choices":[{"delta":{"content":4}}]}'])
 def test_a_read_is_taken_as_event_by_event(events: list[bytes]) -> None:
     try:
         expected: Any = one_by_one(events)

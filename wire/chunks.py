@@ -37,7 +37,14 @@ def read_events(events: list[bytes]) -> tuple[list[ReadChunk], bool]:
             raise NotAChunk("not valid JSON (or nested too deep)") from None
         if not isinstance(chunk, dict):
             raise NotAChunk("not a JSON object")
-        read.append((data, chunk, *content_of(chunk)))
+        # `content_of`, written out: the usual chunk (a delta with its text) without a call or a tuple
+        choices = chunk.get("choices")
+        if type(choices) is list and choices and type(choice := choices[0]) is dict \
+                and type(delta := choice.get("delta")) is dict and type(text := delta.get("content")) is str:
+            finish = choice.get("finish_reason")
+            read.append((data, chunk, text, finish if type(finish) is str else None, choice))
+        else:
+            read.append((data, chunk, *content_of(chunk)))
     return read, False
 
 
