@@ -205,8 +205,9 @@ class JobsStack(Stack):
             while True:
                 got = await self.client.get(f"{JOBS}/{job_id}")
                 assert got.status_code == 200, got.text
-                if done(got.json()) or got.json()["status"] in ("completed", "failed"):
-                    return dict(got.json())
+                job = dict(got.json())
+                if done(job) or job["status"] in ("completed", "failed"):
+                    return job
                 await trio.sleep(0.02)
 
 
