@@ -200,13 +200,12 @@ class JobsStack(Stack):
     async def poll(self, job_id: str, *, until: Callable[[dict[str, Any]], bool] | None = None,
                    timeout_s: float = 10) -> dict[str, Any]:
         """The job once `until` holds (default: once it ended); a job that ended before is returned as it is."""
-        done = until or (lambda job: False)
         with trio.fail_after(timeout_s):
             while True:
                 got = await self.client.get(f"{JOBS}/{job_id}")
                 assert got.status_code == 200, got.text
                 job = dict(got.json())
-                if done(job) or job["status"] in ("completed", "failed"):
+                if job["status"] in ("completed", "failed") or (until is not None and until(job)):
                     return job
                 await trio.sleep(0.02)
 
